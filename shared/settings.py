@@ -61,6 +61,8 @@ class Settings(BaseModel):
     human_agent_number: str = Field("919000000001", alias="PV_HUMAN_AGENT_NUMBER")
     silence_timeout_s: float = Field(8.0, alias="PV_SILENCE_TIMEOUT_S", gt=0)
     max_call_s: float = Field(600.0, alias="PV_MAX_CALL_S", gt=0)
+    #: Music on hold while a transfer rings (platform file name or http(s) URL).
+    hold_music: str = Field("hold_music.wav", alias="PV_HOLD_MUSIC", min_length=1)
 
     # --- Piopiy REST / dialer -------------------------------------------
     piopiy_app_id: int | None = Field(None, alias="PIOPIY_APP_ID")

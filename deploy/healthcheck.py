@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Container health check for every ``piopiy-voice`` role: ``healthcheck.py [ROLE] [--port N]``.
+
+Exit 0 = healthy, 1 = unhealthy (the Docker HEALTHCHECK contract). One line
+on stdout says why, so ``docker inspect`` shows something useful.
+
+Checks, per role:
+  gateway  GET /healthz on PV_GATEWAY_PORT (the process serves and its loop turns).
+  sandbox  GET /sandbox/calls on PV_SANDBOX_PORT.
+  worker   GET /metrics on the worker's ``--metrics-port``, and a fresh heartbeat
+           of this host's worker in Redis (the loop turns, not just the HTTP thread).
+  dialer   Redis answers and an RQ worker of *this host* is registered; RQ lets
+           the registration expire when heartbeats stop, so a wedged dialer
+           turns unhealthy on its own.
+
+With no ROLE (the image's default HEALTHCHECK) the role and its options are
+read from the running ``piopiy-voice`` process's command line, so one image
+serves every role without per-role images. Standard library only, except the
+Redis checks, which use the redis client the image already has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+ROLES = ("gateway", "worker", "dialer", "sandbox")
+#: Docker kills a check after its own timeout; stay under the usual 5 s.
+TIMEOUT_S = 3.0
+#: shared.keys.WORKERS_ZSET (not imported: this script must run without the project on the path).
+WORKERS_ZSET = "pv:workers"
+
+
+def find_role_argv(proc_root: str = "/proc") -> list[str] | None:
+    """argv after ``piopiy-voice`` of the first running role process, if any."""
+    try:
+        pids = sorted(int(p) for p in os.listdir(proc_root) if p.isdigit())
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(os.path.join(proc_root, str(pid), "cmdline"), "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        except OSError:
+            continue
+        for i, arg in enumerate(argv):
+            # "piopiy-voice ROLE" as a script, or "python -m shared.cli ROLE".
+            if (os.path.basename(arg) == "piopiy-voice" or arg == "shared.cli") and i + 1 < len(argv):
+                if argv[i + 1] in ROLES:
+                    return argv[i + 1 :]
+    return None
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    """Value of ``--name V`` or ``--name=V`` in argv (last one wins, as in argparse)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def http_ok(url: str) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
+            return 200 <= resp.status < 300, f"{url} -> {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return False, f"{url} -> {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, f"{url} unreachable: {exc}"
+
+
+def _port(explicit: int | None, argv: list[str], option: str, env: str, default: int) -> int:
+    if explicit is not None:
+        return explicit
+    raw = option_value(argv, option) or os.environ.get(env) or str(default)
+    return int(raw)
+
+
+def check_dialer() -> tuple[bool, str]:
+    import redis
+
+    host = socket.gethostname()
+    try:
+        client = _redis()
+        for key in client.smembers("rq:workers"):
+            if client.hget(key, "hostname") == host.encode():
+                return True, f"rq worker {key.decode()} registered"
+    except redis.RedisError as exc:
+        return False, f"redis unreachable: {exc}"
+    return False, f"no rq worker registered for host {host}"
+
+
+def _redis():
+    import redis  # the image installs it with the project
+
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+
+
+def check_worker_heartbeat(now: float | None = None) -> tuple[bool, str]:
+    """A worker of this host renewed its entry in ``pv:workers`` recently.
+
+    Matches PV_WORKER_ID exactly when set, else the default ``HOSTNAME-PID``
+    ids of this host. Fresh = within 3 lease periods (at least 15 s).
+    """
+    import redis
+
+    lease_s = float(os.environ.get("PV_LEASE_MS") or 5000) / 1000
+    max_age = max(15.0, 3 * lease_s)
+    wanted = os.environ.get("PV_WORKER_ID")
+    prefix = socket.gethostname() + "-"
+    now = time.time() if now is None else now
+    try:
+        members = _redis().zrange(WORKERS_ZSET, 0, -1, withscores=True)
+    except redis.RedisError as exc:
+        return False, f"redis unreachable: {exc}"
+    for member, score in members:
+        name = member.decode(errors="replace")
+        if (name == wanted) if wanted else name.startswith(prefix):
+            if now - score <= max_age:
+                return True, f"worker {name} heartbeat {now - score:.1f}s ago"
+            return False, f"worker {name} heartbeat stale ({now - score:.0f}s > {max_age:.0f}s)"
+    return False, f"no worker heartbeat for {wanted or prefix + '*'}"
+
+
+def check(role: str, argv: list[str], port: int | None = None) -> tuple[bool, str]:
+    if role == "gateway":
+        p = _port(port, argv, "--port", "PV_GATEWAY_PORT", 8765)
+        return http_ok(f"http://127.0.0.1:{p}/healthz")
+    if role == "sandbox":
+        p = _port(port, argv, "--port", "PV_SANDBOX_PORT", 8766)
+        return http_ok(f"http://127.0.0.1:{p}/sandbox/calls")
+    if role == "worker":
+        if port is None and option_value(argv, "--metrics-port") is None:
+            return False, "worker runs without --metrics-port: nothing to probe"
+        p = _port(port, argv, "--metrics-port", "", 0)
+        ok, why = http_ok(f"http://127.0.0.1:{p}/metrics")
+        if not ok:
+            return ok, why
+        # The HTTP thread answers even when the main loop is stuck; the
+        # heartbeat proves the loop (lease renewals) still turns.
+        return check_worker_heartbeat()
+    if role == "dialer":
+        return check_dialer()
+    raise ValueError(f"role: unknown {role!r}, expected one of {', '.join(ROLES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="health check for a piopiy-voice container")
+    parser.add_argument("role", nargs="?", choices=ROLES, help="default: detected from the running process")
+    parser.add_argument("--port", type=int, help="port to probe (default: from the process / env)")
+    args = parser.parse_args(argv)
+    if args.role:
+        # Told the role: trust env and --port only. Scanning processes could
+        # pick up another role's process when several share one host.
+        role, role_argv = args.role, []
+    else:
+        running = find_role_argv() or []
+        if not running:
+            print("unhealthy: no piopiy-voice role process found")
+            return 1
+        role, role_argv = running[0], running[1:]
+    ok, why = check(role, role_argv, args.port)
+    print(("healthy: " if ok else "unhealthy: ") + why)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

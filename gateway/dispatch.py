@@ -1,0 +1,202 @@
+"""Commands in, platform messages and playout out: the gateway's outbound side.
+
+``Dispatcher.on_command`` is the ``CommandReader``'s handler: it decodes one
+command, drops duplicates (by ``command_id``, last 10 000 remembered), refuses
+commands for calls this gateway does not hold (never touching another call's
+socket), applies the rest through the call's ``CallSession`` and publishes a
+``CommandResult`` to the call's stream and to ``reply_to``, plus a timeline
+line per applied command. Audio is written to a socket only by that call's
+playout loop (``start_playout``), which sleeps until the next chunk falls due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from shared import callrecord, contracts, keys
+
+from .metrics import Metrics
+from .publisher import Publisher
+from .session import CallSession
+
+log = logging.getLogger("gateway")
+
+SEND_TIMEOUT_S = 2.0
+#: After we send hangup/stop, the platform should close; if not, we do.
+CLOSE_AFTER_END_S = 5.0
+RECENT_COMMANDS = 10_000
+
+
+class LiveCall:
+    """A session bound to its current socket."""
+
+    __slots__ = ("session", "ws", "prefix", "campaign", "playout", "replaced", "drained",
+                 "gap_pending", "done", "kick")
+
+    def __init__(self, session: CallSession, ws: ServerConnection, prefix: bytes,
+                 campaign: str | None) -> None:
+        self.session = session
+        self.ws = ws
+        self.prefix = prefix
+        self.campaign = campaign
+        self.playout: asyncio.Task | None = None
+        self.replaced = False
+        self.drained = False
+        self.gap_pending = 0
+        self.done = asyncio.Event()
+        #: Set when new audio is queued, to wake the sleeping playout loop early.
+        self.kick = asyncio.Event()
+
+
+
+async def close_ws(ws: ServerConnection, code: int, reason: str) -> None:
+    """Close a socket, bounded in time, ignoring a peer that is already gone."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), 5.0)
+    except (asyncio.TimeoutError, ConnectionClosed, OSError):
+        pass
+
+
+def publish_entry(publisher: Publisher, cid: str, model: Any) -> None:
+    publisher.xadd(keys.call_stream(cid), contracts.encode(model), maxlen=keys.CALL_STREAM_MAXLEN)
+
+
+class Dispatcher:
+    def __init__(self, *, sessions: dict[str, LiveCall], publisher: Publisher, redis: Any,
+                 metrics: Metrics, gateway_id: str) -> None:
+        self.sessions = sessions
+        self.publisher = publisher
+        self.redis = redis
+        self.metrics = metrics
+        self.gateway_id = gateway_id
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def _entry(self, cid: str, model: Any) -> None:
+        publish_entry(self.publisher, cid, model)
+
+    async def on_command(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            cmd = contracts.decode(fields)
+            if not contracts.is_command(cmd):
+                raise ValueError(f"entry type {cmd.type!r} is not a command")
+        except ValueError as exc:
+            self.metrics.inc("commands_malformed")
+            log.warning("command %s: malformed, skipped: %s", entry_id.decode(), exc)
+            return
+        if cmd.command_id in self._recent:
+            self.metrics.inc("commands_duplicate")
+            log.info("call %s: duplicate command %s ignored", cmd.call_id, cmd.command_id)
+            return
+        self._recent[cmd.command_id] = None
+        if len(self._recent) > RECENT_COMMANDS:
+            self._recent.popitem(last=False)
+        live = self.sessions.get(cmd.call_id)
+        if live is None:
+            await self._reject_foreign(cmd)
+            return
+        s = live.session
+        loop = asyncio.get_running_loop()
+        if cmd.type in ("cmd.interrupt", "cmd.hangup", "cmd.stop"):
+            self.cancel_playout(live)
+        outcome = s.apply(cmd, loop.time())
+        if outcome.status == "applied":
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    for text in outcome.messages:
+                        await live.ws.send(text)
+                        self.metrics.c["messages_out"] += 1
+            except (ConnectionClosed, TimeoutError, OSError) as exc:
+                outcome.status, outcome.reason = "rejected", f"socket send failed: {exc!r}"
+        for e in outcome.entries:
+            self._entry(s.call_id, e)
+        self._result(cmd, outcome.status, outcome.reason, on_call_stream=True, seq=s.next_seq())
+        if outcome.status == "applied":
+            self.metrics.inc("commands_applied")
+            detail = {"command_id": cmd.command_id, "issued_by": cmd.issued_by or None}
+            callrecord.timeline(self.publisher, s.call_id, f"command.{cmd.type[4:]}", **detail)
+            log.info("call %s: %s applied (%s)", s.call_id, cmd.type, cmd.command_id)
+            if outcome.wake_playout:
+                self.start_playout(live)
+            if cmd.type in ("cmd.hangup", "cmd.stop"):
+                loop.call_later(CLOSE_AFTER_END_S, self._close_if_open, live)
+        else:
+            self.metrics.inc("commands_rejected")
+            log.info("call %s: %s rejected: %s", s.call_id, cmd.type, outcome.reason)
+
+    def _close_if_open(self, live: LiveCall) -> None:
+        if self.sessions.get(live.session.call_id) is live:
+            asyncio.get_running_loop().create_task(
+                close_ws(live.ws, 1000, live.session.closing_reason or "done"))
+
+    async def _reject_foreign(self, cmd: Any) -> None:
+        reason = "call not on this gateway"
+        self.metrics.inc("commands_rejected")
+        log.info("call %s: %s rejected: %s", cmd.call_id, cmd.type, reason)
+        # Put the answer in the call's stream only when that call has ended (its
+        # keys already expire); a call live elsewhere must not be written to.
+        on_stream = False
+        try:
+            state = await self.redis.hget(keys.call_meta(cmd.call_id), "state")
+            on_stream = state == b"ended"
+        except Exception as exc:  # noqa: BLE001
+            log.warning("call %s: cannot read record: %r", cmd.call_id, exc)
+        self._result(cmd, "rejected", reason, on_call_stream=on_stream, seq=0)
+
+    def _result(self, cmd: Any, status: str, reason: str, *, on_call_stream: bool,
+                seq: int) -> None:
+        res = contracts.CommandResult(call_id=cmd.call_id, seq=seq, command_id=cmd.command_id,
+                                      command=cmd.type, status=status, reason=reason,
+                                      gateway_id=self.gateway_id)
+        fields = contracts.encode(res)
+        if on_call_stream:
+            self.publisher.xadd(keys.call_stream(cmd.call_id), fields,
+                                maxlen=keys.CALL_STREAM_MAXLEN)
+        if cmd.reply_to:
+            self.publisher.xadd(cmd.reply_to, fields, maxlen=1000)
+            # Abandoned reply streams (requester died) must not live forever.
+            self.publisher.expire(cmd.reply_to, 600)
+
+    # --------------------------------------------------------------- playout
+    def cancel_playout(self, live: LiveCall) -> None:
+        if live.playout is not None and not live.playout.done():
+            live.playout.cancel()
+        live.playout = None
+
+    def start_playout(self, live: LiveCall) -> None:
+        # Never restart a running loop: cancelling it mid-send could lose a chunk
+        # the session already counts as sent. Wake it instead.
+        if live.playout is not None and not live.playout.done():
+            live.kick.set()
+            return
+        live.playout = asyncio.get_running_loop().create_task(self._playout(live))
+
+    async def _playout(self, live: LiveCall) -> None:
+        """The only writer of a call's audio: releases chunks as they fall due."""
+        loop = asyncio.get_running_loop()
+        s = live.session
+        while True:
+            live.kick.clear()
+            now = loop.time()
+            messages, entries, wake = s.pump(now)
+            for e in entries:
+                self._entry(s.call_id, e)
+            try:
+                for text in messages:
+                    await live.ws.send(text)
+                    self.metrics.c["messages_out"] += 1
+            except ConnectionClosed:
+                return
+            if wake is None and not live.kick.is_set():
+                return
+            if wake is not None and not live.kick.is_set():
+                try:
+                    async with asyncio.timeout(max(0.0, wake - loop.time())):
+                        await live.kick.wait()
+                except TimeoutError:
+                    pass

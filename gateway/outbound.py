@@ -1,0 +1,59 @@
+"""What the platform understands on the live socket (protocol doc, section 3).
+
+Commands from Redis become either a stream-control object
+(``{"action": "pause"|"resume"|"stop"|"break"}``), a ``streamAudio`` object, or
+a PCMO list sent as JSON. Everything is built and validated by the shared PCMO
+builders (``shared.pcmo``), so the gateway sends exactly what a PCMO built by
+the dialer would contain; bad values raise ``PiopiyValidationError`` (a
+``ValueError`` naming the field), which the session turns into a rejection.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from shared.pcmo import Action, control_json, stream_audio_json
+from shared.pcmo_models import STREAM_AUDIO_RATES, pcmo_to_list
+
+__all__ = ["STREAM_AUDIO_RATES", "control", "stream_audio", "play_music", "speak", "hangup",
+           "bridge", "raw_pcmo"]
+
+
+def dumps(obj: Any) -> str:
+    # Compact, like the builders' own JSON output.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def control(action: str) -> str:
+    """``{"action": "pause"}`` and friends."""
+    return control_json(action)
+
+
+def stream_audio(pcm: bytes, rate: int) -> str:
+    return stream_audio_json(pcm, rate)
+
+
+def play_music(file: str) -> str:
+    return dumps(Action().playMusic(file).PCMO())
+
+
+def speak(text: str) -> str:
+    return dumps(Action().speak(text).PCMO())
+
+
+def hangup() -> str:
+    return dumps(Action().hangup().PCMO())
+
+
+def bridge(to: list[str], caller_id: str, *, duration: int = 5400, timeout: int = 40,
+           loop: int = 1, ring_type: str | None = None) -> str:
+    opts: dict[str, Any] = {"duration": duration, "timeout": timeout, "loop": loop}
+    if ring_type:
+        opts["ring_type"] = ring_type
+    return dumps(Action().call(list(to), caller_id, opts).PCMO())
+
+
+def raw_pcmo(pcmo: list[dict[str, Any]]) -> str:
+    """Validate a PCMO list and serialise it; ValueError names the bad item."""
+    return dumps(pcmo_to_list(pcmo))

@@ -1,0 +1,342 @@
+"""docker-compose.yml, .env.example, Dockerfile, redis.conf, prometheus.yml stay true.
+
+No Docker engine is needed: the compose file is validated by Debian's
+``docker-compose config`` (apt-get install docker-compose) or ``docker compose
+config``; every command is parsed by the role's own argparse; every variable is
+checked against ``Settings.env_names()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.cli import COMMANDS, resolve
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy"))
+from compose_runner import ComposeFile, variables_used  # noqa: E402
+
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+PROFILES = ("sandbox", "metrics")
+#: Variables compose itself reads (image tag, published host ports); never
+#: passed to a process. Documented in .env.example's "compose only" block.
+COMPOSE_ONLY = {"PIOPIY_VOICE_IMAGE", "GATEWAY_HOST_PORT", "SANDBOX_HOST_PORT", "PROMETHEUS_HOST_PORT"}
+#: Services that do not run piopiy-voice, and the image each must use.
+THIRD_PARTY = {"redis": "redis:7.2", "prometheus": "prom/prometheus:"}
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return ComposeFile(COMPOSE, environ={})
+
+
+def role_services(compose):
+    return [n for n in compose.services if compose.role_argv(n) is not None]
+
+
+def _validator():
+    """argv prefix of an available compose validator, or None."""
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def validator():
+    cmd = _validator()
+    if cmd is None:
+        msg = ("no compose validator: install Debian's docker-compose "
+               "(apt-get install -y docker-compose) or the docker compose plugin")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " -- required in CI")
+        pytest.skip(msg)
+    return cmd
+
+
+def run_validator(cmd, compose_file: Path, tmp_path: Path):
+    # An empty env file: the check must not depend on a developer's .env.
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    args = [*cmd, "--env-file", str(empty), "-f", str(compose_file), "--project-directory", str(ROOT)]
+    for p in PROFILES:
+        args += ["--profile", p]
+    env = {k: v for k, v in os.environ.items() if k not in variables_used(COMPOSE.read_text())}
+    return subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+
+
+def test_compose_file_validates(validator, tmp_path):
+    res = run_validator(validator, COMPOSE, tmp_path)
+    assert res.returncode == 0, res.stderr
+
+
+def test_validator_rejects_a_broken_file(validator, tmp_path):
+    # Proves the validator above validates: an unknown service key must fail.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("  worker:\n", "  worker:\n    replicaz: 2\n", 1))
+    res = run_validator(validator, broken, tmp_path)
+    assert res.returncode != 0
+    assert "replicaz" in res.stderr
+
+
+def test_services_present(compose):
+    assert set(compose.services) == {"redis", "gateway", "worker", "dialer", "sandbox", "prometheus"}
+    assert compose.service("sandbox").get("profiles") == ["sandbox"]
+    assert compose.service("prometheus").get("profiles") == ["metrics"]
+    for name in ("redis", "gateway", "worker", "dialer"):
+        assert not compose.service(name).get("profiles"), f"{name} must run by default"
+
+
+def test_only_known_third_party_services(compose):
+    for name in compose.services:
+        if compose.role_argv(name) is None:
+            assert name in THIRD_PARTY, f"service {name}: command {compose.command(name)} is not piopiy-voice"
+            assert compose.service(name)["image"].startswith(THIRD_PARTY[name])
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace):
+        self.namespace = namespace
+
+
+def parse_with_role_parser(role: str, args: list[str]):
+    """Run the role's main() only as far as its argparse; return the Namespace."""
+    main = resolve(role)
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, args_=None, namespace=None):
+        raise _Parsed(original(self, args_, namespace))
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        main(list(args))
+    except _Parsed as parsed:
+        return parsed.namespace
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    raise AssertionError(f"{role}: main() returned without calling ArgumentParser.parse_args")
+
+
+def role_help(role: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        resolve(role)(["--help"])
+    assert exc.value.code in (0, None), f"{role} --help exited {exc.value.code}"
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("service", ["gateway", "worker", "dialer", "sandbox"])
+def test_command_is_a_real_entry_point(compose, service):
+    argv = compose.role_argv(service)
+    assert argv, f"{service}: no piopiy-voice role in command"
+    role, args = argv[0], argv[1:]
+    assert role in COMMANDS, f"{service}: unknown role {role!r}"
+    assert role == service, f"service {service} runs role {role}"
+    help_text = role_help(role)
+    for arg in args:
+        if arg.startswith("--"):
+            assert arg.split("=", 1)[0] in help_text, f"{service}: {arg} not in `{role} --help`"
+    parse_with_role_parser(role, args)  # argparse exits 2 on a wrong option/arity
+
+
+def test_every_role_service_is_covered(compose):
+    assert sorted(role_services(compose)) == ["dialer", "gateway", "sandbox", "worker"]
+
+
+def test_env_names_are_settings(compose):
+    names = Settings.env_names()
+    for service in compose.services:
+        env = compose.environment(service)
+        if compose.role_argv(service) is None:
+            assert not env, f"{service}: sets {sorted(env)} but is not a piopiy-voice role"
+            continue
+        unknown = sorted(set(env) - names)
+        assert not unknown, f"{service}: not read by Settings: {unknown}"
+        # And the values (defaults) are valid settings.
+        Settings.from_env(env)
+
+
+def test_interpolated_variables_are_known_and_documented():
+    used = variables_used(COMPOSE.read_text())
+    names = Settings.env_names()
+    assert set(used) - names - COMPOSE_ONLY == set()
+    documented = ComposeEnvExample.load()
+    assert set(used) - set(documented) == set(), "undocumented in .env.example"
+    for var, default in used.items():
+        assert default is not None, f"${{{var}}} has no default"
+        assert documented[var] == default, f"{var}: compose default {default!r} != .env.example {documented[var]!r}"
+
+
+class ComposeEnvExample:
+    @staticmethod
+    def load() -> dict[str, str]:
+        out = {}
+        for line in ENV_EXAMPLE.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                key, sep, val = line.partition("=")
+                assert sep, f".env.example: bad line {line!r}"
+                out[key] = val
+        return out
+
+
+def test_env_example_names_are_real():
+    keys = set(ComposeEnvExample.load())
+    assert keys - Settings.env_names() - COMPOSE_ONLY == set()
+    Settings.from_env({k: v for k, v in ComposeEnvExample.load().items() if k not in COMPOSE_ONLY})
+
+
+def test_workers_can_scale(compose):
+    worker = compose.service("worker")
+    assert "container_name" not in worker
+    assert "ports" not in worker, "host ports stop --scale worker=N"
+    assert "hostname" not in worker
+    assert "PV_WORKER_ID" not in compose.environment("worker")
+    assert "PV_GATEWAY_ID" not in compose.environment("gateway")
+    for svc in ("gateway", "dialer"):
+        assert "container_name" not in compose.service(svc)
+
+
+def _duration_s(text: str) -> float:
+    total, units = 0.0, {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(text))
+    assert parts and "".join(a + b for a, b in parts) == str(text), f"bad duration {text!r}"
+    for num, unit in parts:
+        total += float(num) * units[unit]
+    return total
+
+
+def test_gateway_grace_outlasts_drain(compose):
+    drain = float(compose.environment("gateway")["PV_DRAIN_GRACE_S"])
+    grace = _duration_s(compose.service("gateway")["stop_grace_period"])
+    assert grace >= drain + 10, f"stop_grace_period {grace}s leaves < 10 s over PV_DRAIN_GRACE_S {drain}s"
+
+
+def test_health_checks_and_dependencies(compose):
+    for name in compose.services:
+        svc = compose.service(name)
+        if name != "prometheus":
+            assert compose.healthcheck(name), f"{name}: no healthcheck"
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert cond == {"condition": "service_healthy"}, f"{name} -> {dep}: {cond}"
+            assert compose.healthcheck(dep), f"{name} waits for {dep}, which has no healthcheck"
+    for name in role_services(compose):
+        test = compose.healthcheck(name)
+        assert test[:3] == ["CMD", "python", "/usr/local/bin/pv-healthcheck"]
+        assert test[3] == name
+        assert compose.service(name).get("init") is True, f"{name}: needs init for signals"
+
+
+def test_worker_health_port_matches_metrics_port(compose):
+    argv = compose.role_argv("worker")
+    port = argv[argv.index("--metrics-port") + 1]
+    test = compose.healthcheck("worker")
+    assert test[test.index("--port") + 1] == port
+    assert int(port) in compose.exposed_ports("worker")
+
+
+def test_redis_config_fits_streams(compose):
+    redis = compose.service("redis")
+    mounted = [v for v in redis["volumes"] if v.startswith("./deploy/redis.conf:")]
+    assert mounted, "redis.conf not mounted"
+    conf_path = mounted[0].split(":")[1]
+    assert conf_path in compose.command("redis")
+    conf = {}
+    for line in (ROOT / "deploy" / "redis.conf").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, val = line.partition(" ")
+            conf.setdefault(key, val)
+    assert conf["maxmemory-policy"] == "noeviction"
+    assert re.fullmatch(r"\d+(mb|gb)", conf["maxmemory"])
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == "everysec"
+    assert any(v.endswith(":/data") for v in redis["volumes"]), "AOF directory is not on a volume"
+
+
+def test_prometheus_scrapes_every_http_role(compose):
+    cfg = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {}
+    for job in cfg["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            for name in sd["names"]:
+                targets[name] = sd["port"]
+    assert targets.get("gateway") == int(compose.environment("gateway")["PV_GATEWAY_PORT"])
+    argv = compose.role_argv("worker")
+    assert targets.get("worker") == int(argv[argv.index("--metrics-port") + 1])
+    for name in targets:
+        assert name in compose.services
+
+
+def test_dockerfile():
+    text = DOCKERFILE.read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms and all(f == "python:3.11-slim-bookworm" for f in froms), froms
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert 'pip install ".[fast]"' in text, "dependencies must come from the project metadata"
+    assert re.search(r"^HEALTHCHECK .*pv-healthcheck", text, re.M | re.S)
+    assert "COPY deploy/healthcheck.py /usr/local/bin/pv-healthcheck" in text
+    # Everything the package build needs is copied into the build stage.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for pkg in re.findall(r'"(\w+)\*"', pyproject):
+        assert f"COPY {pkg} ./{pkg}" in text, f"package {pkg} not copied"
+
+
+def test_deploy_doc_names_every_metric():
+    from gateway import metrics as gw_metrics
+    from workers import metrics as wk_metrics
+
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for name in gw_metrics._HELP:
+        assert f"_{name}_total`" in doc, f"pv_gateway_{name}_total not documented"
+    gauges = re.findall(r'metrics\.gauge\("(\w+)"', (ROOT / "gateway" / "server.py").read_text())
+    assert gauges
+    for name in gauges:
+        assert f"`pv_gateway_{name}`" in doc, f"gauge pv_gateway_{name} not documented"
+    for name in (*wk_metrics.COUNTERS, "calls_owned", "stream_lag_seconds"):
+        assert f"`pv_worker_{name}`" in doc, f"pv_worker_{name} not documented"
+
+
+def test_volumes_of_role_services_are_writable_by_the_image_user(compose):
+    # A named volume takes the ownership of the image directory it is mounted
+    # on; a directory the image does not create would be root's.
+    text = DOCKERFILE.read_text()
+    for name in role_services(compose):
+        for target in compose.volume_targets(name):
+            assert re.search(rf"install -d -o piopiy -g piopiy .*{re.escape(target)}\b", text), (
+                f"{name}: {target} is not created for the non-root user in the Dockerfile")
+
+
+#: Settings the deployment fixes by layout (listen address, port, report
+#: dir) or must leave to each replica's default (ids).
+FIXED_BY_LAYOUT = {"PV_GATEWAY_HOST", "PV_GATEWAY_PORT", "PV_SANDBOX_HOST", "PV_SANDBOX_PORT",
+                   "PV_SANDBOX_REPORT_DIR"}
+PER_REPLICA = {"PV_GATEWAY_ID", "PV_WORKER_ID"}
+
+
+def test_every_setting_is_deployable(compose):
+    # A new field in shared/settings.py must be given to the roles (and
+    # documented in .env.example) or be listed above with a reason.
+    names = Settings.env_names()
+    documented = set(ComposeEnvExample.load())
+    assert names - documented - FIXED_BY_LAYOUT - PER_REPLICA == set()
+    set_somewhere = set().union(*(compose.environment(n) for n in role_services(compose)))
+    assert names - set_somewhere - PER_REPLICA == set()
+    assert not (set_somewhere & PER_REPLICA)

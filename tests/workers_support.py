@@ -1,0 +1,88 @@
+"""Agents and a gateway simulator for the worker tests (not a test module)."""
+
+from __future__ import annotations
+
+import time
+
+from shared import contracts as c
+from shared import keys
+from workers.agent.base import Agent
+
+
+class CountingAgent(Agent):
+    """Speaks "<frames>:<seq>" on every 10th audio frame: any frame processed
+    twice or skipped shows up in the published texts."""
+
+    def __init__(self, call, settings):
+        super().__init__(call, settings)
+        self.frames = 0
+
+    def on_event(self, event, now):
+        if isinstance(event, c.AudioFrame):
+            self.frames += 1
+            if self.frames % 10 == 0:
+                return [self.command(c.Speak, text=f"{self.frames}:{event.seq}")]
+        if isinstance(event, c.PlatformEvent) and event.event == "boom":
+            raise RuntimeError("agent cannot handle boom")
+        return []
+
+    def to_state(self):
+        return {"frames": self.frames}
+
+    @classmethod
+    def from_state(cls, call, settings, data):
+        agent = cls(call, settings)
+        agent.frames = data["frames"]
+        return agent
+
+
+class FakeGateway:
+    """Publishes a call's entries the way the gateway does."""
+
+    def __init__(self, r, call_id, gateway_id="gw1", rate=8000):
+        self.r = r
+        self.call_id = call_id
+        self.gateway_id = gateway_id
+        self.rate = rate
+        self.seq = 0
+
+    def _next(self):
+        self.seq += 1
+        return self.seq
+
+    def start(self, **params):
+        msg = c.CallStarted(call_id=self.call_id, seq=self._next(), gateway_id=self.gateway_id,
+                            rate=self.rate, params=params)
+        f = c.encode(msg)
+        self.r.xadd(keys.call_stream(self.call_id), f)
+        return self.r.xadd(keys.CALLS_STREAM, f).decode()
+
+    def audio(self, pcm):
+        self.r.xadd(keys.call_stream(self.call_id), c.audio_fields(self.call_id, self._next(), pcm))
+
+    def entry(self, msg):
+        msg.seq = self._next()
+        self.r.xadd(keys.call_stream(self.call_id), c.encode(msg))
+
+    def raw(self, fields):
+        self.r.xadd(keys.call_stream(self.call_id), fields)
+
+    def end(self, reason="platform_closed"):
+        msg = c.CallEnded(call_id=self.call_id, seq=self._next(), reason=reason)
+        f = c.encode(msg)
+        self.r.xadd(keys.call_stream(self.call_id), f)
+        self.r.xadd(keys.CALLS_STREAM, f)
+
+    def commands(self):
+        rows = self.r.xrange(keys.gateway_commands(self.gateway_id))
+        return [c.decode(f) for _, f in rows if f[b"call_id"].decode() == self.call_id]
+
+
+def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

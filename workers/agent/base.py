@@ -1,0 +1,124 @@
+"""The agent interface: events in, commands out, state you can serialise.
+
+An agent decides for ONE call. The worker runtime creates one instance per
+call, feeds it that call's events strictly in order and publishes whatever
+commands it returns. The runtime, not the agent, owns every side effect: the
+agent never touches Redis, sockets or the wall clock. That purity is what lets
+a call survive its worker: the runtime checkpoints ``to_state()`` together with
+the stream position and the commands it published, and another worker rebuilds
+the agent with ``from_state()`` and carries on.
+
+Contract
+--------
+- ``on_event(event, now) -> list[Command]`` is called with, in stream order:
+  ``CallStarted`` (once), ``AudioFrame``, ``PlatformEvent``, ``CommandResult``,
+  ``Playout``, ``StreamGap``, ``CallEnded`` (last), plus ``Tick`` when the
+  runtime's clock passes ``next_wakeup()`` (timers while no audio arrives,
+  e.g. during a pause). ``now`` is seconds since the epoch: the time of the
+  stream entry for stream events, the worker's clock for ``Tick``. Never read
+  ``time.time()`` yourself: replaying the same events must give the same
+  commands.
+- Commands are ``shared.contracts`` command models. Build them with
+  ``self.command(Model, **fields)``: ``call_id`` is filled in; the runtime
+  overwrites ``seq``/``command_id`` with deterministic values.
+- ``to_state()`` returns JSON-able data; ``from_state(call, settings, data)``
+  rebuilds an equivalent agent. Keep state small (it is written about once a
+  second per call and with every batch of commands).
+- Raising from ``on_event`` is treated as a poison entry: the runtime retries
+  the same entry up to 3 times, then dead-letters it and moves on. State
+  changes made before the exception stay, so mutate state after the checks
+  that may fail.
+
+Example (plug it in with ``piopiy-voice worker --agent mypkg.bot:Echo``)::
+
+    from shared.contracts import AudioFrame, Hangup, Speak
+    from workers.agent.base import Agent
+
+    class Echo(Agent):
+        def __init__(self, call, settings):
+            super().__init__(call, settings)
+            self.frames = 0
+
+        def on_event(self, event, now):
+            if isinstance(event, AudioFrame):
+                self.frames += 1
+                if self.frames == 500:          # 10 s of audio
+                    return [self.command(Speak, text="Ten seconds."),
+                            self.command(Hangup)]
+            return []
+
+        def to_state(self):
+            return {"frames": self.frames}
+
+        @classmethod
+        def from_state(cls, call, settings, data):
+            agent = cls(call, settings)
+            agent.frames = data["frames"]
+            return agent
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from shared.contracts import CallStarted
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A timer event: the worker's clock reached the agent's ``next_wakeup()``."""
+
+    type: str = "tick"
+
+
+class Agent:
+    """Base class of every agent (see the module docstring for the contract)."""
+
+    def __init__(self, call: CallStarted, settings: Settings) -> None:
+        if not isinstance(call, CallStarted):
+            raise TypeError(f"call must be a CallStarted, got {type(call).__name__}")
+        self.call = call
+        self.settings = settings
+
+    # -- decisions -----------------------------------------------------
+    def on_event(self, event: Any, now: float) -> list[Any]:
+        raise NotImplementedError
+
+    def next_wakeup(self) -> float | None:
+        """When the agent wants a ``Tick`` (epoch seconds), or None."""
+        return None
+
+    # -- persistence ---------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_state(cls, call: CallStarted, settings: Settings, data: dict[str, Any]) -> "Agent":
+        return cls(call, settings)
+
+    # -- helpers -------------------------------------------------------
+    def command(self, model: type, **fields: Any) -> Any:
+        """A command model for this call (``seq``/``command_id`` set by the runtime)."""
+        return model(call_id=self.call.call_id, **fields)
+
+
+def load_agent_class(spec: str) -> type[Agent]:
+    """``"package.module:Class"`` -> the class, checked to be an ``Agent``."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"agent must be 'package.module:Class', got {spec!r}")
+    module_name, class_name = spec.split(":")
+    if not module_name or not class_name:
+        raise ValueError(f"agent must be 'package.module:Class', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"agent module {module_name!r} cannot be imported: {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ValueError(f"agent module {module_name!r} has no attribute {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise ValueError(f"agent {spec!r} is not a subclass of workers.agent.base.Agent")
+    return cls

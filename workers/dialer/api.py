@@ -1,0 +1,362 @@
+"""Enqueueing calls: validate a request, give it a stable call id, queue the RQ job.
+
+Idempotency: with an ``idempotency_key`` the call id is derived from the key
+(``c-`` + 32 hex of its SHA-256) and the key is recorded in Redis in the same
+transaction that writes the ``queued`` record and enqueues the job. Enqueueing
+the same key again returns the existing call id and queues nothing, for
+``IDEMPOTENCY_TTL_S`` (7 days) — even after the job itself has expired from
+RQ. Reusing a key for a *different* request raises ``IdempotencyConflict``
+rather than silently returning a call that does something else. Without a key
+every request is a new call (``c-`` + a random uuid).
+
+Everything is validated here, before anything is written: a request that gets
+into the queue has only platform-side reasons left to fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import redis
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from rq import Queue
+
+from shared import callrecord, keys
+from shared.errors import PiopiyValidationError
+from shared.pcmo_models import (
+    LISTEN_MODES,
+    VOICE_QUALITIES,
+    check_bool,
+    check_choice,
+    check_choice_int,
+    check_int,
+    check_number,
+    pcmo_to_list,
+)
+from shared.settings import Settings
+
+#: How long an idempotency key keeps answering with its call id.
+IDEMPOTENCY_TTL_S = 7 * 24 * 3600
+#: Default make-call duration cap (seconds), as in the platform's API.
+DEFAULT_DURATION_S = 5400
+#: Retry schedule (seconds) for retryable failures (network before send, 429, 5xx).
+DEFAULT_BACKOFF_S = (2, 10, 30, 60)
+DEFAULT_MAX_ATTEMPTS = 5
+#: RQ job timeout: rate-limit waits are bounded well below it.
+JOB_TIMEOUT_S = 180
+RESULT_TTL_S = 24 * 3600
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+JOB_FUNC = "workers.dialer.jobs.place_call"
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was already used for a different request."""
+
+    def __init__(self, key: str, call_id: str) -> None:
+        self.key = key
+        self.call_id = call_id
+        super().__init__(
+            f"idempotency_key {key!r} was already used for a different request (call {call_id})"
+        )
+
+
+def _name(value: Any, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise PiopiyValidationError(field, f"must be 1-64 characters of [A-Za-z0-9_.:-], got {value!r}")
+    return value
+
+
+class CallRequest(BaseModel):
+    """One outbound call. Field checks raise ``PiopiyValidationError`` naming the field.
+
+    ``to`` / ``caller_id`` are normalised to digit strings (country code first).
+    ``listen_mode`` defaults to ``both``: on an outbound call the person dialed is
+    the callee and the platform's side (a human agent after a transfer) the
+    caller, so ``both`` lets the agent hear the person and, after a hand-off,
+    keep monitoring the human too. ``stream_on_answer`` defaults to True. ``extra_actions`` are PCMO actions played after the stream
+    (e.g. a goodbye ``play`` and a ``hangup``, or a ``bridge`` to a human);
+    ``loop``/``timeout`` override those of the bridge actions there (they need
+    one). ``duration`` caps the call (s). ``start_at`` must be timezone-aware.
+    ``max_attempts``/``backoff_s``: how often and after how long (s) retryable
+    failures are tried again.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    to: str
+    caller_id: str
+    flow: str | None = None
+    campaign: str | None = None
+    listen_mode: str = "both"
+    voice_quality: int = 8000
+    stream_on_answer: bool = True
+    duration: int = DEFAULT_DURATION_S
+    loop: int | None = None
+    timeout: int | None = None
+    extra_params: dict[str, str] = {}
+    extra_actions: list[dict[str, Any]] = []
+    start_at: datetime | None = None
+    idempotency_key: str | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff_s: list[int] = list(DEFAULT_BACKOFF_S)
+
+    @field_validator("to", "caller_id", mode="before")
+    @classmethod
+    def _number(cls, v: Any, info) -> str:
+        return str(check_number(v, info.field_name))
+
+    @field_validator("flow", "campaign", mode="before")
+    @classmethod
+    def _names(cls, v: Any, info) -> str | None:
+        return _name(v, info.field_name)
+
+    @field_validator("listen_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> str:
+        return check_choice(v, "listen_mode", LISTEN_MODES)
+
+    @field_validator("voice_quality", mode="before")
+    @classmethod
+    def _vq(cls, v: Any) -> int:
+        return check_choice_int(v, "voice_quality", VOICE_QUALITIES)
+
+    @field_validator("stream_on_answer", mode="before")
+    @classmethod
+    def _soa(cls, v: Any) -> bool:
+        return check_bool(v, "stream_on_answer")
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return check_int(v, "duration", minimum=1, maximum=24 * 3600)
+
+    @field_validator("loop", mode="before")
+    @classmethod
+    def _loop(cls, v: Any) -> int | None:
+        return None if v is None else check_int(v, "loop", minimum=1, maximum=100)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> int | None:
+        return None if v is None else check_int(v, "timeout", minimum=1, maximum=600)
+
+    @field_validator("extra_params", mode="before")
+    @classmethod
+    def _params(cls, v: Any) -> dict[str, str]:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise PiopiyValidationError("extra_params", f"must be an object of strings, got {type(v).__name__}")
+        out = {}
+        for k, val in v.items():
+            if not isinstance(k, str) or not k:
+                raise PiopiyValidationError("extra_params", f"keys must be non-empty strings, got {k!r}")
+            if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+                raise PiopiyValidationError(f"extra_params.{k}", f"must be a string or number, got {val!r}")
+            out[k] = str(val)
+        return out
+
+    @field_validator("extra_actions", mode="before")
+    @classmethod
+    def _actions(cls, v: Any) -> list[dict[str, Any]]:
+        if v is None or v == []:
+            return []
+        actions = pcmo_to_list(v, "extra_actions")
+        if any(a.get("action") == "stream" for a in actions):
+            raise PiopiyValidationError("extra_actions", "must not contain a stream action (the dialer adds it)")
+        return actions
+
+    @field_validator("start_at", mode="before")
+    @classmethod
+    def _start(cls, v: Any) -> datetime | None:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            try:
+                v = datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                raise PiopiyValidationError("start_at", f"must be an ISO 8601 time, got {v!r}") from None
+        if not isinstance(v, datetime):
+            raise PiopiyValidationError("start_at", f"must be a datetime, got {type(v).__name__}")
+        if v.tzinfo is None:
+            raise PiopiyValidationError("start_at", "must carry a timezone (e.g. 2026-01-01T09:00:00+05:30 or ...Z)")
+        return v.astimezone(timezone.utc)
+
+    @field_validator("idempotency_key", mode="before")
+    @classmethod
+    def _key(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not 1 <= len(v) <= 256:
+            raise PiopiyValidationError("idempotency_key", f"must be a string of 1-256 characters, got {v!r}")
+        return v
+
+    @field_validator("max_attempts", mode="before")
+    @classmethod
+    def _attempts(cls, v: Any) -> int:
+        return check_int(v, "max_attempts", minimum=1, maximum=50)
+
+    @field_validator("backoff_s", mode="before")
+    @classmethod
+    def _backoff(cls, v: Any) -> list[int]:
+        if not isinstance(v, (list, tuple)) or not v:
+            raise PiopiyValidationError("backoff_s", f"must be a non-empty list of seconds, got {v!r}")
+        return [check_int(x, "backoff_s", minimum=0, maximum=3600) for x in v]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise PiopiyValidationError(unknown[0], "is not a call option")
+        return data
+
+    @model_validator(mode="after")
+    def _bridge_options(self) -> "CallRequest":
+        # The make-call API takes loop/timeout only inside a bridge action; a
+        # streaming call has one only when the caller asked for a transfer.
+        for name in ("loop", "timeout"):
+            if getattr(self, name) is not None and not any(
+                    a.get("action") == "bridge" for a in self.extra_actions):
+                raise PiopiyValidationError(
+                    name, "applies to a bridge (transfer) action; add one to extra_actions")
+        return self
+
+    def pcmo_extra(self) -> list[dict[str, Any]]:
+        """``extra_actions`` with ``loop``/``timeout`` applied to their bridge actions."""
+        out = []
+        for action in self.extra_actions:
+            action = dict(action)
+            if action.get("action") == "bridge":
+                for name in ("loop", "timeout"):
+                    if getattr(self, name) is not None:
+                        action[name] = getattr(self, name)
+            out.append(action)
+        return out
+
+    def call_id(self) -> str:
+        if self.idempotency_key is None:
+            return "c-" + uuid.uuid4().hex
+        return "c-" + hashlib.sha256(self.idempotency_key.encode()).hexdigest()[:32]
+
+    def fingerprint(self) -> str:
+        """Hash of what the call does (the start time is left out: "in 30 s"
+        recomputed on a re-run must still match)."""
+        body = self.model_dump(mode="json", exclude={"start_at", "idempotency_key"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_request(settings: Settings | None = None, **fields: Any) -> CallRequest:
+    """A validated ``CallRequest``; ``caller_id`` defaults to ``PIOPIY_CALLER_ID``.
+
+    Raises ``PiopiyValidationError`` (a ``ValueError``) naming the bad field.
+    """
+    settings = settings or Settings.from_env()
+    if fields.get("caller_id") is None:
+        if not settings.piopiy_caller_id:
+            raise PiopiyValidationError("caller_id", "not given and PIOPIY_CALLER_ID is not set")
+        fields["caller_id"] = settings.piopiy_caller_id
+    for k in [k for k, v in fields.items() if v is None and k not in ("flow", "campaign", "loop", "timeout",
+                                                                     "start_at", "idempotency_key")]:
+        del fields[k]  # None means "default" for the rest
+    from pydantic import ValidationError
+
+    try:
+        return CallRequest.model_validate(fields)
+    except ValidationError as exc:
+        # Our field checks raise PiopiyValidationError; pydantic wraps them.
+        err = exc.errors()[0]
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, PiopiyValidationError):
+            raise cause from None
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        raise PiopiyValidationError(field, err["msg"]) from None
+
+
+def job_id_for(call_id: str) -> str:
+    return f"dial-{call_id}"
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    call_id: str
+    job_id: str
+    created: bool  #: False when the idempotency key had already been used
+    start_at: datetime | None = None
+
+
+def _idem_key(key: str) -> str:
+    return keys.dialer_key("idem:" + hashlib.sha256(key.encode()).hexdigest())
+
+
+def enqueue_request(conn: redis.Redis, request: CallRequest, *, queue_name: str | None = None,
+                    settings: Settings | None = None) -> Enqueued:
+    """Queue ``request`` for a dialer worker (or schedule it at ``request.start_at``)."""
+    settings = settings or Settings.from_env()
+    queue = Queue(queue_name or settings.dial_queue, connection=conn)
+    call_id = request.call_id()
+    job_id = job_id_for(call_id)
+    fingerprint = request.fingerprint()
+    idem = _idem_key(request.idempotency_key) if request.idempotency_key else None
+    payload = request.model_dump(mode="json")
+    record = dict(
+        to=request.to, caller_id=request.caller_id, flow=request.flow, campaign=request.campaign,
+        job_id=job_id, listen_mode=request.listen_mode, voice_quality=request.voice_quality,
+        start_at=request.start_at.isoformat() if request.start_at else None,
+        idempotency_key=request.idempotency_key,
+    )
+    with conn.pipeline() as pipe:
+        for _ in range(10):
+            try:
+                if idem:
+                    pipe.watch(idem)
+                    existing = pipe.get(idem)
+                    if existing:
+                        pipe.unwatch()
+                        prior = json.loads(existing)
+                        if prior.get("fingerprint") != fingerprint:
+                            raise IdempotencyConflict(request.idempotency_key, prior["call_id"])
+                        return Enqueued(prior["call_id"], job_id_for(prior["call_id"]), False, request.start_at)
+                pipe.multi()
+                if idem:
+                    pipe.set(idem, json.dumps({"call_id": call_id, "fingerprint": fingerprint}),
+                             ex=IDEMPOTENCY_TTL_S)
+                callrecord.set_state(pipe, call_id, "queued", **record)
+                opts = dict(job_id=job_id, result_ttl=RESULT_TTL_S, pipeline=pipe,
+                            description=f"dial {request.to} (call {call_id})")
+                if request.start_at is not None:
+                    queue.enqueue_at(request.start_at, JOB_FUNC, args=(call_id, payload),
+                                     job_timeout=JOB_TIMEOUT_S, **opts)
+                else:
+                    queue.enqueue_call(JOB_FUNC, args=(call_id, payload), timeout=JOB_TIMEOUT_S, **opts)
+                pipe.execute()
+                return Enqueued(call_id, job_id, True, request.start_at)
+            except redis.WatchError:
+                continue
+    raise RuntimeError(f"could not enqueue call {call_id}: idempotency key kept changing")
+
+
+def enqueue_call(conn: redis.Redis, *, to: Any, caller_id: Any = None, settings: Settings | None = None,
+                 queue_name: str | None = None, **options: Any) -> Enqueued:
+    """Validate and enqueue one call. Options are the ``CallRequest`` fields.
+
+    >>> enqueue_call(r, to="919876543210", flow="sales", idempotency_key="order-17")
+    """
+    settings = settings or Settings.from_env()
+    request = build_request(settings, to=to, caller_id=caller_id, **options)
+    return enqueue_request(conn, request, queue_name=queue_name, settings=settings)
+
+
+def in_seconds(seconds: float) -> datetime:
+    """A ``start_at`` that many seconds from now."""
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds)

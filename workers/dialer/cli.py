@@ -1,0 +1,305 @@
+"""``piopiy-voice dialer | call | campaign | status``.
+
+Exit codes: 0 ok, 1 not found / partial failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from shared import callrecord, keys
+from shared.redisconn import connect, resolve_redis_url
+from shared.settings import Settings
+
+log = logging.getLogger("piopiy_voice.dialer")
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _redis():
+    return connect(resolve_redis_url())
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+# -- dialer worker ---------------------------------------------------------------
+
+
+def worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="piopiy-voice dialer",
+                                description="Run an RQ worker (with scheduler) that places queued calls.")
+    p.add_argument("--queue", help="queue name (default PV_DIAL_QUEUE)")
+    p.add_argument("--name", help="worker name (default: RQ's)")
+    p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    args = p.parse_args(argv)
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    from rq import Queue, Worker
+
+    conn = _redis()
+    queue = Queue(args.queue or settings.dial_queue, connection=conn)
+    if settings.using_dev_secret:
+        log.warning("PV_SIGNING_SECRET is the development default: stream URLs are forgeable")
+    log.info("dialer on queue %s: %.2f calls/s, %d live calls per campaign, REST %s",
+             queue.name, settings.dial_rate_per_s, settings.campaign_max_live, settings.piopiy_base_url)
+    worker = Worker([queue], connection=conn, name=args.name)
+    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    return 0
+
+
+# -- enqueueing ------------------------------------------------------------------
+
+
+def _when(args) -> datetime | None:
+    if args.at and args.in_s is not None:
+        raise ValueError("start_at: give --at or --in, not both")
+    if args.at:
+        return args.at
+    if args.in_s is not None:
+        if args.in_s < 0:
+            raise ValueError(f"--in must be >= 0 seconds, got {args.in_s}")
+        from .api import in_seconds
+
+        return in_seconds(args.in_s)
+    return None
+
+
+def _add_call_options(p: argparse.ArgumentParser, *, per_call: bool) -> None:
+    p.add_argument("--caller-id", help="Piopiy number to call from (default PIOPIY_CALLER_ID)")
+    p.add_argument("--flow", help="agent flow the gateway/workers run for this call")
+    p.add_argument("--listen-mode", choices=("caller", "callee", "both"))
+    p.add_argument("--voice-quality", type=int, choices=(8000, 16000, 32000))
+    p.add_argument("--no-stream-on-answer", dest="stream_on_answer", action="store_false", default=None,
+                   help="start streaming before the call is answered")
+    p.add_argument("--duration", type=int, help="max call seconds (default 5400)")
+    p.add_argument("--loop", type=int, help="bridge loop (needs a bridge in --then)")
+    p.add_argument("--timeout", type=int, help="bridge ring timeout (needs a bridge in --then)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra_params entry (repeatable)")
+    p.add_argument("--then", dest="then_json", metavar="JSON",
+                   help='PCMO actions after the stream, e.g. \'[{"action":"hangup"}]\'')
+    p.add_argument("--then-play", metavar="FILE", help="play FILE after the stream")
+    p.add_argument("--then-hangup", action="store_true", help="hang up after the stream")
+    p.add_argument("--at", type=_iso, help="start time, ISO 8601 with timezone")
+    p.add_argument("--in", dest="in_s", type=float, metavar="SECONDS", help="start in SECONDS")
+    p.add_argument("--max-attempts", type=int, help="attempts on retryable failures (default 5)")
+    if per_call:
+        p.add_argument("--to", required=True, help="number to call, country code first")
+        p.add_argument("--campaign", help="campaign name (counts and live-call cap)")
+        p.add_argument("--key", dest="idempotency_key", help="idempotency key: same key, one call")
+
+
+def _iso(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a timezone (e.g. {text}Z or {text}+05:30)")
+    return value
+
+
+def _options(args) -> dict[str, Any]:
+    extra: list[dict[str, Any]] = []
+    if args.then_json:
+        try:
+            parsed = json.loads(args.then_json)
+        except ValueError as exc:
+            raise ValueError(f"--then: not JSON ({exc})") from None
+        extra += parsed if isinstance(parsed, list) else [parsed]
+    if args.then_play:
+        from shared.pcmo import Action
+
+        extra += Action().playMusic(args.then_play).PCMO()
+    if args.then_hangup:
+        extra.append({"action": "hangup"})
+    params = {}
+    for item in args.param:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--param must be KEY=VALUE, got {item!r}")
+        params[k] = v
+    opts = dict(
+        caller_id=args.caller_id, flow=args.flow, listen_mode=args.listen_mode,
+        voice_quality=args.voice_quality, stream_on_answer=args.stream_on_answer,
+        duration=args.duration, loop=args.loop, timeout=args.timeout,
+        extra_params=params or None, extra_actions=extra or None,
+        start_at=_when(args), max_attempts=args.max_attempts,
+    )
+    return opts
+
+
+def call_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="piopiy-voice call",
+                                description="Enqueue one outbound call; prints its call id.")
+    _add_call_options(p, per_call=True)
+    args = p.parse_args(argv)
+    settings = _settings()
+    from .api import build_request, enqueue_request
+
+    try:
+        opts = _options(args)
+        request = build_request(settings, to=args.to, campaign=args.campaign,
+                                idempotency_key=args.idempotency_key, **opts)
+    except ValueError as exc:
+        print(f"piopiy-voice call: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = enqueue_request(_redis(), request, settings=settings)
+    except ValueError as exc:  # IdempotencyConflict
+        print(f"piopiy-voice call: {exc}", file=sys.stderr)
+        return 2
+    print(result.call_id)
+    if not result.created:
+        print(f"(already enqueued under key {args.idempotency_key!r}: nothing new queued)", file=sys.stderr)
+    elif result.start_at:
+        print(f"scheduled for {result.start_at.isoformat()}", file=sys.stderr)
+    return 0
+
+
+# -- campaigns ---------------------------------------------------------------------
+
+
+class _Bar:
+    """A plain text progress bar on stderr (redrawn in place on a terminal,
+    one line per 10 % otherwise so logs stay readable)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+        self.last_decile = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        filled = int(frac * self.width)
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} rows {frac:4.0%}"
+        if self.tty:
+            self.stream.write("\r" + line)
+            if done >= total:
+                self.stream.write("\n")
+        elif int(frac * 10) > self.last_decile:
+            self.last_decile = int(frac * 10)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def campaign_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="piopiy-voice campaign", description="Enqueue a CSV of contacts / show progress.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pe = sub.add_parser("enqueue", help="enqueue every good row of a CSV file as a call")
+    pe.add_argument("file", help="CSV with a header; needs a 'to' column (see docs)")
+    pe.add_argument("--name", required=True, help="campaign name ([A-Za-z0-9_.:-], max 64)")
+    pe.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_call_options(pe, per_call=False)
+    ps = sub.add_parser("status", help="counts of the campaign's calls by state")
+    ps.add_argument("name")
+    ps.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    settings = _settings()
+    from .campaign import campaign_status, enqueue_csv
+
+    if args.cmd == "status":
+        try:
+            status = campaign_status(_redis(), args.name)
+        except ValueError as exc:
+            print(f"piopiy-voice campaign: {exc}", file=sys.stderr)
+            return 2
+        if status is None:
+            print(f"piopiy-voice campaign: no campaign named {args.name!r}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(status))
+        else:
+            print(f"campaign {status['campaign']}: {status['total']} calls, "
+                  f"{status['live_slots']} live slots in use")
+            for state, n in status["states"].items():
+                print(f"  {state:<8} {n}")
+        return 0
+
+    try:
+        defaults = {k: v for k, v in _options(args).items() if v is not None}
+        report = enqueue_csv(_redis(), args.file, args.name, defaults=defaults, settings=settings,
+                             progress=None if args.quiet else _Bar())
+    except (OSError, ValueError) as exc:
+        print(f"piopiy-voice campaign: {exc}", file=sys.stderr)
+        return 2
+    for err in report.errors:
+        print(f"{args.file}:{err}", file=sys.stderr)
+    print(f"campaign {args.name}: {report.rows} rows, {report.enqueued} enqueued, "
+          f"{report.already} already enqueued, {len(report.errors)} bad")
+    return 1 if report.errors else 0
+
+
+# -- status ------------------------------------------------------------------------
+
+
+def _fmt_t(t: str) -> str:
+    try:
+        return datetime.fromtimestamp(float(t), timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    except ValueError:
+        return t
+
+
+def call_status(conn, call_id: str) -> dict[str, Any] | None:
+    """The call record and its timeline (oldest first); None if unknown."""
+    keys.validate_call_id(call_id)
+    meta = callrecord.decode_record(conn.hgetall(keys.call_meta(call_id)))
+    entries = conn.xrange(keys.call_timeline(call_id))
+    if not meta and not entries:
+        return None
+    timeline = [callrecord.decode_record(fields) for _, fields in entries]
+    job = None
+    if meta.get("job_id"):
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            j = Job.fetch(meta["job_id"], connection=conn)
+            job = {"id": j.id, "status": str(j.get_status()), "origin": j.origin}
+        except NoSuchJobError:
+            job = {"id": meta["job_id"], "status": "expired"}
+    return {"call_id": call_id, "record": meta, "timeline": timeline, "job": job}
+
+
+def status_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="piopiy-voice status", description="Show the whole life of one call.")
+    p.add_argument("call_id")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        status = call_status(_redis(), args.call_id)
+    except ValueError as exc:
+        print(f"piopiy-voice status: {exc}", file=sys.stderr)
+        return 2
+    if status is None:
+        print(f"piopiy-voice status: no call {args.call_id!r} (unknown or expired)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    rec = status["record"]
+    print(f"call {args.call_id}: {rec.get('state', '?')}")
+    width = max((len(k) for k in rec), default=0)
+    for k in sorted(rec):
+        v = _fmt_t(rec[k]) if k.endswith("_at") and k != "start_at" else rec[k]
+        print(f"  {k:<{width}}  {v}")
+    if status["job"]:
+        print(f"  {'rq job':<{width}}  {status['job']['id']} ({status['job']['status']})")
+    print("timeline:")
+    for entry in status["timeline"]:
+        t = _fmt_t(entry.pop("t", ""))
+        event = entry.pop("event", "?")
+        detail = " ".join(f"{k}={v}" for k, v in entry.items())
+        print(f"  {t}  {event:<16} {detail}")
+    return 0

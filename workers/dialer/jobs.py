@@ -1,0 +1,328 @@
+"""The RQ job that places one call: ``place_call(call_id, request)``.
+
+Theory of operation
+-------------------
+A call must ring at most once, and a call that is not placed must say why.
+
+1. The call record (``keys.call_meta``) is the source of truth. A job whose
+   call is already placed (``placed``/``live``/``ended``) or finally ``failed``
+   returns without dialing — so a duplicated job, a re-run or a late retry is
+   harmless.
+2. The job waits for its turn *before* claiming the call: the campaign's
+   live-call cap (a long wait is handed back to RQ as a delayed retry, so the
+   worker serves other calls meanwhile) and the shared calls-per-second rate
+   (a short sleep for a reserved instant). Waiting never drops a call.
+3. It then atomically claims the call: a Lua script sets ``state=dialing`` and an
+   ``inflight`` marker only if no attempt is in flight and the call is not
+   placed. The marker is cleared only once the attempt's outcome is known.
+4. It sends one make-call request (the ``RestClient`` is built with
+   ``max_retries=0``: every attempt is visible on the record and in RQ):
+
+   * reply with ``request_id`` -> ``placed`` (the gateway later marks it
+     ``live``/``ended``; if it already did, the state is not moved back);
+   * ``PiopiyValidationError`` or a 4xx refusal (other than 429) -> ``failed``
+     at once, no retry;
+   * not reached (connection refused, DNS, connect timeout), 429, 5xx ->
+     ``queued`` again with ``retry_in``, and the job returns an RQ ``Retry``
+     with the backoff (or ``Retry-After`` when longer); after
+     ``max_attempts`` the call is ``failed`` ("gave up after N attempts");
+   * **outcome unknown** (read timeout or reset after the request was sent:
+     ``PiopiyNetworkError.reached``) -> ``failed`` with reason
+     ``outcome unknown``, *never* retried: the platform may be ringing the
+     person already, and ringing twice is worse than not ringing. The
+     ``inflight`` marker stays, so even a manual re-run refuses to dial. The
+     same holds if a worker dies mid-request.
+
+Final failures raise ``DialFailed`` (the job was enqueued without an RQ
+``retry``), so they land in RQ's failed registry with the reason, and the
+record says ``failed`` with the same ``reason``. Retries are driven by the job
+returning ``Retry`` (RQ 3), not by RQ's exception-retry, because only the job
+knows whether an error is retryable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from rq import Retry, get_current_job
+
+from shared import callrecord, keys
+from shared.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
+from shared.pcmo import StreamAction
+from shared.rest import RestClient
+from shared.settings import Settings
+from shared.signing import sign_stream_url
+
+from . import ratelimit
+from .api import CallRequest
+
+log = logging.getLogger(__name__)
+
+#: RQ counts returned Retry objects against ``max``; waits for a slot are not
+#: failures, so the budget is effectively unbounded and attempts are counted
+#: on the record instead (``dial_attempts``).
+_RETRY_BUDGET = 1_000_000
+#: Longest sleep inside a job (s); longer waits go back to RQ as a delayed retry.
+MAX_INLINE_WAIT_S = 60.0
+#: How often a call waiting for a campaign slot asks again (s).
+CAP_RECHECK_S = 5
+#: A campaign slot is held at most the call's duration plus this (s): a call
+#: placed but never answered must not keep its slot for ever.
+SLOT_MARGIN_S = 180
+#: Records of failed and placed calls expire (placed: after duration + this).
+FAILED_RECORD_TTL_S = 7 * 24 * 3600
+PLACED_RECORD_TTL_S = 2 * 3600
+
+_DONE_STATES = ("placed", "live", "ended")
+
+#: -> {"ok", attempt} | {"done", state} | {"failed", reason} | {"inflight", since}
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'placed' or st == 'live' or st == 'ended' then return {'done', st} end
+if st == 'failed' then return {'failed', redis.call('HGET', KEYS[1], 'reason') or ''} end
+local since = redis.call('HGET', KEYS[1], 'inflight')
+if since then return {'inflight', since} end
+local n = redis.call('HINCRBY', KEYS[1], 'dial_attempts', 1)
+redis.call('HSET', KEYS[1], 'inflight', ARGV[1])
+return {'ok', tostring(n)}
+"""
+
+
+class DialFailed(Exception):
+    """The call was not placed and will not be retried; ``reason`` says why."""
+
+    def __init__(self, call_id: str, reason: str) -> None:
+        self.call_id = call_id
+        self.reason = reason
+        super().__init__(f"call {call_id}: {reason}")
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def is_retryable(exc: Exception) -> bool:
+    """Whether the platform provably did not place the call and asks us to come back."""
+    if isinstance(exc, PiopiyNetworkError):
+        return not exc.reached
+    if isinstance(exc, PiopiyApiError):
+        status = exc.status if exc.status >= 400 else (exc.code or 0)
+        return status == 429 or status >= 500
+    return False
+
+
+def stream_url(settings: Settings, call_id: str, req: CallRequest) -> str:
+    params = {"rate": str(req.voice_quality), "mode": req.listen_mode}
+    if req.campaign:
+        params["campaign"] = req.campaign
+    if req.flow:
+        params["flow"] = req.flow
+    return sign_stream_url(settings.gateway_public_url, call_id, settings.signing_secret,
+                           ttl_s=settings.stream_url_ttl_s, params=params)
+
+
+def build_pcmo(settings: Settings, call_id: str, req: CallRequest) -> list[dict[str, Any]]:
+    """The stream action (signed for this call) followed by the requested extra actions."""
+    builder = StreamAction()
+    builder.stream(stream_url(settings, call_id, req), {
+        "listen_mode": req.listen_mode,
+        "voice_quality": req.voice_quality,
+        "stream_on_answer": req.stream_on_answer,
+    })
+    return builder.actions() + req.pcmo_extra()
+
+
+class _Attempt:
+    def __init__(self, conn: redis.Redis, settings: Settings, call_id: str, req: CallRequest) -> None:
+        self.r = conn
+        self.settings = settings
+        self.call_id = call_id
+        self.req = req
+        self.campaign = req.campaign
+
+    # -- record helpers ------------------------------------------------------
+
+    def fail(self, reason: str, *, keep_inflight: bool = False) -> DialFailed:
+        with self.r.pipeline() as pipe:
+            if not keep_inflight:
+                pipe.hdel(keys.call_meta(self.call_id), "inflight")
+            callrecord.set_state(pipe, self.call_id, "failed", reason=reason, campaign=self.campaign)
+            callrecord.expire_call(pipe, self.call_id, FAILED_RECORD_TTL_S)
+            pipe.execute()
+        if self.campaign and not keep_inflight:
+            ratelimit.release_live_slot(self.r, self.campaign, self.call_id)
+        log.warning("call %s failed: %s", self.call_id, reason)
+        return DialFailed(self.call_id, reason)
+
+    def placed(self, reply: dict[str, Any]) -> dict[str, Any]:
+        data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
+        request_id = str(reply.get("request_id") or data.get("request_id") or "")
+        meta = keys.call_meta(self.call_id)
+        with self.r.pipeline() as pipe:
+            for _ in range(10):
+                try:
+                    pipe.watch(meta)
+                    state = _s(pipe.hget(meta, "state") or b"")
+                    pipe.multi()
+                    pipe.hdel(meta, "inflight")
+                    if state in ("live", "ended"):
+                        # The platform's socket beat the REST reply: keep the later state.
+                        pipe.hset(meta, "request_id", request_id)
+                        callrecord.timeline(pipe, self.call_id, "placed", request_id=request_id,
+                                            note=f"gateway already reported {state}")
+                    else:
+                        callrecord.set_state(pipe, self.call_id, "placed", request_id=request_id,
+                                             campaign=self.campaign)
+                        # A call that is never answered never reaches the gateway,
+                        # which is what expires ended calls: bound its record here.
+                        callrecord.expire_call(pipe, self.call_id,
+                                               self.req.duration + PLACED_RECORD_TTL_S)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        log.info("call %s placed to %s: request_id=%s", self.call_id, self.req.to, request_id)
+        return {"call_id": self.call_id, "state": "placed", "request_id": request_id}
+
+    def retry_later(self, attempt: int, exc: Exception) -> Retry:
+        req = self.req
+        if attempt >= req.max_attempts:
+            raise self.fail(f"gave up after {attempt} attempts: {exc}")
+        delay = req.backoff_s[min(attempt - 1, len(req.backoff_s) - 1)]
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            delay = max(delay, math.ceil(retry_after))
+        with self.r.pipeline() as pipe:
+            pipe.hdel(keys.call_meta(self.call_id), "inflight")
+            callrecord.set_state(pipe, self.call_id, "queued", retry_in=delay, last_error=str(exc),
+                                 attempt=attempt, campaign=self.campaign)
+            pipe.execute()
+        if self.campaign:
+            ratelimit.release_live_slot(self.r, self.campaign, self.call_id)
+        log.warning("call %s attempt %d failed (%s); retry in %ds", self.call_id, attempt, exc, delay)
+        return Retry(max=_RETRY_BUDGET, interval=delay)
+
+    def wait(self, reason: str, seconds: float) -> Retry:
+        meta = keys.call_meta(self.call_id)
+        # One timeline line per wait episode, not one per recheck.
+        if self.r.hget(meta, "waiting") != reason.encode():
+            with self.r.pipeline() as pipe:
+                pipe.hset(meta, "waiting", reason)
+                callrecord.timeline(pipe, self.call_id, "waiting", reason=reason)
+                pipe.execute()
+        return Retry(max=_RETRY_BUDGET, interval=max(1, math.ceil(seconds)))
+
+    # -- the attempt -----------------------------------------------------------
+
+    def run(self) -> dict[str, Any] | Retry:
+        call_id, req = self.call_id, self.req
+        meta = {_s(k): _s(v) for k, v in self.r.hgetall(keys.call_meta(call_id)).items()}
+        state = meta.get("state")
+        if state in _DONE_STATES:
+            log.info("call %s already %s; not dialing again", call_id, state)
+            return {"call_id": call_id, "state": state, "request_id": meta.get("request_id", "")}
+        if state == "failed":
+            return {"call_id": call_id, "state": "failed", "reason": meta.get("reason", "")}
+        if "inflight" in meta:
+            raise self.fail(_unknown_reason(meta["inflight"]), keep_inflight=True)
+
+        if req.start_at is not None:
+            # RQ's scheduler works in whole seconds and may release a job early.
+            early = (req.start_at - datetime.now(timezone.utc)).total_seconds()
+            if early > MAX_INLINE_WAIT_S:
+                return self.wait("start_at", early)
+            if early > 0:
+                time.sleep(early)
+
+        try:
+            client = RestClient.from_settings(self.settings, max_retries=0)
+            # Built before the claim: a bad setting must fail the call, not
+            # leave it claimed with an attempt that never went out.
+            pcmo = build_pcmo(self.settings, call_id, req)
+        except ValueError as exc:  # PiopiyValidationError is one too
+            raise self.fail(f"dialer misconfigured: {exc}") from None
+
+        try:
+            if self.campaign:
+                granted, wait_s = ratelimit.acquire_live_slot(
+                    self.r, self.campaign, call_id, self.settings.campaign_max_live,
+                    req.duration + SLOT_MARGIN_S)
+                if not granted:
+                    return self.wait("campaign_cap", min(CAP_RECHECK_S, max(wait_s, 1)))
+            wait_s = ratelimit.reserve_dial_slot(self.r, self.settings.dial_rate_per_s)
+            if wait_s > MAX_INLINE_WAIT_S:
+                return self.wait("rate", wait_s)
+            if wait_s > 0:
+                time.sleep(wait_s)
+            return self._dial(client, pcmo)
+        finally:
+            client.close()
+
+    def _dial(self, client: RestClient, pcmo: list[dict[str, Any]]) -> dict[str, Any] | Retry:
+        call_id, req = self.call_id, self.req
+        now = f"{time.time():.3f}"
+        verdict, detail = (_s(x) for x in self.r.eval(_CLAIM, 1, keys.call_meta(call_id), now))
+        if verdict == "done":
+            return {"call_id": call_id, "state": detail}
+        if verdict == "failed":
+            return {"call_id": call_id, "state": "failed", "reason": detail}
+        if verdict == "inflight":
+            raise self.fail(_unknown_reason(detail), keep_inflight=True)
+        attempt = int(detail)
+        with self.r.pipeline() as pipe:
+            pipe.hdel(keys.call_meta(call_id), "waiting")
+            callrecord.set_state(pipe, call_id, "dialing", attempt=attempt, campaign=self.campaign)
+            pipe.execute()
+
+        try:
+            options = {"duration": req.duration, "extra_params": dict(req.extra_params)}
+            log.info("call %s dialing %s (attempt %d)", call_id, req.to, attempt)
+            reply = client.voice.call(req.to, req.caller_id, pcmo, options)
+        except PiopiyValidationError as exc:
+            raise self.fail(f"invalid request: {exc}") from None
+        except PiopiyNetworkError as exc:
+            if exc.reached:
+                raise self.fail(
+                    f"outcome unknown: the request may have reached the platform ({exc}); "
+                    "not retried so the callee is not rung twice", keep_inflight=True) from None
+            return self.retry_later(attempt, exc)
+        except PiopiyApiError as exc:
+            if is_retryable(exc):
+                return self.retry_later(attempt, exc)
+            raise self.fail(f"refused by the platform: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - whether it was sent is unknown
+            raise self.fail(f"outcome unknown: unexpected error while dialing ({exc!r}); "
+                            "not retried so the callee is not rung twice", keep_inflight=True) from exc
+        return self.placed(reply)
+
+
+def _unknown_reason(since: str) -> str:
+    return (f"outcome unknown: an earlier attempt (started at {since}) never reported back; "
+            "not dialing again so the callee is not rung twice")
+
+
+def place_call(call_id: str, request: dict[str, Any]) -> dict[str, Any] | Retry:
+    """RQ job: place call ``call_id`` described by ``request`` (a ``CallRequest`` dump).
+
+    Returns a summary dict, or an RQ ``Retry`` to be run again later; raises
+    ``DialFailed`` when the call is finally not placed (see module docstring).
+    """
+    job = get_current_job()
+    conn = job.connection if job is not None else None
+    if conn is None:
+        from shared.redisconn import connect
+
+        conn = connect()
+    settings = Settings.from_env()
+    keys.validate_call_id(call_id)
+    try:
+        req = CallRequest.model_validate(request)
+    except Exception as exc:  # noqa: BLE001 - a corrupt job must still leave a reason
+        attempt = _Attempt(conn, settings, call_id, CallRequest.model_construct(campaign=None))
+        raise attempt.fail(f"invalid job payload: {exc}") from None
+    return _Attempt(conn, settings, call_id, req).run()
