@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/gateway_bench.py [--calls 300] [--seconds 20] [--rate 8000]
 
-Runs, in one invocation and one after the other on the same machine:
+Starts, side by side:
 1. a bare websockets receiver on uvloop (no Redis, no parsing: ``async for
-   msg in ws: pass``) in its own subprocess;
+   msg in ws``) in its own subprocess;
 2. the gateway (``python -m gateway.server``) in its own subprocess, writing to a
    private redis-server started for the run.
+The load alternates between them in 2 s slices (one unmeasured warm-up slice
+each, then ``--seconds`` of measured load each), so both see the same machine
+conditions even on a shared, noisy machine.
 Both are driven by the same load generator: N sockets, each sending one binary
 frame every 20 ms, phases staggered across the 20 ms so arrivals are spread
 like independent calls. The generator writes pre-built client frames straight
@@ -151,63 +154,73 @@ class RawClient(asyncio.Protocol):
         self.transport.close()
 
 
-async def drive(port: int, paths: list[str], seconds: float, rate: int, proc: psutil.Process,
-                warmup: float = 2.0) -> dict:
+class Target:
+    """One receiver under test: its sockets and CPU/frame accounting."""
+
+    def __init__(self, name: str, port: int, paths: list[str], proc: psutil.Process) -> None:
+        self.name, self.port, self.paths, self.proc = name, port, paths, proc
+        self.clients: list[RawClient] = []
+        self.sent = 0
+        self.window_frames = 0
+        self.cpu_s = self.user_s = 0.0
+        self.late = 0.0
+        self.rss_connected = self.rss_end = 0
+
+
+async def _open(target: Target) -> None:
     loop = asyncio.get_running_loop()
-    clients: list[RawClient] = []
     sem = asyncio.Semaphore(20)
 
     async def open_one(path):
         async with sem:
-            _, cl = await loop.create_connection(lambda: RawClient(f"127.0.0.1:{port}", path),
-                                                 "127.0.0.1", port)
+            _, cl = await loop.create_connection(
+                lambda: RawClient(f"127.0.0.1:{target.port}", path), "127.0.0.1", target.port)
             await asyncio.wait_for(cl.ready, 10)
             return cl
 
-    clients = list(await asyncio.gather(*(open_one(p) for p in paths)))
-    rss_conn = proc.memory_info().rss
+    target.clients = list(await asyncio.gather(*(open_one(p) for p in target.paths)))
+    target.rss_connected = target.proc.memory_info().rss
+
+
+async def drive(targets: list[Target], seconds: float, rate: int, slice_s: float = 2.0) -> None:
+    """Load the targets in alternating slices of ``slice_s`` (each gets ``seconds``
+    of measured load plus one unmeasured warm-up slice), so both see the same
+    machine conditions however noisy the machine is."""
+    loop = asyncio.get_running_loop()
+    for t in targets:
+        await _open(t)
     frame_len = rate * 2 // 50
-    body = bytes(range(256)) * (frame_len // 256 + 1)
-    body = body[8:frame_len]
+    body = (bytes(range(256)) * (frame_len // 256 + 1))[8:frame_len]
     groups = 10  # calls are staggered over the 20 ms tick in 10 groups
-    sent = 0
-    window = {}
-    start = loop.time() + 0.05
-    end = start + warmup + seconds
-    tick = 0
-    cpu0 = None
-    late = 0.0
-    while True:
-        now = loop.time()
-        t_tick = start + tick * 0.002
-        if t_tick > end:
-            break
-        if t_tick > now:
-            await asyncio.sleep(t_tick - now)
-        elif cpu0 is not None:
-            late = max(late, now - t_tick)
-        if cpu0 is None and t_tick >= start + warmup:
-            c = proc.cpu_times()
-            cpu0 = c.user + c.system
-            window["sent0"] = sent
-        g = tick % groups
-        ts = struct.pack("<d", time.time())
-        payload = ts + body
-        for cl in clients[g::groups]:
-            cl.send_frame(payload)
-        sent += len(clients[g::groups])
-        tick += 1
-    await asyncio.sleep(0.2)  # let the target finish the last frames
-    c = proc.cpu_times()
-    cpu1 = c.user + c.system
-    frames_window = sent - window["sent0"]
-    rss_end = proc.memory_info().rss
-    await asyncio.gather(*(cl.close() for cl in clients))
-    return {
-        "sent": sent, "window_frames": frames_window, "cpu_s": cpu1 - cpu0,
-        "cpu_us_per_frame": (cpu1 - cpu0) / frames_window * 1e6,
-        "rss_connected": rss_conn, "rss_end": rss_end, "late_ms": late * 1000,
-    }
+    measured_slices = max(1, round(seconds / slice_s))
+    schedule = [t for t in targets] + [t for _ in range(measured_slices) for t in targets]
+    for k, t in enumerate(schedule):
+        measure = k >= len(targets)
+        c0 = t.proc.cpu_times()
+        sent0 = t.sent
+        start = loop.time() + 0.01
+        ticks = int(slice_s / 0.002)
+        for tick in range(ticks):
+            t_tick = start + tick * 0.002
+            now = loop.time()
+            if t_tick > now:
+                await asyncio.sleep(t_tick - now)
+            elif measure:
+                t.late = max(t.late, now - t_tick)
+            payload = struct.pack("<d", time.time()) + body
+            batch = t.clients[tick % groups::groups]
+            for cl in batch:
+                cl.send_frame(payload)
+            t.sent += len(batch)
+        await asyncio.sleep(0.1)  # let the target finish the slice's last frames
+        if measure:
+            c1 = t.proc.cpu_times()
+            t.cpu_s += (c1.user + c1.system) - (c0.user + c0.system)
+            t.user_s += c1.user - c0.user
+            t.window_frames += t.sent - sent0
+    for t in targets:
+        t.rss_end = t.proc.memory_info().rss
+        await asyncio.gather(*(cl.close() for cl in t.clients))
 
 
 def _child(args, env=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
@@ -259,45 +272,34 @@ def main(argv=None) -> int:
 
     print(f"machine: {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.2f}; "
           f"{args.calls} calls x {args.seconds:g} s at {args.rate} Hz, 20 ms frames")
-    results = {}
-
-    # 1. bare uvloop receiver
-    bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
     me = psutil.Process()
-    try:
-        port = int(bare.stdout.readline())
-        paths = [f"/x/{i}" for i in range(args.calls)]
-        c0 = sum(me.cpu_times()[:2])
-        results["bare"] = uvloop.run(drive(port, paths, args.seconds, args.rate,
-                                           psutil.Process(bare.pid)))
-        results["bare"]["gen_cpu_s"] = sum(me.cpu_times()[:2]) - c0
-        bare.terminate()
-        out, _ = bare.communicate(timeout=10)
-        results["bare"]["latency"] = [float(x) for x in out.split()[-3:]] if out.strip() else None
-    finally:
-        _stop(bare)
-
-    # 2. the gateway, on a private redis-server
+    bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
     redis = EmbeddedRedis()
     env = dict(os.environ, REDIS_URL=redis.url, PV_SIGNING_SECRET=SECRET, PV_LOG_LEVEL="INFO",
                PYTHONPATH=str(ROOT))
     gw = _child([sys.executable, "-m", "gateway.server", "--port", "0", "--gateway-id", "bench"],
                 env=env, stdout=subprocess.DEVNULL)
     try:
-        port = _wait_port(gw.stderr, r"listening on 127\.0\.0\.1:(\d+)")
+        bport = int(bare.stdout.readline())
+        gport = _wait_port(gw.stderr, r"listening on 127\.0\.0\.1:(\d+)")
         gproc = psutil.Process(gw.pid)
         time.sleep(0.5)
         rss0 = gproc.memory_info().rss
         rproc = psutil.Process(redis.proc.pid)
         rc0 = sum(rproc.cpu_times()[:2])
         ids = [f"bench-{i}" for i in range(args.calls)]
-        paths = [sign_stream_url(f"ws://127.0.0.1:{port}", cid, SECRET,
-                                 params={"rate": str(args.rate), "mode": "callee"})
-                 .split(f":{port}", 1)[1] for cid in ids]
-        res = uvloop.run(drive(port, paths, args.seconds, args.rate, gproc))
-        res["redis_cpu_s"] = sum(rproc.cpu_times()[:2]) - rc0
-        res["rss0"] = rss0
-        results["gateway"] = res
+        gpaths = [sign_stream_url(f"ws://127.0.0.1:{gport}", cid, SECRET,
+                                  params={"rate": str(args.rate), "mode": "callee"})
+                  .split(f":{gport}", 1)[1] for cid in ids]
+        b = Target("bare", bport, [f"/x/{i}" for i in range(args.calls)], psutil.Process(bare.pid))
+        g = Target("gateway", gport, gpaths, gproc)
+        c0 = sum(me.cpu_times()[:2])
+        uvloop.run(drive([b, g], args.seconds, args.rate))
+        gen_cpu = sum(me.cpu_times()[:2]) - c0
+        redis_cpu = sum(rproc.cpu_times()[:2]) - rc0
+        bare.terminate()
+        out, _ = bare.communicate(timeout=10)
+        bare_lat = [float(x) for x in out.split()[-3:]] if out.strip() else None
         # Let the gateway finish writing the ends of calls, then read everything back.
         client = connect(redis.url)
         deadline = time.monotonic() + 30
@@ -321,42 +323,41 @@ def main(argv=None) -> int:
                         sent_at = struct.unpack("<d", f[b"pcm"][:8])[0]
                         lat.append((sent_at, int(eid.split(b"-")[0]) - sent_at * 1000))
                 last = batch[-1][0]
-        res["audio_entries"] = audio
-        res["latency"] = lat
     finally:
+        _stop(bare)
         _stop(gw)
         redis.close()
 
-    b, g = results["bare"], results["gateway"]
-    t_first = min(t for t, _ in g["latency"]) if g["latency"] else 0
-    if os.environ.get("BENCH_LAT_TRACE"):
+    if os.environ.get("BENCH_LAT_TRACE") and lat:
+        t_first = min(t for t, _ in lat)
         per_s: dict[int, list[float]] = {}
-        for t, v in g["latency"]:
+        for t, v in lat:
             per_s.setdefault(int(t - t_first), []).append(v)
         for sec, vs in sorted(per_s.items()):
             vs.sort()
             print(f"  t={sec:3d}s n={len(vs)} p50={vs[len(vs)//2]:.1f} p99={vs[int(len(vs)*.99)-1]:.1f}")
-    lat = sorted(v for _, v in g["latency"])
-    p50 = statistics.median(lat) if lat else float("nan")
-    p99 = lat[int(len(lat) * 0.99) - 1] if lat else float("nan")
-    lost = g["sent"] - g["audio_entries"]
-    print(f"bare uvloop receiver : {b['cpu_us_per_frame']:6.1f} us CPU/frame "
-          f"({b['window_frames']} frames in window)")
-    print(f"gateway              : {g['cpu_us_per_frame']:6.1f} us CPU/frame "
-          f"({g['window_frames']} frames in window)  ratio {g['cpu_us_per_frame'] / b['cpu_us_per_frame']:.2f}x"
-          f"  (target <= 1.5x)")
-    bl = b["latency"]
-    if bl:
-        print(f"bare receiver latency: p50 {bl[0]:.1f} ms, p99 {bl[1]:.1f} ms, max {bl[2]:.1f} ms "
-              "(sent -> received, every 32nd frame: what the machine itself adds)")
-    print(f"load generator       : {b['gen_cpu_s'] / b['sent'] * 1e6:6.1f} us CPU/frame; "
-          f"worst tick lateness {b['late_ms']:.1f} ms (bare) / {g['late_ms']:.1f} ms (gateway)")
-    print(f"redis-server         : {g['redis_cpu_s'] / g['sent'] * 1e6:6.1f} us CPU/frame (whole run)")
-    print(f"latency sent->Redis  : p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {lat[-1]:.1f} ms "
-          f"(stream-id ms resolution, floored; target p99 < 10 ms)")
-    print(f"frames lost          : {lost} of {g['sent']} sent")
-    print(f"memory per call      : {(g['rss_end'] - g['rss0']) / args.calls / 1024:.1f} KiB "
-          f"(gateway RSS {g['rss0'] / 2**20:.1f} -> {g['rss_end'] / 2**20:.1f} MiB)")
+    lat_v = sorted(v for _, v in lat)
+    p50 = statistics.median(lat_v) if lat_v else float("nan")
+    p99 = lat_v[int(len(lat_v) * 0.99) - 1] if lat_v else float("nan")
+    lost = g.sent - audio
+    bus, gus = b.cpu_s / b.window_frames * 1e6, g.cpu_s / g.window_frames * 1e6
+    print(f"bare uvloop receiver : {bus:6.1f} us CPU/frame "
+          f"(user {b.user_s / b.window_frames * 1e6:.1f}; {b.window_frames} frames measured)")
+    print(f"gateway              : {gus:6.1f} us CPU/frame "
+          f"(user {g.user_s / g.window_frames * 1e6:.1f}; {g.window_frames} frames measured)  "
+          f"ratio {gus / bus:.2f}x  (target <= 1.5x)")
+    if bare_lat:
+        print(f"bare receiver latency: p50 {bare_lat[0]:.1f} ms, p99 {bare_lat[1]:.1f} ms, "
+              f"max {bare_lat[2]:.1f} ms (sent -> received, every 32nd frame: what the machine adds)")
+    print(f"load generator       : {gen_cpu / (b.sent + g.sent) * 1e6:6.1f} us CPU/frame; worst "
+          f"tick lateness {b.late * 1000:.1f} ms (bare) / {g.late * 1000:.1f} ms (gateway slices)")
+    print(f"redis-server         : {redis_cpu / g.sent * 1e6:6.1f} us CPU/gateway frame (whole run)")
+    if lat_v:
+        print(f"latency sent->Redis  : p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {lat_v[-1]:.1f} ms "
+              f"(stream-id ms resolution, floored; target p99 < 10 ms)")
+    print(f"frames lost          : {lost} of {g.sent} sent to the gateway")
+    print(f"memory per call      : {(g.rss_end - rss0) / args.calls / 1024:.1f} KiB "
+          f"(gateway RSS {rss0 / 2**20:.1f} -> {g.rss_end / 2**20:.1f} MiB)")
     print(f"load avg after run   : {os.getloadavg()[0]:.2f}")
     return 0 if lost == 0 else 1
 

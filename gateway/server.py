@@ -5,8 +5,10 @@ A thin asyncio shell (``websockets`` server) around ``CallSession``:
 * ``process_request`` answers ``/healthz``, ``/readyz``, ``/metrics`` and
   refuses call sockets before the upgrade: bad signature 401, expired URL 403,
   unknown path 404, bad ``rate`` param 400, draining or ``max_calls`` reached 503.
-* one handler task per socket runs the inbound hot path (binary -> 20 ms
-  frames -> ``Publisher.add_audio``; text -> ``PlatformEvent``);
+* one handler task per socket registers the call; its inbound hot path
+  (binary -> 20 ms frames -> ``Publisher.add_audio``; text -> ``PlatformEvent``)
+  is a per-call closure that ``DirectConnection`` calls synchronously for each
+  frame, with no task wake-up per frame;
 * one ``CommandReader`` task hands commands to the ``Dispatcher``
   (``gateway.dispatch``), which applies them to the sessions this gateway holds
   and answers each with a ``CommandResult``; a playout task per call (only
@@ -40,7 +42,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosedError
@@ -52,6 +54,7 @@ from shared.settings import Settings
 from shared.signing import SignatureError, verify_stream_path
 
 from .commands import CommandReader
+from .connection import DirectConnection
 from .dispatch import Dispatcher, LiveCall, close_ws, publish_entry
 from .metrics import Metrics
 from .publisher import Publisher
@@ -109,6 +112,7 @@ class Gateway:
             max_size=s.max_frame_bytes,
             max_queue=64,
             server_header=None,
+            create_connection=DirectConnection,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -227,33 +231,15 @@ class Gateway:
         target = ws.pv_target  # type: ignore[attr-defined]
         cid = target.call_id
         live = self._attach(ws, target)
-        session, pub, m = live.session, self.publisher, self.metrics.c
-        add, feed, prefix = pub.add_audio, session.feed_audio, live.prefix
+        on_message = self._message_sink(live)
+        if isinstance(ws, DirectConnection):
+            ws.set_sink(on_message)
         clean, too_big = True, False
         try:
-            # Hot path: no pydantic, no allocation in the 20 ms pass-through case
-            # (frames of exactly 20 ms skip the reframer's tuple/list too).
-            fb = session.frame_bytes
+            # Only messages the direct path handed back (fragmented ones) arrive
+            # here; this loop also ends when the socket closes.
             async for msg in ws:
-                if msg.__class__ is bytes:
-                    m["bytes_in"] += len(msg)
-                    if len(msg) == fb and not session.pending:
-                        session.frames_in += 1
-                        m["frames_in"] += 1
-                        if live.gap_pending or not add(prefix, session.seq + 1, msg):
-                            self._publish_slow(live, msg)
-                        else:
-                            session.seq += 1
-                        continue
-                    frames = feed(msg)
-                    m["frames_in"] += len(frames)
-                    for frame in frames:
-                        if live.gap_pending or not add(prefix, session.seq + 1, frame):
-                            self._publish_slow(live, frame)
-                        else:
-                            session.seq += 1
-                else:
-                    self._on_text(live, msg)
+                on_message(msg.__class__ is bytes, msg)
         except ConnectionClosedError as exc:
             clean = False
             too_big = exc.sent is not None and exc.sent.code == 1009
@@ -261,7 +247,39 @@ class Gateway:
             log.exception("call %s: handler failed", cid)
             clean = False
         finally:
+            if isinstance(ws, DirectConnection):
+                ws.set_sink(None)
             self._detach(live, clean, too_big)
+
+    def _message_sink(self, live: LiveCall) -> Callable[[bool, Any], None]:
+        """The per-call hot path, as a closure over everything it touches."""
+        session, pub, m = live.session, self.publisher, self.metrics.c
+        add, feed, prefix, fb = pub.add_audio, session.feed_audio, live.prefix, session.frame_bytes
+        publish_slow, on_text = self._publish_slow, self._on_text
+
+        def on_message(binary: bool, msg: Any) -> None:
+            if not binary:
+                on_text(live, msg)
+                return
+            m["bytes_in"] += len(msg)
+            # No pydantic, no allocation when the platform sends 20 ms frames.
+            if len(msg) == fb and not session.pending:
+                session.frames_in += 1
+                m["frames_in"] += 1
+                if live.gap_pending or not add(prefix, session.seq + 1, msg):
+                    publish_slow(live, msg)
+                else:
+                    session.seq += 1
+                return
+            frames = feed(msg)
+            m["frames_in"] += len(frames)
+            for frame in frames:
+                if live.gap_pending or not add(prefix, session.seq + 1, frame):
+                    publish_slow(live, frame)
+                else:
+                    session.seq += 1
+
+        return on_message
 
     def _publish_slow(self, live: LiveCall, frame: bytes) -> None:
         """A frame while frames are being dropped or a gap is still unreported."""
@@ -443,9 +461,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piopiy-voice gateway: {exc}", file=sys.stderr)
         return 2
     log.info("event loop: %s", "uvloop" if fast else "asyncio")
-    import gc, os as _os
-    if _os.environ.get("XGC") == "off": gc.disable()
-    if _os.environ.get("XGC") == "freeze": gc.freeze()
     asyncio.run(_serve(gw))
     return 0
 

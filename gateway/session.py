@@ -165,10 +165,12 @@ class CallSession:
         self.frames_in += 1
         return pending + bytes(self.frame_bytes - len(pending)), odd
 
-    def parse_text(self, text: str) -> tuple[c.PlatformEvent | None, str]:
-        """A text frame -> (entry or None, "ok" | "unknown" | "malformed")."""
+    def parse_text(self, text: str | None) -> tuple[c.PlatformEvent | None, str]:
+        """A text frame -> (entry or None, "ok" | "unknown" | "malformed").
+
+        ``None`` stands for a text frame that was not valid UTF-8."""
         try:
-            obj = json.loads(text)
+            obj = json.loads(text) if text is not None else None
         except (ValueError, RecursionError):  # deeply nested input raises the latter
             obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get("event"), str) or not obj["event"]:

@@ -399,3 +399,24 @@ def test_back_to_back_utterances_play_in_order(redis_url, r):
                 done = [(p.utterance_id, p.played_ms) for p in pl if p.state == "finished"]
                 assert done == [("u1", 200), ("u2", 100)]
     run(scenario())
+
+
+def test_direct_path_keeps_order_with_fragments_and_bad_utf8(redis_url, r):
+    async def scenario():
+        async with running(redis_url) as (gw, client):
+            async with connect(url(gw, "call-f"), compression=None) as ws:
+                await ws.send(b"\x01" * 320)
+                await ws.send(b"\xff\xfe", text=True)  # not UTF-8: counted, call goes on
+                await ws.send([b"\x02" * 100, b"\x02" * 220])  # fragmented: ordinary path
+                await ws.send(b"\x03" * 320)
+                await ws.send('{"event": "mark"}')
+
+                async def got_all():
+                    return len(await of_type(client, "call-f", "platform.event")) == 1
+                await until(got_all, what="mark event")
+            es = [m for _, m in await entries(client, "call-f")]
+            kinds = [(m.type, getattr(m, "pcm", b"")[:1]) for m in es]
+            assert kinds[1:5] == [("audio", b"\x01"), ("audio", b"\x02"), ("audio", b"\x03"),
+                                  ("platform.event", b"")]
+            assert gw.metrics.c["text_malformed"] == 1
+    run(scenario())

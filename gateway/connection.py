@@ -1,0 +1,79 @@
+"""The socket side of the hot path: frames handed to the call without a task switch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+
+log = logging.getLogger("gateway")
+
+
+class DirectConnection(ServerConnection):
+    """A server connection that hands complete data frames straight to the call.
+
+    ``websockets`` normally queues each message for ``recv()`` and wakes the
+    handler task once per frame; at 50 frames per second per call that wake-up
+    costs about as much as everything else the gateway does. Here, once the
+    handler has called ``set_sink``, each unfragmented text or binary frame is
+    passed to the sink synchronously from ``data_received``, in arrival order
+    (frames that arrived before that are kept and replayed first). A
+    fragmented message switches the connection back to the ordinary queue for
+    good, after handing over what was kept, so order is preserved; the
+    platform is not known to fragment. Pings, pongs, close frames and the size
+    limit are still handled by the protocol. Text that is not UTF-8 is passed
+    on as ``None`` (counted as malformed) rather than failing the connection
+    with 1007: a text frame must never end a call.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink: Callable[[bool, Any], None] | None = None
+        self._early: list[Frame] | None = []
+        self._direct = True
+
+    def set_sink(self, sink: Callable[[bool, Any], None] | None) -> None:
+        early, self._early = self._early, None
+        self.sink = sink
+        for frame in early or ():
+            self.process_event(frame)
+
+    def _fallback(self) -> None:
+        self._direct = False
+        self.sink = None
+        early, self._early = self._early, None
+        for frame in early or ():
+            super().process_event(frame)
+
+    def process_event(self, event: Any) -> None:
+        if self._direct and event.__class__ is Frame:
+            op = event.opcode
+            if op is Opcode.BINARY or op is Opcode.TEXT:
+                if not event.fin:
+                    self._fallback()
+                elif self.sink is not None:
+                    self._deliver(op is Opcode.BINARY, event.data)
+                    return
+                elif self._early is not None and len(self._early) < 1000:
+                    self._early.append(event)
+                    return
+                else:
+                    self._fallback()
+            elif op is Opcode.CONT:
+                self._fallback()
+        super().process_event(event)
+
+    def _deliver(self, binary: bool, data: Any) -> None:
+        if binary:
+            msg = data if data.__class__ is bytes else bytes(data)
+        else:
+            try:
+                msg = bytes(data).decode()
+            except UnicodeDecodeError:
+                msg = None
+        try:
+            self.sink(binary, msg)  # type: ignore[misc]
+        except Exception:  # a bug in one call must not break the transport callback
+            log.exception("socket sink failed")
