@@ -54,7 +54,9 @@ class CommandReader:
                     {self.stream: self.last_id}, count=self.count, block=self.block_ms
                 )
                 backoff = 0.05
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.RedisError, OSError) as exc:
+                # Any Redis error, not only connection ones: a ResponseError
+                # (WRONGTYPE, LOADING, failover) must not end the only reader.
                 self.metrics.inc("redis_errors")
                 log.warning("command reader: redis error %r; retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)

@@ -3,9 +3,13 @@
 ``Dispatcher.on_command`` is the ``CommandReader``'s handler: it decodes one
 command, drops duplicates (by ``command_id``, last 10 000 remembered), refuses
 commands for calls this gateway does not hold (never touching another call's
-socket), applies the rest through the call's ``CallSession`` and publishes a
-``CommandResult`` to the call's stream and to ``reply_to``, plus a timeline
-line per applied command. Audio is written to a socket only by that call's
+socket) and queues the rest on their call. One task per call with pending
+commands applies them in order through the call's ``CallSession`` and
+publishes a ``CommandResult`` to the call's stream and to ``reply_to``, plus a
+timeline line per applied command. The reader never waits for a socket, so a
+peer that stops reading (its send blocks up to ``SEND_TIMEOUT_S``) delays only
+its own call's commands; at most ``MAX_PENDING_COMMANDS`` wait per call, more
+are rejected. Audio is written to a socket only by that call's
 playout loop (``start_playout``), which sleeps until the next chunk falls due.
 """
 
@@ -31,6 +35,7 @@ SEND_TIMEOUT_S = 2.0
 #: After we send hangup/stop, the platform should close; if not, we do.
 CLOSE_AFTER_END_S = 5.0
 RECENT_COMMANDS = 10_000
+MAX_PENDING_COMMANDS = 256
 
 
 class LiveCall:
@@ -76,6 +81,9 @@ class Dispatcher:
         self.metrics = metrics
         self.gateway_id = gateway_id
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: call id -> commands waiting for that call's command task.
+        self._pending: dict[str, collections.deque] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     def _entry(self, cid: str, model: Any) -> None:
         publish_entry(self.publisher, cid, model)
@@ -100,6 +108,49 @@ class Dispatcher:
         if live is None:
             await self._reject_foreign(cmd)
             return
+        queue = self._pending.get(cmd.call_id)
+        if queue is None:
+            queue = self._pending[cmd.call_id] = collections.deque()
+            task = asyncio.get_running_loop().create_task(self._run_call(cmd.call_id, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if len(queue) >= MAX_PENDING_COMMANDS:
+            self._result(cmd, "rejected", f"too many commands pending for this call "
+                         f"({MAX_PENDING_COMMANDS})", on_call_stream=True,
+                         seq=live.session.next_seq())
+            self.metrics.inc("commands_rejected")
+            log.warning("call %s: %s rejected: command queue full", cmd.call_id, cmd.type)
+            return
+        queue.append(cmd)
+
+    async def _run_call(self, cid: str, queue: collections.deque) -> None:
+        """Apply one call's queued commands in order (looked up afresh each time:
+        the socket may have been replaced, or the call may have ended)."""
+        try:
+            while queue:
+                cmd = queue.popleft()
+                live = self.sessions.get(cid)
+                try:
+                    if live is None:
+                        await self._reject_foreign(cmd)
+                    else:
+                        await self._apply(live, cmd)
+                except Exception:  # one bad command must not strand the others
+                    log.exception("call %s: applying %s failed", cid, cmd.type)
+        finally:
+            if self._pending.get(cid) is queue:
+                del self._pending[cid]
+
+    async def close(self, timeout: float = SEND_TIMEOUT_S + 1) -> None:
+        """Let queued commands finish (bounded), then cancel what is left."""
+        tasks = set(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _apply(self, live: LiveCall, cmd: Any) -> None:
         s = live.session
         loop = asyncio.get_running_loop()
         if cmd.type in ("cmd.interrupt", "cmd.hangup", "cmd.stop"):

@@ -17,6 +17,7 @@ _HELP = {
     "odd_bytes_dropped": "trailing odd bytes dropped at the end of a call",
     "text_frames": "text frames received",
     "text_malformed": "text frames that were not a JSON object with an event",
+    "events_dropped": "platform events dropped (Redis unavailable and buffer full)",
     "events_unknown": "platform events with an unknown event name (still published)",
     "calls_started": "calls accepted",
     "calls_ended": "calls ended",

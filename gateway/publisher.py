@@ -23,7 +23,8 @@ Outage: when the connection fails the in-flight batch is put back in front of
 the buffer (resent after reconnect: at-least-once; consumers drop duplicates
 by ``seq``) and the flusher reconnects with exponential backoff. Audio beyond
 ``buffer_frames`` buffered frames is refused (``add_audio`` returns False) and
-the caller counts it; control entries are never refused (they are few).
+the caller counts it; platform events are dropped (and counted) once the buffer
+holds ``max_bytes``; control entries are never refused (they are few).
 """
 
 from __future__ import annotations
@@ -62,19 +63,26 @@ class Publisher:
     def __init__(self, url: str, *, metrics: Metrics | None = None,
                  buffer_frames: int = 50_000, stream_maxlen: int = keys.CALL_STREAM_MAXLEN,
                  connect_timeout: float = 3.0, reply_timeout: float = 10.0,
-                 linger_s: float = 0.002, batch_min: int = 128) -> None:
+                 linger_s: float = 0.002, batch_min: int = 128,
+                 event_bytes: int = 4 << 20) -> None:
         if buffer_frames <= 0:
             raise ValueError(f"buffer_frames must be > 0, got {buffer_frames}")
         if linger_s < 0 or batch_min < 1:
             raise ValueError("linger_s must be >= 0 and batch_min >= 1")
         self.linger = linger_s
         self.batch_min = batch_min
+        if url.split(":", 1)[0].lower() == "rediss":
+            # This writer speaks plain RESP over TCP or a unix socket, no TLS.
+            raise ValueError(f"rediss:// (TLS) is not supported by the gateway writer: {url!r}")
         kw = ConnectionPool.from_url(url).connection_kwargs
         self._addr = kw.get("path"), kw.get("host", "127.0.0.1"), kw.get("port", 6379)
         self._auth = (kw.get("username"), kw.get("password"))
         self._db = int(kw.get("db") or 0)
         self.metrics = metrics or Metrics()
         self.limit = buffer_frames
+        #: Bound of the whole buffer for entries that may be refused (platform
+        #: events): what full audio takes (32 kHz frames) plus some headroom.
+        self.max_bytes = buffer_frames * 1400 + event_bytes
         self.maxlen = b"%d" % stream_maxlen
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
@@ -89,6 +97,8 @@ class Publisher:
         self.connected = False
         self._writer: asyncio.StreamWriter | None = None
         self._err_logged = 0.0
+        #: (commands, audio frames) of the batch awaiting Redis' replies.
+        self._inflight = (0, 0)
 
     # ------------------------------------------------------------ producers
     def audio_prefix(self, call_id: str) -> bytes:
@@ -115,6 +125,12 @@ class Publisher:
         if not self._wake.is_set():
             self._wake.set()
         return True
+
+    @property
+    def has_room(self) -> bool:
+        """False while an outage has filled the buffer: refusable entries
+        (platform events) should then be dropped and counted by the caller."""
+        return len(self._buf) < self.max_bytes
 
     def command(self, *args: Any) -> None:
         """Queue any Redis command (never refused)."""
@@ -161,6 +177,8 @@ class Publisher:
         return True
 
     async def close(self, timeout: float = 5.0) -> None:
+        """Flush for up to ``timeout``, then stop. What could not be written is
+        logged and its audio counted in ``frames_dropped``."""
         await self.flush(timeout)
         self._closing = True
         self._wake.set()
@@ -170,6 +188,12 @@ class Publisher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        lost, lost_frames = self._n + self._inflight[0], self.frames + self._inflight[1]
+        if lost:
+            self.metrics.inc("frames_dropped", lost_frames)
+            log.warning("redis writer closing: discarding %d unwritten entries (%d audio frames)",
+                        lost, lost_frames)
+        self._buf, self._n, self.frames, self._inflight = bytearray(), 0, 0, (0, 0)
         self._drop_conn()
 
     def _drop_conn(self) -> None:
@@ -248,11 +272,13 @@ class Publisher:
             if not n:
                 continue
             self._idle.clear()
+            self._inflight = (n, frames)
             try:
                 writer.write(batch)
                 replies = await self._replies(reader, rd, n)
             except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
                 # Resend the whole batch after reconnecting: at-least-once.
+                self._inflight = (0, 0)
                 self._buf[:0] = batch
                 self._n += n
                 self.frames += frames
@@ -264,6 +290,8 @@ class Publisher:
                 continue
             finally:
                 self._idle.set()
+            # Not reset when cancelled mid-batch: close() counts that batch as lost.
+            self._inflight = (0, 0)
             self.metrics.c["redis_batches"] += 1
             self.metrics.c["frames_published"] += frames
             for reply in replies:

@@ -155,6 +155,7 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dispatch.close()
         await self.publisher.close()
         try:
             await self.redis.delete(keys.gateway_heartbeat(self.gateway_id))
@@ -396,6 +397,11 @@ class Gateway:
 
     def _on_text(self, live: LiveCall, text: str) -> None:
         self.metrics.inc("text_frames")
+        if not self.publisher.has_room:
+            # Redis has been away long enough to fill the buffer: the platform's
+            # text must not grow it without bound.
+            self.metrics.inc("events_dropped")
+            return
         entry, kind = live.session.parse_text(text)
         if entry is None:
             self.metrics.inc("text_malformed")

@@ -237,6 +237,8 @@ class CallSession:
             from shared.audio import resample  # noqa: PLC0415
 
             pcm, rate = resample(pcm, rate, 16000), 16000
+            if not pcm:  # an empty utterance would make pump() fail on every call
+                return Outcome("rejected", "pcm is shorter than one sample at 16000 Hz")
         utt = _Utterance(cmd.utterance_id, pcm, rate)
         queued = self.queued_ms(now)
         if queued + utt.total_ms > self.max_queue_ms:

@@ -281,6 +281,8 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
             pcm = pcm.encode("latin-1")
         if len(pcm) % 2:
             raise ValueError("audio entry with odd-length pcm")
+        if "call_id" not in f:
+            raise ValueError("audio entry has no 'call_id' field")
         return AudioFrame.model_construct(
             v=int(f.get("v", 1)), call_id=_s(f["call_id"]), seq=int(f.get("seq", 0)), pcm=pcm,
             type="audio",
@@ -295,6 +297,10 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
             raise ValueError(f"entry 'd' field is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError("entry 'd' field must be a JSON object")
+        for name in _BYTES_FIELDS[mtype]:
+            if name in data:
+                # pydantic would turn a JSON string into its UTF-8 bytes: refuse.
+                raise ValueError(f"'{name}' must be its own binary field, not inside 'd'")
     for name in _HEAD:
         if name in f:
             data[name] = _s(f[name])

@@ -31,7 +31,8 @@ DEAD_LETTER_MAXLEN = 10_000
 #: How long a call's keys live after the call ended (seconds).
 CALL_KEY_TTL_AFTER_END = 3600
 
-_CALL_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline.
+_CALL_ID_RE = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
 
 
 def validate_call_id(call_id: str) -> str:

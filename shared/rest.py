@@ -59,7 +59,7 @@ IDEMPOTENT_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def _check_base(url: Any, field: str) -> str:
-    if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
+    if not isinstance(url, str) or not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
         raise PiopiyValidationError(field, f"must be an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
 
@@ -158,6 +158,10 @@ class RestClient:
         if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 0:
             raise PiopiyValidationError("backoff", f"must be a number >= 0, got {backoff!r}")
         self.backoff = float(backoff)
+        if (isinstance(max_retry_after, bool) or not isinstance(max_retry_after, (int, float))
+                or max_retry_after < 0):
+            raise PiopiyValidationError(
+                "max_retry_after", f"must be a number >= 0, got {max_retry_after!r}")
         self.max_retry_after = float(max_retry_after)
         self._sleep = sleep
         self._own_session = session is None

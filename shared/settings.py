@@ -12,8 +12,9 @@ import logging
 import os
 import socket
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,14 @@ class Settings(BaseModel):
 
     # --- Common ----------------------------------------------------------
     log_level: str = Field("INFO", alias="PV_LOG_LEVEL")
+
+    @field_validator("gateway_public_url")
+    @classmethod
+    def _ws_base(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            raise ValueError(f"must be a ws:// or wss:// URL with a host, got {v!r}")
+        return v
 
     @classmethod
     def env_names(cls) -> set[str]:

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from .keys import validate_call_id
 
@@ -36,7 +36,9 @@ class SignatureError(Exception):
 def _sign(secret: str, call_id: str, exp: int, params: dict[str, str]) -> str:
     if not secret:
         raise ValueError("signing secret must not be empty")
-    extra = "&".join(f"{k}={params[k]}" for k in sorted(params))
+    # Percent-encoded, so a value containing "&" or "=" cannot be re-split into
+    # other params with the same signature.
+    extra = urlencode(sorted(params.items()))
     msg = f"{call_id}\n{exp}\n{extra}".encode()
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
@@ -61,7 +63,12 @@ def sign_stream_url(
         raise ValueError(f"public_base must be a ws:// or wss:// URL, got {public_base!r}")
     if ttl_s <= 0:
         raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-    extra = {str(k): str(v) for k, v in (params or {}).items()}
+    extra: dict[str, str] = {}
+    for k, v in (params or {}).items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (str, int)):
+            # No str() on anything: None would be signed in as "None".
+            raise ValueError(f"params.{k} must be a str or int, got {v!r}")
+        extra[k] = str(v)
     for reserved in ("exp", "sig"):
         if reserved in extra:
             raise ValueError(f"params may not contain {reserved!r}")
@@ -88,6 +95,8 @@ def parse_call_path(path: str) -> tuple[str, dict[str, str]] | None:
     call_id = parts.path[idx + len(CALL_PATH_PREFIX):]
     if not call_id or "/" in call_id:
         return None
+    # sign_stream_url percent-encodes the id (":" becomes %3A): decode it here.
+    call_id = unquote(call_id)
     params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     return call_id, params
 

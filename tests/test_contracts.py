@@ -104,3 +104,19 @@ def test_type_sets_partition_the_union():
     assert c.ENTRY_TYPES.isdisjoint(c.COMMAND_TYPES)
     assert all(t.startswith("cmd.") for t in c.COMMAND_TYPES)
     assert c.is_command(c.Hangup(call_id="a")) and not c.is_command(SAMPLES[0])
+
+
+def test_audio_entry_without_call_id_is_a_value_error():
+    # Review fix: the audio fast path raised KeyError, which the documented
+    # contract ("ValueError for a malformed entry") and callers do not expect.
+    with pytest.raises(ValueError, match="call_id"):
+        c.decode({b"type": b"audio", b"seq": b"1", b"pcm": b"\x00\x00"})
+
+
+def test_binary_field_inside_json_is_refused_not_coerced():
+    # Review fix: pcm given inside "d" (e.g. base64 text) was silently turned
+    # into the bytes of that text and played as audio.
+    fields = _wire({"type": "cmd.play_audio", "v": "1", "call_id": "a", "seq": "0",
+                    "d": json.dumps({"rate": 8000, "pcm": "AAAA"})})
+    with pytest.raises(ValueError, match="pcm"):
+        c.decode(fields)

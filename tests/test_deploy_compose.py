@@ -229,6 +229,15 @@ def test_gateway_grace_outlasts_drain(compose):
     assert grace >= drain + 10, f"stop_grace_period {grace}s leaves < 10 s over PV_DRAIN_GRACE_S {drain}s"
 
 
+def test_dialer_grace_outlasts_a_job(compose):
+    """A warm shutdown waits for the job in hand; killed mid-request, its
+    outcome is unknown and the person is not called."""
+    from workers.dialer.api import JOB_TIMEOUT_S
+
+    grace = _duration_s(compose.service("dialer")["stop_grace_period"])
+    assert grace >= JOB_TIMEOUT_S + 5, f"dialer stop_grace_period {grace}s < job timeout {JOB_TIMEOUT_S}s"
+
+
 def test_health_checks_and_dependencies(compose):
     for name in compose.services:
         svc = compose.service(name)

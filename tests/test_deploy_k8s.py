@@ -112,6 +112,14 @@ def test_gateway_probes_service_and_grace(docs, compose):
     assert svc["spec"]["ports"][0]["port"] == port
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_grace_period_matches_compose(docs, compose, role):
+    from tests.test_deploy_compose import _duration_s
+
+    pod, _ = container(docs, role)
+    assert pod["terminationGracePeriodSeconds"] == _duration_s(compose.service(role)["stop_grace_period"])
+
+
 @pytest.mark.parametrize("role", ["worker", "dialer"])
 def test_exec_probes_match_compose_healthchecks(docs, compose, role):
     _, c = container(docs, role)

@@ -48,6 +48,8 @@ class FakePiopiy:
         self.requests: list[dict] = []
         self.script: list[tuple[int, dict]] = []
         self.lock = threading.Lock()
+        #: When set to an Event, every request blocks until it is set.
+        self.hang: threading.Event | None = None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +58,10 @@ class FakePiopiy:
                 with outer.lock:
                     outer.requests.append({"t": time.time(), "path": self.path, "body": body})
                     n = len(outer.requests)
+                    hang = outer.hang
+                if hang is not None:
+                    hang.wait(20)
+                with outer.lock:
                     status, reply = outer.script.pop(0) if outer.script else (
                         200, {"code": 200, "status": "progress", "request_id": f"req-{n}",
                               "data": {"status": "progress", "request_id": f"req-{n}"}})
@@ -113,11 +119,14 @@ def workers(env, tmp_path):
 
     def start(n=1, **extra):
         e = dict(env, **extra)
+        started = []
         for i in range(n):
             log = open(tmp_path / f"worker{len(procs)}.log", "w")
             procs.append((subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "dialer"], cwd=ROOT, env=e,
                 stdout=log, stderr=subprocess.STDOUT), log))
+            started.append(procs[-1][0])
+        return started
 
     yield start
     for proc, _ in procs:
@@ -329,3 +338,77 @@ def test_unreachable_platform_is_retried_then_given_up(r, piopiy, workers, setti
     rec = meta(r, res.call_id)
     assert rec["reason"].startswith("gave up after 2 attempts") and "did not reach" in rec["reason"], rec
     assert rec["dial_attempts"] == "2" and "inflight" not in rec
+
+
+def _horse(pid):
+    """The RQ work-horse: the dialer worker's youngest child (the scheduler,
+    its other child, is forked at start-up)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(x) for x in f.read().split()]
+
+    def started(k):
+        with open(f"/proc/{k}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+
+    return max(kids, key=started) if kids else None
+
+
+def test_dialer_dying_mid_request_leaves_a_failed_record_never_redialed(r, piopiy, workers, settings):
+    """The work-horse killed while its make-call request is in flight: the
+    record must not stay "dialing" for ever, and nothing dials again."""
+    import os
+    import signal
+
+    piopiy.hang = threading.Event()
+    try:
+        res = enqueue_call(r, to=TO, settings=settings)
+        (proc,) = workers(1)
+        wait_for(lambda: piopiy.count() == 1, what="the request in flight")
+        assert meta(r, res.call_id)["state"] == "dialing"
+        horse = wait_for(lambda: _horse(proc.pid), what="the work-horse")
+        os.kill(horse, signal.SIGKILL)
+        wait_for(state_is(r, res.call_id, "failed"), what="record failed")
+    finally:
+        piopiy.hang.set()
+    rec = meta(r, res.call_id)
+    assert rec["reason"].startswith("outcome unknown") and "work-horse killed" in rec["reason"]
+    assert "inflight" in rec
+    # A re-run of the job (by hand) refuses to dial.
+    Queue("calls-test", connection=r).enqueue_call(
+        "workers.dialer.jobs.place_call", args=(res.call_id, {"to": TO, "caller_id": CALLER}))
+    wait_for(lambda: Queue("calls-test", connection=r).count == 0, what="re-run picked up")
+    time.sleep(0.5)  # a second request, if one were (wrongly) sent, would have arrived
+    assert piopiy.count() == 1
+
+
+def test_abandoned_dial_job_is_marked_failed_by_rq_cleanup(r, piopiy, workers, settings):
+    """The whole dialer worker dies mid-request (no goodbye): RQ's registry
+    clean-up finds the job abandoned and its failure callback fixes the record."""
+    import os
+    import signal
+
+    from rq.registry import StartedJobRegistry
+
+    piopiy.hang = threading.Event()
+    try:
+        res = enqueue_call(r, to=TO, campaign="c1", settings=settings)
+        (proc,) = workers(1)
+        wait_for(lambda: piopiy.count() == 1, what="the request in flight")
+        horse = wait_for(lambda: _horse(proc.pid), what="the work-horse")
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+        assert horse in kids
+        os.kill(proc.pid, signal.SIGKILL)
+        for kid in kids:  # the work-horse and the scheduler
+            os.kill(kid, signal.SIGKILL)
+        proc.wait(5)
+    finally:
+        piopiy.hang.set()
+    assert meta(r, res.call_id)["state"] == "dialing"
+    # What any RQ worker's maintenance does once the job's heartbeat has lapsed.
+    StartedJobRegistry("calls-test", connection=r).cleanup(timestamp=time.time() + 3600)
+    rec = meta(r, res.call_id)
+    assert rec["state"] == "failed" and rec["reason"].startswith("outcome unknown"), rec
+    assert "AbandonedJobError" in rec["reason"] and "inflight" in rec
+    assert r.hget(keys.campaign_key("c1", "states"), res.call_id) == b"failed"
+    assert Job.fetch(res.job_id, connection=r).get_status(refresh=True) == "failed"

@@ -107,7 +107,9 @@ def test_writer_buffers_through_a_redis_outage_and_counts_drops():
         server.close()  # Redis goes away
         accepted = sum(pub.add_audio(prefix, seq, b"\x02\x00" * 160) for seq in range(2, 102))
         assert accepted == 50  # bounded buffer: the rest is refused, the caller counts it
-        await asyncio.sleep(0.3)  # the writer is retrying with backoff meanwhile
+        # Await the writer actually hitting the outage (a fixed sleep could pass
+        # without ever exercising the buffering path).
+        await _until(lambda: pub.metrics.c["redis_errors"] >= 2)
         server = EmbeddedRedis(port=port)  # Redis is back on the same address
         assert await pub.flush(10)
         assert pub.metrics.c["redis_reconnects"] >= 2

@@ -182,3 +182,16 @@ def test_32k_audio_is_resampled_to_16k_for_the_platform():
     msgs, entries, _ = s.pump(0.0)
     assert json.loads(msgs[0])["data"]["sampleRate"] == 16000
     assert entries[0].total_ms == 100
+
+
+def test_32k_audio_too_short_to_resample_is_rejected_not_wedging_playout():
+    # Review fix: one 32 kHz sample resamples to b"", which was queued; pump()
+    # then raised on the empty chunk every time, so the call's playout task
+    # died and no later utterance could ever play.
+    s = _session()
+    out = s.apply(_cmd(c.PlayAudio, pcm=b"\x01\x00", rate=32000, utterance_id="tiny"), now=0.0)
+    assert out.status == "rejected" and "pcm" in out.reason
+    ok = s.apply(_cmd(c.PlayAudio, pcm=bytes(320), rate=8000, utterance_id="next"), now=0.0)
+    assert ok.status == "applied"
+    msgs, entries, _ = s.pump(0.0)
+    assert len(msgs) == 1 and [e.utterance_id for e in entries] == ["next"]

@@ -351,6 +351,10 @@ def test_retry_after_parsing():
     ({"base_url": "ftp://x"}, "base_url"), ({"action_url": "127.0.0.1/x"}, "action_url"),
     ({"timeout": (0, 5)}, "timeout"), ({"timeout": "5"}, "timeout"), ({"max_retries": -1}, "max_retries"),
     ({"backoff": -1}, "backoff"),
+    # review fix: only a prefix was matched, so trailing junk was accepted
+    ({"base_url": "https://rest.telecmi.com bad"}, "base_url"),
+    ({"action_url": "http://h/x\n"}, "action_url"),
+    ({"max_retry_after": -1}, "max_retry_after"), ({"max_retry_after": "x"}, "max_retry_after"),
 ])
 def test_constructor_validation(kwargs, field):
     args = {"app_id": 1, "app_token": "t", **kwargs}

@@ -39,7 +39,17 @@ def test_call_keys_share_one_hash_slot():
     assert len(set(keys.call_keys(cid))) == len(keys.call_keys(cid))
 
 
-@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "a/b", "{x}", None])
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "a/b", "{x}", None,
+                                 "abc\n"])  # "$" matched before a trailing newline
 def test_call_ids_are_restricted(bad):
     with pytest.raises(ValueError, match="call_id"):
         keys.validate_call_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["http://gw.example.com", "gw.example.com:8765", "wss://"])
+def test_gateway_public_url_must_be_ws_at_startup(bad):
+    # Review fix: a wrong PV_GATEWAY_PUBLIC_URL was accepted and only failed at
+    # the first dial (sign_stream_url), far from the configuration mistake.
+    with pytest.raises(ValueError, match="PV_GATEWAY_PUBLIC_URL"):
+        Settings.from_env({"PV_GATEWAY_PUBLIC_URL": bad})
+    assert Settings.from_env({"PV_GATEWAY_PUBLIC_URL": "wss://gw.example.com/media"})

@@ -80,3 +80,33 @@ def test_signing_rejects_bad_input(kwargs, needle):
         sign_stream_url(secret=SECRET, **kwargs)
     with pytest.raises(ValueError, match="secret"):
         sign_stream_url("ws://x", "c", "")
+
+
+def test_signature_is_unambiguous_over_params():
+    # Review fix: params were signed as "k=v&k=v" without escaping, so a signed
+    # value containing "&"/"=" could be re-split into different params that
+    # carried the same signature.
+    url = sign_stream_url("ws://127.0.0.1:1", "call-7", SECRET, now=NOW,
+                          params={"a": "1&b=2"})
+    path = _path(url)
+    assert "a=1%26b%3D2" in path
+    assert verify_stream_path(path, SECRET, now=NOW).params == {"a": "1&b=2"}
+    forged = path.replace("a=1%26b%3D2", "a=1&b=2")
+    with pytest.raises(SignatureError):
+        verify_stream_path(forged, SECRET, now=NOW)
+
+
+@pytest.mark.parametrize("value", [None, True, 1.5, ["x"]])
+def test_param_values_are_not_silently_stringified(value):
+    # Review fix: str(None) == "None" was signed into the URL as a campaign name.
+    with pytest.raises(ValueError, match="params.campaign"):
+        sign_stream_url("ws://127.0.0.1:1", "call-7", SECRET, now=NOW,
+                        params={"campaign": value})
+
+
+def test_call_id_with_colon_round_trips():
+    # Review fix: ":" is a valid call-id character but sign_stream_url
+    # percent-encodes it and the path was not decoded, so the gateway answered
+    # 401 to its own URL.
+    url = sign_stream_url("ws://127.0.0.1:1", "camp:42", SECRET, now=NOW)
+    assert verify_stream_path(_path(url), SECRET, now=NOW).call_id == "camp:42"

@@ -324,3 +324,90 @@ def test_restart_under_the_same_id_adopts_its_own_pending_call(r, redis_url):
     a2.step()
     a2.step()
     assert "call-s" in a2.calls and _texts(gw) == ["10:11", "20:21"]
+
+
+def test_checkpoint_is_read_after_the_lease_is_taken(r, redis_url):
+    """The previous owner's last commit may land between a claimer's checkpoint
+    read and its lease grab: the claimer must resume from that commit, not
+    from the older checkpoint (or it re-issues commands already published)."""
+    lease = 300
+    a = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wa", lease_ms=lease)
+    b = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wb", lease_ms=lease)
+    gw = FakeGateway(r, "call-r")
+    gw.start()
+    for _ in range(10):
+        gw.audio(FRAME)
+    a.step()
+    a.step()
+    assert _texts(gw) == ["10:11"]
+    for _ in range(10):
+        gw.audio(FRAME)
+    wait_for(lambda: r.get(keys.call_lease("call-r")) is None, timeout=5, what="lease expiry")
+    real_acquire = b.own.acquire
+
+    def acquire_after_a_last_commit(cid):
+        # "a" was only slow: it processes and commits 20:21 (re-taking its
+        # lease), then stalls for good and its lease lapses.
+        r.set(keys.call_lease(cid), "wa", px=lease)
+        a.step()
+        r.delete(keys.call_lease(cid))
+        return real_acquire(cid)
+
+    b.own.acquire = acquire_after_a_last_commit
+    wait_for(lambda: (b.step() or "call-r" in b.calls), timeout=5, what="b to claim")
+    b.own.acquire = real_acquire
+    assert _texts(gw) == ["10:11", "20:21"]
+    assert b.calls["call-r"].ckpt.cmd_seq == 2
+    for _ in range(10):
+        gw.audio(FRAME)
+    b.step()
+    assert _texts(gw) == ["10:11", "20:21", "30:31"]
+    assert [cmd.seq for cmd in gw.commands()] == [1, 2, 3]
+
+
+def test_repeated_announcement_of_an_owned_call_is_acked(r, redis_url):
+    w = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wa", lease_ms=1000)
+    gw = FakeGateway(r, "call-rep")
+    start_id = gw.start()
+    w.step()
+    assert "call-rep" in w.calls
+    again = c.encode(c.CallStarted(call_id="call-rep", seq=1, gateway_id="gw1", rate=8000))
+    r.xadd(keys.CALLS_STREAM, again)
+    w._next_new = 0.0
+    w.step()
+    pending = r.xpending_range(keys.CALLS_STREAM, keys.WORKERS_GROUP, "-", "+", 10)
+    assert [p["message_id"].decode() for p in pending] == [start_id]
+    gw.end()
+    wait_for(lambda: (w.step() or "call-rep" not in w.calls), timeout=5, what="call end")
+    assert r.xpending(keys.CALLS_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+
+
+def test_call_of_a_dead_gateway_is_ended_by_its_owner(r, redis_url, monkeypatch):
+    from workers import runner
+
+    monkeypatch.setattr(runner, "GATEWAY_LOST_S", 0.5)
+    w = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wa", lease_ms=300)
+    live_gw = FakeGateway(r, "call-alive", gateway_id="gw-alive")
+    dead_gw = FakeGateway(r, "call-dead", gateway_id="gw-dead")
+    r.set(keys.gateway_heartbeat("gw-alive"), "1", ex=30)
+    for gw in (live_gw, dead_gw):
+        r.hset(keys.call_meta(gw.call_id), mapping={"state": "live", "gateway_id": gw.gateway_id,
+                                                    "campaign": "camp1"})
+        gw.start()
+        for _ in range(10):
+            gw.audio(FRAME)
+    w.step()
+    w.step()
+    assert set(w.calls) == {"call-alive", "call-dead"}
+    # gw-dead never beats and sends nothing more: no call.ended will ever come.
+    wait_for(lambda: (w.step() or "call-dead" not in w.calls), timeout=5, what="orphan ended")
+    assert "call-alive" in w.calls  # its gateway is alive: a quiet call is not ended
+    assert w.metrics.counters["calls_gateway_lost_total"] == 1
+    assert load(r, "call-dead").done and r.get(keys.call_lease("call-dead")) is None
+    meta = {k.decode(): v.decode() for k, v in r.hgetall(keys.call_meta("call-dead")).items()}
+    assert meta["state"] == "ended" and meta["end_reason"] == "gateway_lost"
+    assert r.hget(keys.campaign_key("camp1", "states"), "call-dead") == b"ended"
+    assert 0 < r.ttl(keys.call_meta("call-dead")) <= keys.CALL_KEY_TTL_AFTER_END
+    pending = r.xpending_range(keys.CALLS_STREAM, keys.WORKERS_GROUP, "-", "+", 10)
+    assert len(pending) == 1  # only call-alive's start entry
+    assert _texts(dead_gw) == ["10:11"]

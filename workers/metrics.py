@@ -4,7 +4,9 @@ Exposed names (all prefixed ``pv_worker_``): ``calls_owned`` (gauge),
 ``decisions_total`` (commands published), ``entries_total``,
 ``claims_after_crash_total``, ``handbacks_total``, ``dead_letters_total``,
 ``frames_skipped_total`` (trimmed or lost before processing),
-``leases_lost_total`` and ``stream_lag_seconds`` (histogram of now minus the
+``leases_lost_total``, ``calls_finished_total``, ``calls_gateway_lost_total``
+(calls ended by their worker because their gateway died for good) and
+``stream_lag_seconds`` (histogram of now minus the
 entry id's time when the entry is processed).
 """
 
@@ -26,6 +28,7 @@ LAG_SAMPLES = 500_000
 COUNTERS = (
     "decisions_total", "entries_total", "claims_after_crash_total", "handbacks_total",
     "dead_letters_total", "frames_skipped_total", "leases_lost_total", "calls_finished_total",
+    "calls_gateway_lost_total",
 )
 
 

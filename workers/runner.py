@@ -62,6 +62,10 @@ CHECKPOINT_EVERY_S = 1.0
 IDLE_BLOCK_MS = 1000
 BUSY_BLOCK_MS = 200
 NEW_CALLS_POLL_S = 0.1
+#: A call whose gateway's heartbeat key is gone and whose stream has had no new
+#: entry for this long is ended by its owner (the gateway died for good, so no
+#: ``call.ended`` will ever come). Well above the gateway's heartbeat TTL (10 s).
+GATEWAY_LOST_S = 30.0
 
 
 _new = object.__new__
@@ -102,6 +106,8 @@ class OwnedCall:
     last_commit: float = 0.0
     tick_quiet_until: float = 0.0
     ended: bool = False
+    #: Wall time this worker took the call (the "quiet since" floor for GATEWAY_LOST_S).
+    since: float = field(default_factory=time.time)
 
 
 class Worker:
@@ -172,6 +178,7 @@ class Worker:
                 self._adopt(eid, self.own.fetch(eid), claimed=True)
         if now >= self._next_renew:
             self._renew()
+            self._end_orphans()
             self._next_renew = now + self.lease_ms / 3000.0
         if now >= self._next_scan:
             for eid, fields in self.own.claim_stale():
@@ -214,6 +221,61 @@ class Worker:
             self.metrics.inc("leases_lost_total")
             self.calls.pop(cid, None)
 
+    def _end_orphans(self) -> None:
+        """End the calls whose gateway died for good (see ``GATEWAY_LOST_S``):
+        heartbeat key gone, nothing new on the call's stream for that long,
+        and no other gateway holding the call live. Without this the worker
+        would own (and renew) such a call for ever and its record would stay
+        ``live`` with no expiry."""
+        gws = sorted({oc.call.gateway_id for oc in self.calls.values() if not oc.ended})
+        if not gws:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for gw in gws:
+            pipe.exists(keys.gateway_heartbeat(gw))
+        dead = {gw for gw, alive in zip(gws, pipe.execute()) if not alive}
+        if not dead:
+            return
+        now = time.time()
+        suspects = [oc for oc in self.calls.values()
+                    if oc.call.gateway_id in dead and not oc.ended
+                    and now - max(oc.since, _id_ms(oc.ckpt.last_id) / 1000.0) >= GATEWAY_LOST_S]
+        if not suspects:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for oc in suspects:
+            pipe.xrevrange(keys.call_stream(oc.call.call_id), count=1)
+            pipe.hmget(keys.call_meta(oc.call.call_id), "state", "gateway_id", "campaign")
+        replies = pipe.execute()
+        ended = []
+        for i, oc in enumerate(suspects):
+            last, (state, meta_gw, campaign) = replies[2 * i], replies[2 * i + 1]
+            if last and last[0][0].decode() != oc.ckpt.last_id:
+                continue  # entries still to process: the loop reads them first
+            if state == b"live" and meta_gw is not None and meta_gw.decode() != oc.call.gateway_id:
+                continue  # another gateway holds the call's socket now
+            cid = oc.call.call_id
+            log.warning("call %s: gateway %s is gone and the call has been silent for %.0fs; "
+                        "ending it", cid, oc.call.gateway_id, GATEWAY_LOST_S)
+            ev = CallEnded(call_id=cid, seq=0, reason="gateway_lost")
+            self._call_agent(oc, ev, now, oc.ckpt.last_id)
+            oc.pending = []  # nobody left to send them to
+            oc.ended = True
+            self.metrics.inc("calls_gateway_lost_total")
+            ended.append((oc, state, campaign))
+        if not ended:
+            return
+        self._commit_many([oc for oc, _, _ in ended])
+        pipe = self.r.pipeline(transaction=False)
+        for oc, state, campaign in ended:
+            cid = oc.call.call_id
+            if state in (b"live", None):
+                callrecord.set_state(pipe, cid, "ended", end_reason="gateway_lost",
+                                     gateway_id=oc.call.gateway_id,
+                                     campaign=campaign.decode() if campaign else None)
+            callrecord.expire_call(pipe, cid)
+        pipe.execute()
+
     def _on_calls_entry(self, eid: str, fields: dict) -> None:
         try:
             msg = decode(fields)
@@ -243,11 +305,15 @@ class Worker:
                 self.own.ack(eid)
                 return
         cid = started.call_id
-        if cid in self.calls:
-            return
-        ckpt = load(self.r, cid)
-        if ckpt is not None and ckpt.done:
-            self.own.ack(eid)
+        owned = self.calls.get(cid)
+        if owned is not None:
+            if eid != owned.start_entry:
+                # A repeated announcement of a call we own: ACK it, or it stays
+                # pending for ever (only the start entry is renewed and ACKed).
+                if started.gateway_id != owned.call.gateway_id:
+                    log.warning("call %s: announced again by gateway %s; commands still go to %s",
+                                cid, started.gateway_id, owned.call.gateway_id)
+                self.own.ack(eid)
             return
         if not self.own.acquire(cid):
             holder = self.own.holder(cid)
@@ -258,6 +324,14 @@ class Worker:
                     # Live owner: give the entry back to it (its renew would anyway).
                     self.r.xclaim(keys.CALLS_STREAM, keys.WORKERS_GROUP, holder, 0, [eid], justid=True)
                 return
+        # Read the checkpoint only once the lease is ours: read before, it could
+        # be overtaken by the previous owner's last commit (then we would resume
+        # from a stale position and re-issue commands it already published).
+        ckpt = load(self.r, cid)
+        if ckpt is not None and ckpt.done:
+            self.own.release(cid)
+            self.own.ack(eid)
+            return
         try:
             oc = self._start_call(eid, started, ckpt)
         except Exception as exc:  # noqa: BLE001 (agent constructors are user code)

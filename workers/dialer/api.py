@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
-from rq import Queue
+from rq import Callback, Queue
 
 from shared import callrecord, keys
 from shared.errors import PiopiyValidationError
@@ -54,6 +54,8 @@ RESULT_TTL_S = 24 * 3600
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 JOB_FUNC = "workers.dialer.jobs.place_call"
+#: Marks the record of a job that died without reporting (see ``jobs``).
+JOB_ON_FAILURE = "workers.dialer.jobs.on_job_failure"
 
 
 class IdempotencyConflict(ValueError):
@@ -333,6 +335,7 @@ def enqueue_request(conn: redis.Redis, request: CallRequest, *, queue_name: str 
                              ex=IDEMPOTENCY_TTL_S)
                 callrecord.set_state(pipe, call_id, "queued", **record)
                 opts = dict(job_id=job_id, result_ttl=RESULT_TTL_S, pipeline=pipe,
+                            on_failure=Callback(JOB_ON_FAILURE),
                             description=f"dial {request.to} (call {call_id})")
                 if request.start_at is not None:
                     queue.enqueue_at(request.start_at, JOB_FUNC, args=(call_id, payload),

@@ -52,7 +52,10 @@ def worker_main(argv: list[str]) -> int:
         log.warning("PV_SIGNING_SECRET is the development default: stream URLs are forgeable")
     log.info("dialer on queue %s: %.2f calls/s, %d live calls per campaign, REST %s",
              queue.name, settings.dial_rate_per_s, settings.campaign_max_live, settings.piopiy_base_url)
-    worker = Worker([queue], connection=conn, name=args.name)
+    from .jobs import on_horse_killed
+
+    worker = Worker([queue], connection=conn, name=args.name,
+                    work_horse_killed_handler=on_horse_killed)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level.upper())
     return 0
 

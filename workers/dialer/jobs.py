@@ -35,7 +35,15 @@ A call must ring at most once, and a call that is not placed must say why.
 
 Final failures raise ``DialFailed`` (the job was enqueued without an RQ
 ``retry``), so they land in RQ's failed registry with the reason, and the
-record says ``failed`` with the same ``reason``. Retries are driven by the job
+record says ``failed`` with the same ``reason``.
+
+A job that dies without reporting (dialer worker killed, work-horse killed,
+job timeout outside the request) would leave its record ``queued`` or
+``dialing`` for ever. ``on_job_failure`` (the job's RQ failure callback, which
+RQ also runs when its registry clean-up finds the job abandoned) and
+``on_horse_killed`` (the dialer worker's work-horse-killed handler) mark the
+record ``failed``: ``outcome unknown`` (never redialed, ``inflight`` kept)
+when an attempt was in flight, ``not placed`` otherwise. Retries are driven by the job
 returning ``Retry`` (RQ 3), not by RQ's exception-retry, because only the job
 knows whether an error is retryable.
 """
@@ -304,6 +312,44 @@ class _Attempt:
 def _unknown_reason(since: str) -> str:
     return (f"outcome unknown: an earlier attempt (started at {since}) never reported back; "
             "not dialing again so the callee is not rung twice")
+
+
+def mark_abandoned(conn: Any, call_id: str, request: Any, why: str) -> str | None:
+    """Make the record of a job that died without reporting say so (see the
+    module docstring). Returns the reason written, or None when the record
+    already told the outcome (placed, live, ended, failed) or is gone."""
+    meta = {_s(k): _s(v) for k, v in conn.hgetall(keys.call_meta(call_id)).items()}
+    state = meta.get("state")
+    if state is None or state in _DONE_STATES or state == "failed":
+        return None
+    campaign = request.get("campaign") if isinstance(request, dict) else None
+    attempt = _Attempt(conn, None, call_id, CallRequest.model_construct(campaign=campaign))  # type: ignore[arg-type]
+    if "inflight" in meta:
+        reason = (f"outcome unknown: the dialer job stopped while a request was in flight ({why}); "
+                  "not retried so the callee is not rung twice")
+        attempt.fail(reason, keep_inflight=True)
+    else:
+        reason = f"not placed: the dialer job stopped before dialing ({why})"
+        attempt.fail(reason)
+    return reason
+
+
+def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, _tb: Any) -> None:
+    """RQ ``on_failure`` callback of every dial job."""
+    if isinstance(exc_value, DialFailed):
+        return  # the record already says why
+    call_id, request = (list(job.args) + [None, None])[:2]
+    if call_id:
+        name = getattr(exc_type, "__name__", str(exc_type))
+        mark_abandoned(connection, call_id, request, f"{name}: {exc_value}" if str(exc_value) else name)
+
+
+def on_horse_killed(job: Any, _retpid: int, ret_val: int, _rusage: Any) -> None:
+    """RQ ``work_horse_killed_handler`` of the dialer worker (RQ runs no
+    failure callback when only the work-horse dies)."""
+    call_id, request = (list(job.args) + [None, None])[:2]
+    if call_id:
+        mark_abandoned(job.connection, call_id, request, f"work-horse killed (status {ret_val})")
 
 
 def place_call(call_id: str, request: dict[str, Any]) -> dict[str, Any] | Retry:

@@ -1,0 +1,78 @@
+"""Dispatcher unit tests with fake sockets (no Redis, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from gateway.dispatch import Dispatcher, LiveCall
+from gateway.metrics import Metrics
+from gateway.publisher import Publisher
+from gateway.session import CallSession
+from shared import contracts as c
+
+
+class FakeWs:
+    def __init__(self, stall: bool = False):
+        self.stall = stall
+        self.sent: list[str] = []
+        self.got = asyncio.Event()
+
+    async def send(self, text):
+        if self.stall:  # a peer that stopped reading: drain never completes
+            await asyncio.Event().wait()
+        self.sent.append(text)
+        self.got.set()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup():
+    pub = Publisher(f"redis://127.0.0.1:{_closed_port()}/0")  # never started: just buffers
+    sessions = {}
+    for cid, stall in (("call-slow", True), ("call-ok", False)):
+        sessions[cid] = LiveCall(CallSession(cid), FakeWs(stall), pub.audio_prefix(cid), None)
+    d = Dispatcher(sessions=sessions, publisher=pub, redis=None, metrics=Metrics(),
+                   gateway_id="gw")
+    return d, sessions
+
+
+def test_a_stalled_socket_does_not_hold_up_other_calls_commands():
+    # Review fix: the single command reader awaited each socket send (up to
+    # SEND_TIMEOUT_S), so one call whose peer stopped reading delayed every
+    # other call's commands, interrupts included, by 2 s each.
+    async def main():
+        d, sessions = _setup()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await d.on_command(b"1-0", c.encode(c.Pause(call_id="call-slow")))
+        await d.on_command(b"2-0", c.encode(c.Interrupt(call_id="call-ok")))
+        await asyncio.wait_for(sessions["call-ok"].ws.got.wait(), 5)
+        waited = loop.time() - t0
+        assert sessions["call-ok"].ws.sent == ['{"action":"break"}']
+        assert waited < 0.5, waited
+        await d.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_commands_of_one_call_stay_in_order_and_pending_is_bounded():
+    async def main():
+        d, sessions = _setup()
+        for i, cmd in enumerate([c.Pause(call_id="call-ok"), c.Resume(call_id="call-ok"),
+                                 c.Interrupt(call_id="call-ok")]):
+            await d.on_command(b"%d-0" % i, c.encode(cmd))
+        await d.close()
+        assert sessions["call-ok"].ws.sent == [
+            '{"action":"pause"}', '{"action":"resume"}', '{"action":"break"}']
+        # the stalled call: the first command blocks, the rest queue up to the bound
+        for i in range(600):
+            await d.on_command(b"9-%d" % i, c.encode(c.Pause(call_id="call-slow")))
+        assert 0 < d.metrics.c["commands_rejected"] <= 600 - 256
+        await d.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
