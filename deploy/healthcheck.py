@@ -122,7 +122,9 @@ def check_worker_heartbeat(now: float | None = None) -> tuple[bool, str]:
         members = _redis().zrange(WORKERS_ZSET, 0, -1, withscores=True)
     except redis.RedisError as exc:
         return False, f"redis unreachable: {exc}"
-    for member, score in members:
+    # Newest first: a worker killed earlier on this host (another pid) leaves
+    # a stale entry that must not hide the live one.
+    for member, score in sorted(members, key=lambda m: -m[1]):
         name = member.decode(errors="replace")
         if (name == wanted) if wanted else name.startswith(prefix):
             if now - score <= max_age:

@@ -164,6 +164,12 @@ class Dispatcher:
                         self.metrics.c["messages_out"] += 1
             except (ConnectionClosed, TimeoutError, OSError) as exc:
                 outcome.status, outcome.reason = "rejected", f"socket send failed: {exc!r}"
+                if isinstance(exc, TimeoutError):
+                    # A platform that has not read for SEND_TIMEOUT_S on a real-time
+                    # call is gone: end the call rather than keep a half-applied state.
+                    log.warning("call %s: send timed out, closing the socket", s.call_id)
+                    self.metrics.inc("send_timeouts")
+                    loop.create_task(close_ws(live.ws, 1011, "send timeout"))
         for e in outcome.entries:
             self._entry(s.call_id, e)
         self._result(cmd, outcome.status, outcome.reason, on_call_stream=True, seq=s.next_seq())

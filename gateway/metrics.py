@@ -28,6 +28,7 @@ _HELP = {
     "commands_duplicate": "commands ignored as duplicates",
     "commands_malformed": "command entries that could not be decoded",
     "messages_out": "messages sent to the platform",
+    "send_timeouts": "sockets closed because the platform stopped reading (send timed out)",
     "redis_errors": "Redis errors seen by the writer or the command reader",
     "redis_reconnects": "writer reconnections to Redis",
     "redis_batches": "pipelined batches written to Redis",

@@ -118,6 +118,10 @@ def test_worker_needs_metrics_and_heartbeat(http_server, r, redis_url, monkeypat
     r.zadd(keys.WORKERS_ZSET, {me: time.time()})
     ok, why = hc.check("worker", [], port=http_server)
     assert ok, why
+    # A worker of this host killed earlier (another pid) left a stale entry.
+    r.zadd(keys.WORKERS_ZSET, {f"{socket.gethostname()}-7": time.time() - 1000})
+    ok, why = hc.check("worker", [], port=http_server)
+    assert ok, why
     monkeypatch.setenv("PV_WORKER_ID", "otherhost-1")
     assert hc.check("worker", [], port=http_server)[0]
     ok, why = hc.check("worker", [], port=closed_port())

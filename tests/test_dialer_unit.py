@@ -99,6 +99,14 @@ def test_rate_reservations_are_spaced(r):
         reserve_dial_slot(r, 0)
 
 
+def test_a_wait_too_long_reserves_nothing(r):
+    waits = [reserve_dial_slot(r, 10, max_wait_s=0.25) for _ in range(5)]
+    assert [round(w, 1) for w in waits[:3]] == [0.0, 0.1, 0.2]
+    # Too far out: told the wait, nothing reserved, so both hear the same.
+    assert abs(waits[3] - 0.3) < 0.02 and abs(waits[4] - 0.3) < 0.02, waits
+    assert abs(reserve_dial_slot(r, 10) - 0.3) < 0.02  # the slot is still free
+
+
 def test_live_slots_cap_and_free_on_end(r):
     assert acquire_live_slot(r, "camp", "c1", 2, 60) == (True, 0.0)
     assert acquire_live_slot(r, "camp", "c2", 2, 60)[0]

@@ -17,6 +17,12 @@ class FakeWs:
         self.stall = stall
         self.sent: list[str] = []
         self.got = asyncio.Event()
+        self.closed_with: tuple[int, str] | None = None
+        self.closed = asyncio.Event()
+
+    async def close(self, code, reason):
+        self.closed_with = (code, reason)
+        self.closed.set()
 
     async def send(self, text):
         if self.stall:  # a peer that stopped reading: drain never completes
@@ -76,3 +82,20 @@ def test_commands_of_one_call_stay_in_order_and_pending_is_bounded():
         await d.close()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_send_that_times_out_closes_the_socket_and_rejects_the_command(monkeypatch):
+    import gateway.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "SEND_TIMEOUT_S", 0.1)
+
+    async def main():
+        d, sessions = _setup()
+        await d.on_command(b"1-0", c.encode(c.Pause(call_id="call-slow")))
+        await asyncio.wait_for(sessions["call-slow"].ws.closed.wait(), 5)
+        assert sessions["call-slow"].ws.closed_with == (1011, "send timeout")
+        assert d.metrics.c["send_timeouts"] == 1
+        assert d.metrics.c["commands_rejected"] == 1 and d.metrics.c["commands_applied"] == 0
+        await d.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))

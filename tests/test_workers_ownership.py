@@ -411,3 +411,10 @@ def test_call_of_a_dead_gateway_is_ended_by_its_owner(r, redis_url, monkeypatch)
     pending = r.xpending_range(keys.CALLS_STREAM, keys.WORKERS_GROUP, "-", "+", 10)
     assert len(pending) == 1  # only call-alive's start entry
     assert _texts(dead_gw) == ["10:11"]
+
+
+def test_heartbeats_of_long_dead_workers_are_pruned(r, redis_url):
+    r.zadd(keys.WORKERS_ZSET, {"gone-1": time.time() - 3 * 24 * 3600, "recent-1": time.time() - 60})
+    w = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wa", lease_ms=1000)
+    w.step()
+    assert {m.decode() for m in r.zrange(keys.WORKERS_ZSET, 0, -1)} == {"recent-1", "wa"}

@@ -24,6 +24,7 @@ class Hook:
         self.reply: object = {"commands": []}
         self.status = 200
         self.delay = 0.0
+        self.trickle = 0.0  # > 0: send the body one byte at a time, this far apart
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,7 +37,13 @@ class Hook:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not hook.trickle:
+                    self.wfile.write(body)
+                    return
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(hook.trickle)
 
             def log_message(self, *a):
                 pass
@@ -103,10 +110,13 @@ def test_null_commands_means_default_behaviour(hook):
     assert s.kinds() == ["cmd.play_audio:greeting"]
 
 
-@pytest.mark.parametrize("problem", ["timeout", "status", "not_json", "bad_command", "bad_type"])
+@pytest.mark.parametrize("problem", ["timeout", "trickle", "status", "not_json", "bad_command",
+                                     "bad_type"])
 def test_failures_fall_back_to_the_default_agent(hook, problem):
     if problem == "timeout":
         hook.delay, hook.reply = 1.0, {"commands": [{"type": "cmd.hangup"}]}
+    elif problem == "trickle":  # every byte within the socket timeout, the whole far beyond
+        hook.trickle, hook.reply = 0.1, {"commands": [{"type": "cmd.hangup"}]}
     elif problem == "status":
         hook.status = 500
     elif problem == "not_json":

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 HANDBACK_CONSUMER = "handback"
 #: Idle time stamped on handed-back entries: older than any sane lease.
 HANDBACK_IDLE_MS = 24 * 3600 * 1000
+#: Heartbeat entries (``keys.WORKERS_ZSET``) older than this are pruned.
+WORKER_ENTRY_TTL_S = 24 * 3600
 
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -94,7 +96,12 @@ class Ownership:
     def renew(self, owned: dict[str, str]) -> set[str]:
         """Renew the leases of ``owned`` (call id -> start entry id); refresh the
         idle time of the start entries still ours. Returns the calls lost."""
-        self.r.zadd(keys.WORKERS_ZSET, {self.worker_id: time.time()})
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(keys.WORKERS_ZSET, {self.worker_id: now})
+        # Workers killed without a goodbye never remove themselves.
+        pipe.zremrangebyscore(keys.WORKERS_ZSET, "-inf", now - WORKER_ENTRY_TTL_S)
+        pipe.execute()
         if not owned:
             return set()
         calls = list(owned)

@@ -24,6 +24,12 @@ means entries were trimmed or lost before we read them: they are counted
 to decode, or make the agent raise 3 times, go to ``keys.DEAD_LETTER_STREAM``
 with the reason; the call goes on with the next entry.
 
+A call whose gateway died for good never gets its ``call.ended``: when the
+gateway's heartbeat key is gone, nothing new has reached the call's stream for
+``GATEWAY_LOST_S`` and no other gateway holds the call live, the owner ends it
+itself (agent told ``CallEnded(reason="gateway_lost")``, record ``ended``,
+keys set to expire, lease released, start entry ACKed).
+
 Redis Cluster: the one XREAD spans many calls' slots and the commit script
 touches the gateway's command stream, so workers need a single Redis (or
 Sentinel); see ``workers.checkpoint``.

@@ -12,7 +12,9 @@ Contract
 --------
 - ``on_event(event, now) -> list[Command]`` is called with, in stream order:
   ``CallStarted`` (once), ``AudioFrame``, ``PlatformEvent``, ``CommandResult``,
-  ``Playout``, ``StreamGap``, ``CallEnded`` (last), plus ``Tick`` when the
+  ``Playout``, ``StreamGap``, ``CallEnded`` (last; made by the runtime with
+  reason ``gateway_lost`` when the call's gateway died for good, and then the
+  commands returned are dropped: nobody is left to apply them), plus ``Tick`` when the
   runtime's clock passes ``next_wakeup()`` (timers while no audio arrives,
   e.g. during a pause). ``now`` is seconds since the epoch: the time of the
   stream entry for stream events, the worker's clock for ``Tick``. Never read

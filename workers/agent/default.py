@@ -10,7 +10,12 @@ It exercises every control the product promises, with no models:
   (``PlayMusic(Settings.hold_music)``), ``Transfer`` to
   ``Settings.human_agent_number`` (caller id: call param ``caller_id``, else
   ``Settings.piopiy_caller_id``, else empty), then *monitoring*: it keeps
-  analysing the audio (speech time, keys) but never speaks again;
+  analysing the audio (speech time, keys) but never speaks again. The three
+  commands go out together in one decision (the agent cannot know when the
+  human answers): the notice is streamed audio, the music and the bridge are
+  mid-call PCMO, so the caller hears the notice, then the music while the
+  human's line rings; audio already queued is not cut when the human answers
+  (on the sandbox the music's tail can overlap the human's first words).
 - ``Settings.pause_key``: ``Pause`` so card digits never reach us; ``Resume``
   after ``Settings.pause_resume_after_s`` (a timer: no audio arrives while
   paused) or when someone else's ``cmd.resume`` is reported applied;

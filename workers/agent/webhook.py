@@ -41,6 +41,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Callable
@@ -51,6 +52,7 @@ from .default import PROMPTS, DefaultAgent, prompt
 
 log = logging.getLogger(__name__)
 
+MAX_REPLY_BYTES = 1_000_000
 _OURS = ("command_id", "seq", "call_id", "v", "reply_to", "issued_by")
 
 
@@ -102,9 +104,21 @@ class WebhookAgent(DefaultAgent):
             self.url, data=json.dumps(body).encode(), method="POST",
             headers={"Content-Type": "application/json", "User-Agent": "piopiy-voice-worker"},
         )
+        # The socket timeout bounds each read, not the whole exchange: a reply
+        # trickling in would hold the worker loop; the deadline bounds it all.
+        deadline = time.monotonic() + self.timeout
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read(1_000_000)
+                chunks, size = [], 0
+                while size < MAX_REPLY_BYTES:
+                    if time.monotonic() > deadline:
+                        raise WebhookError(f"no complete reply within {self.timeout:g}s")
+                    chunk = resp.read1(MAX_REPLY_BYTES - size)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                raw = b"".join(chunks)
         except urllib.error.HTTPError as exc:
             raise WebhookError(f"HTTP {exc.code}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:

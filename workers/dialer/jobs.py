@@ -262,9 +262,11 @@ class _Attempt:
                     req.duration + SLOT_MARGIN_S)
                 if not granted:
                     return self.wait("campaign_cap", min(CAP_RECHECK_S, max(wait_s, 1)))
-            wait_s = ratelimit.reserve_dial_slot(self.r, self.settings.dial_rate_per_s)
+            wait_s = ratelimit.reserve_dial_slot(self.r, self.settings.dial_rate_per_s,
+                                                 max_wait_s=MAX_INLINE_WAIT_S)
             if wait_s > MAX_INLINE_WAIT_S:
-                return self.wait("rate", wait_s)
+                # Nothing reserved: come back when a slot is within reach.
+                return self.wait("rate", wait_s - MAX_INLINE_WAIT_S + 1)
             if wait_s > 0:
                 time.sleep(wait_s)
             return self._dial(client, pcmo)

@@ -24,15 +24,18 @@ import math
 from shared import keys
 
 #: Reservation: returns microseconds to wait before the reserved instant.
+#: A wait longer than ARGV[3] (when > 0) reserves nothing.
 _GCRA = """
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - now - (burst - 1) * interval
 if wait < 0 then wait = 0 end
+if max_wait > 0 and wait > max_wait then return math.floor(wait) end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
            math.ceil((new_tat - now) / 1000) + 1000)
@@ -79,18 +82,24 @@ def states_key(campaign: str) -> str:
     return keys.campaign_key(campaign, "states")
 
 
-def reserve_dial_slot(redis, rate_per_s: float, *, burst: int = 1) -> float:
+def reserve_dial_slot(redis, rate_per_s: float, *, burst: int = 1,
+                      max_wait_s: float | None = None) -> float:
     """Reserve the next instant at which this worker may send a make-call.
 
     Returns the seconds to sleep before sending (0.0 when it may go now).
     ``burst`` lets that many calls go back to back after an idle period.
+    With ``max_wait_s``, a wait longer than that reserves nothing (the caller
+    comes back later): a reserved instant nobody uses would be lost to every
+    worker, and a backlog re-reserving on each retry would push the schedule
+    ever further out.
     """
     if not (isinstance(rate_per_s, (int, float)) and rate_per_s > 0 and math.isfinite(rate_per_s)):
         raise ValueError(f"rate_per_s must be a positive number, got {rate_per_s!r}")
     if not isinstance(burst, int) or burst < 1:
         raise ValueError(f"burst must be an integer >= 1, got {burst!r}")
     interval_us = max(1, int(round(1_000_000 / rate_per_s)))
-    wait_us = redis.eval(_GCRA, 1, rate_key(), interval_us, burst)
+    max_wait_us = 0 if max_wait_s is None else max(1, int(max_wait_s * 1_000_000))
+    wait_us = redis.eval(_GCRA, 1, rate_key(), interval_us, burst, max_wait_us)
     return int(wait_us) / 1_000_000
 
 
