@@ -210,6 +210,10 @@ class Gateway:
             return self._refuse(conn, 400, f"rate must be one of {contracts.VOICE_RATES}",
                                 target.call_id)
         conn.pv_target = target  # type: ignore[attr-defined]
+        # Read before the upgrade: no frame can arrive yet, so waiting costs nothing
+        # but handshake time (after it, frames would pile up ahead of the sink).
+        conn.pv_seq_base = (  # type: ignore[attr-defined]
+            0 if target.call_id in self.sessions else await self._last_seq(target.call_id))
         return None
 
     def _refuse(self, conn: ServerConnection, status: int, why: str, what: str) -> Response:
@@ -231,7 +235,7 @@ class Gateway:
     async def _handler(self, ws: ServerConnection) -> None:
         target = ws.pv_target  # type: ignore[attr-defined]
         cid = target.call_id
-        live = self._attach(ws, target)
+        live = self._attach(ws, target, getattr(ws, "pv_seq_base", 0))
         on_message = self._message_sink(live)
         if isinstance(ws, DirectConnection):
             ws.set_sink(on_message)
@@ -293,7 +297,23 @@ class Gateway:
             live.gap_pending += 1
             self.metrics.c["frames_dropped"] += 1
 
-    def _attach(self, ws: ServerConnection, target: Any) -> LiveCall:
+    async def _last_seq(self, cid: str) -> int:
+        """The seq this call's stream has reached, when another gateway held its
+        socket before (that gateway died and the platform reconnected here): the
+        new session continues from it, or workers would drop its entries as
+        duplicates. 0 for a new call, or when Redis cannot answer within a second."""
+        try:
+            async with asyncio.timeout(1.0):
+                last = await self.redis.xrevrange(keys.call_stream(cid), count=1)
+        except Exception as exc:  # noqa: BLE001 - a new call must not fail on this
+            log.warning("call %s: cannot read the stream's last seq: %r", cid, exc)
+            return 0
+        if not last:
+            return 0
+        seq = last[0][1].get(b"seq", b"0")
+        return int(seq) if seq.isdigit() else 0
+
+    def _attach(self, ws: ServerConnection, target: Any, seq_base: int = 0) -> LiveCall:
         cid = target.call_id
         old = self.sessions.get(cid)
         if old is not None:
@@ -317,10 +337,15 @@ class Gateway:
         session = CallSession(cid, rate=rate, listen_mode=mode, gateway_id=self.gateway_id,
                               params=p, lead_ms=s.playout_lead_ms,
                               max_queue_ms=s.max_outbound_queue_ms)
+        session.seq = seq_base
         live = LiveCall(session, ws, self.publisher.audio_prefix(cid), campaign)
         self.sessions[cid] = live
         started = contracts.encode(session.started_entry())
         pub = self.publisher
+        if seq_base:
+            callrecord.timeline(pub, cid, "socket.moved", gateway_id=self.gateway_id, seq=seq_base)
+            log.info("call %s: socket moved here from another gateway (seq continues at %d)",
+                     cid, seq_base + 1)
         callrecord.set_state(pub, cid, "live", gateway_id=self.gateway_id, rate=rate,
                              listen_mode=mode, campaign=campaign)
         pub.xadd(keys.CALLS_STREAM, started, maxlen=keys.CALLS_STREAM_MAXLEN)

@@ -316,9 +316,7 @@ class Worker:
             if eid != owned.start_entry:
                 # A repeated announcement of a call we own: ACK it, or it stays
                 # pending for ever (only the start entry is renewed and ACKed).
-                if started.gateway_id != owned.call.gateway_id:
-                    log.warning("call %s: announced again by gateway %s; commands still go to %s",
-                                cid, started.gateway_id, owned.call.gateway_id)
+                self._follow_gateway(owned, started.gateway_id)
                 self.own.ack(eid)
             return
         if not self.own.acquire(cid):
@@ -350,8 +348,21 @@ class Worker:
         if oc.pending:
             self._commit(oc)  # the greeting, atomically with the first checkpoint
 
+    def _follow_gateway(self, oc: OwnedCall, gateway_id: str) -> None:
+        """Send the call's commands to ``gateway_id`` from now on (the socket moved)."""
+        if gateway_id and gateway_id != oc.call.gateway_id:
+            log.warning("call %s: socket moved from gateway %s to %s; commands follow it",
+                        oc.call.call_id, oc.call.gateway_id, gateway_id)
+            oc.call = oc.call.model_copy(update={"gateway_id": gateway_id})
+
     def _start_call(self, eid: str, started: CallStarted, ckpt: Checkpoint | None) -> OwnedCall:
         cid = started.call_id
+        if ckpt is not None:
+            # Taking over: the socket may have moved since the start entry; the
+            # record names the gateway holding it now.
+            holder = self.r.hget(keys.call_meta(cid), "gateway_id")
+            if holder and holder.decode() != started.gateway_id:
+                started = started.model_copy(update={"gateway_id": holder.decode()})
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(keys.call_meta(cid), "owner", self.worker_id)
         if ckpt is None:
@@ -433,7 +444,10 @@ class Worker:
                     self._skipped(oc, seq - last - 1, eid)
                 rt["seq"] = seq
             if ev.type == "call.started":
-                continue  # already given to the agent from the calls stream
+                # Given to the agent from the calls stream already; a later one means
+                # the platform reconnected to another gateway: follow the socket.
+                self._follow_gateway(oc, ev.gateway_id)
+                continue
             cmds = self._call_agent(oc, ev, t, eid)
             if cmds:
                 self._stamp(oc, cmds)
