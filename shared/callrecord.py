@@ -50,6 +50,7 @@ def set_state(pipe: Any, call_id: str, state: str, **fields: Any) -> None:
     campaign = fields.get("campaign")
     if campaign:
         pipe.hset(keys.campaign_key(campaign, "states"), call_id, state)
+        pipe.expire(keys.campaign_key(campaign, "states"), keys.CAMPAIGN_TTL_S)
 
 
 def expire_call(pipe: Any, call_id: str, ttl_s: int = keys.CALL_KEY_TTL_AFTER_END) -> None:

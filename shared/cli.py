@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"piopiy-voice: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return int(resolve(name)(rest) or 0)
+    try:
+        return int(resolve(name)(rest) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

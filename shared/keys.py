@@ -30,6 +30,8 @@ COMMAND_STREAM_MAXLEN = 10_000
 DEAD_LETTER_MAXLEN = 10_000
 #: How long a call's keys live after the call ended (seconds).
 CALL_KEY_TTL_AFTER_END = 3600
+#: A campaign's bookkeeping (states, info) expires this long after its last change.
+CAMPAIGN_TTL_S = 30 * 24 * 3600
 
 # \Z, not $: "$" also matches before a trailing newline.
 _CALL_ID_RE = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")

@@ -17,7 +17,7 @@ from shared.settings import Settings
 from workers.dialer import IdempotencyConflict, build_request, enqueue_call
 from workers.dialer.campaign import campaign_status, enqueue_csv
 from workers.dialer.jobs import is_retryable
-from workers.dialer.ratelimit import acquire_live_slot, reserve_dial_slot
+from workers.dialer.ratelimit import acquire_live_slot, live_count, reserve_dial_slot
 
 ROOT = Path(__file__).resolve().parent.parent
 TO = "919876543210"
@@ -113,15 +113,18 @@ def test_live_slots_cap_and_free_on_end(r):
     granted, wait = acquire_live_slot(r, "camp", "c3", 2, 60)
     assert not granted and 55 < wait <= 60
     assert acquire_live_slot(r, "camp", "c1", 2, 60)[0]  # a retry keeps its slot
+    assert live_count(r, "camp") == 2
     with r.pipeline() as pipe:
         callrecord.set_state(pipe, "c2", "ended", campaign="camp")
         pipe.execute()
+    assert live_count(r, "camp") == 1  # an ended call's slot is not "in use"
     assert acquire_live_slot(r, "camp", "c3", 2, 60)[0]
     # a slot whose hold lapsed (never-connected call) is reclaimed
     assert acquire_live_slot(r, "camp2", "x1", 1, 0.05)[0]
     import time
 
     time.sleep(0.1)
+    assert live_count(r, "camp2") == 0  # lapsed
     assert acquire_live_slot(r, "camp2", "x2", 1, 60)[0]
 
 
@@ -155,6 +158,9 @@ def test_csv_bad_rows_reported_by_line_and_good_rows_enqueued(r, settings):
     status = campaign_status(r, "spring")
     assert status["total"] == 3 and status["states"]["queued"] == 3 and status["states"]["failed"] == 0
     assert campaign_status(r, "nobody") is None
+    # a campaign's bookkeeping does not live for ever
+    for suffix in ("info", "states"):
+        assert 0 < r.ttl(keys.campaign_key("spring", suffix)) <= keys.CAMPAIGN_TTL_S
 
 
 def test_csv_without_to_column_is_refused(r, settings):

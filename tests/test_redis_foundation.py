@@ -43,6 +43,7 @@ def test_call_record_states_and_timeline(r):
     events = [f[b"event"].decode() for _, f in r.xrange(keys.call_timeline("c1"))]
     assert events == ["state.queued", "state.placed", "note"]
     assert r.hget(keys.campaign_key("spring", "states"), "c1") == b"placed"
+    assert 0 < r.ttl(keys.campaign_key("spring", "states")) <= keys.CAMPAIGN_TTL_S
     with pytest.raises(ValueError, match="state"):
         callrecord.set_state(r.pipeline(), "c1", "exploded")
 

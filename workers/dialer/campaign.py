@@ -157,6 +157,7 @@ def enqueue_csv(conn, source: str | Path | TextIO, name: str, *, defaults: dict[
         if progress:
             progress(report.rows, total)
     conn.hincrby(info_key(name), "rows_enqueued", report.enqueued)
+    conn.expire(info_key(name), keys.CAMPAIGN_TTL_S)
     return report
 
 

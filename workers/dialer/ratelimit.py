@@ -127,4 +127,14 @@ def release_live_slot(redis, campaign: str, call_id: str) -> None:
 
 
 def live_count(redis, campaign: str) -> int:
-    return int(redis.zcard(live_key(campaign)))
+    """Slots held now: neither lapsed nor held by a call that ended or failed.
+
+    Read-only: stale members are only removed by the next ``acquire_live_slot``,
+    so counting the raw set would report slots of finished calls as in use."""
+    sec, usec = redis.time()
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    members = redis.zrangebyscore(live_key(campaign), f"({now_ms}", "+inf")
+    if not members:
+        return 0
+    states = redis.hmget(states_key(campaign), members)
+    return sum(1 for st in states if st not in (b"ended", b"failed", "ended", "failed"))
