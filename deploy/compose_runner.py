@@ -546,12 +546,17 @@ def main(argv: list[str] | None = None) -> int:
 
     redis_url = args.redis_url or resolve_redis_url()
     stack = LocalStack(compose, redis_url)
+
+    def _stop(signum, frame):  # SIGTERM (kill, timeout, a supervisor) stops the roles like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     with stack:
         stack.up(scale)
         for name, addr in stack.addresses.items():
             print(f"{name}: {len(stack.replicas[name])} replica(s) "
                   + " ".join(f"{p}->{LOOPBACK}:{lp}" for p, lp in addr.items()), flush=True)
-        print(f"logs in {stack.work_dir}; Ctrl-C stops", flush=True)
+        print(f"logs in {stack.work_dir}; Ctrl-C (or SIGTERM) stops", flush=True)
         try:
             while all(r.proc.poll() is None for r in stack.all_replicas()):
                 time.sleep(1)

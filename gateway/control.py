@@ -108,7 +108,8 @@ class CallHandle:
         return self._cmd(c.Resume)
 
     def stop(self) -> c.CommandResult:
-        """End the media stream for good (the call goes on)."""
+        """End the media stream for good: no resume; the gateway closes the socket
+        5 s later and the call goes on with the PCMO's next actions, if any."""
         return self._cmd(c.StopStream)
 
     def interrupt(self) -> c.CommandResult:
@@ -154,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--redis-url", help="Redis URL (REDIS_URL)")
     sub = ap.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (("pause", "pause the stream to us"), ("resume", "resume it"),
-                       ("stop", "end the stream (call goes on)"),
+                       ("stop", "end the stream for good; the socket closes 5 s later and the "
+                                "call goes on with the PCMO's next actions (none: it ends)"),
                        ("interrupt", "cut what is playing"), ("hangup", "hang up the call")):
         sub.add_parser(name, help=text)
     p = sub.add_parser("play-music", help="play a file name or URL")

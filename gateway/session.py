@@ -199,6 +199,9 @@ class CallSession:
         if t == "cmd.interrupt":
             entries = self.cut(now)
             return Outcome("applied", messages=[outbound.control("break")], entries=entries)
+        if t in ("cmd.pause", "cmd.resume") and self.closing_reason == "stream_stopped":
+            # After ``stop`` the platform ignores both, and the socket closes soon.
+            return Outcome("rejected", "the stream was stopped for good (stop); it cannot be paused or resumed")
         if t == "cmd.pause":
             return Outcome("applied", messages=[outbound.control("pause")])
         if t == "cmd.resume":

@@ -1,4 +1,4 @@
-"""``piopiy-voice demo``: the whole system, locally, one scripted call.
+"""piopiy-voice demo: the whole system, locally, one scripted call.
 
 Starts a private Redis (unless ``--redis-url``/``REDIS_URL`` names one), then
 the four roles as real processes: the sandbox (the platform), a gateway, a

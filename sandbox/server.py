@@ -4,8 +4,8 @@ Two threads: a stdlib ``ThreadingHTTPServer`` answers REST, and one asyncio
 loop runs every call (:class:`sandbox.platform.SandboxCall`). The HTTP side
 only validates and hands work to the loop with ``run_coroutine_threadsafe``.
 
-Platform endpoints (same bodies and codes as the real ones, see
-``/work/shared/piopiy-protocol.md`` section 2):
+Platform endpoints (same bodies and codes as the real ones; the table is in
+``sandbox/README.md``):
 
 * ``POST /v2/ind_pcmo_make_call`` (``from`` must be an Indian Piopiy number,
   ``^91[6789]\\d{9}$``) and ``POST /v2/global_pcmo_make_call``.

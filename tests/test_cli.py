@@ -24,3 +24,34 @@ def test_top_level_help_lists_every_command(capsys):
 def test_unknown_command_is_an_error(capsys):
     assert cli.main(["dial-everyone"]) == 2
     assert "unknown command 'dial-everyone'" in capsys.readouterr().err
+
+
+# A subcommand printing far more than a pipe buffer, into a pipe closed early
+# (``piopiy-voice status ID | head -3``): no traceback, exit status 0.
+_BIG_OUTPUT = """
+import sys, types
+from shared import cli
+mod = types.ModuleType("pv_fake_cmd")
+def big(argv):
+    for i in range(100000):
+        print("line", i)
+    return 0
+mod.main = big
+sys.modules["pv_fake_cmd"] = mod
+cli.COMMANDS["big"] = ("pv_fake_cmd:main", "prints a lot")
+sys.exit(cli.main(["big"]))
+"""
+
+
+def test_output_piped_into_head_is_not_an_error():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", _BIG_OUTPUT], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

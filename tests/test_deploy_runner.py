@@ -148,3 +148,37 @@ def test_round_robin_proxy():
         proxy.close()
         a.close()
         b.close()
+
+
+def test_sigterm_stops_the_roles_it_started(subprocess_env):
+    # `timeout 60 compose_runner.py ...` or a supervisor sends SIGTERM, not Ctrl-C:
+    # the roles must not be left running as orphans.
+    import re
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "compose_runner.py"), "sandbox"],
+                            cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "stops" in line:
+                break
+        port = int(re.search(r"sandbox: .*->127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # the sandbox is up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break  # nothing listens any more: the sandbox was stopped
+            assert time.monotonic() < deadline, "the sandbox outlived the runner"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

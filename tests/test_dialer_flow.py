@@ -319,6 +319,7 @@ def test_call_and_status_cli(r, piopiy, workers, env):
     assert st.returncode == 0, st.stderr
     assert f"call {call_id}: placed" in st.stdout
     assert "request_id" in st.stdout and "req-1" in st.stdout
+    assert "JobStatus" not in st.stdout  # the rq job's state reads "(finished)", not an enum repr
     for event in ("state.queued", "state.dialing", "state.placed"):
         assert event in st.stdout
     missing = subprocess.run([sys.executable, "-m", "shared.cli", "status", "c-nope"],

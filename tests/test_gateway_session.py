@@ -106,6 +106,15 @@ def test_bad_commands_are_rejected_with_reason():
     assert s.apply(_cmd(c.Pause), now=0.0).status == "rejected"
 
 
+def test_pause_and_resume_after_stop_are_rejected():
+    s = _session()
+    assert s.apply(_cmd(c.StopStream), now=0.0).status == "applied"
+    for model in (c.Resume, c.Pause):
+        out = s.apply(_cmd(model), now=0.0)
+        assert out.status == "rejected" and "stopped" in out.reason and not out.messages
+    assert s.apply(_cmd(c.Hangup), now=0.0).status == "applied"
+
+
 def _audio(msgs):
     return b"".join(base64.b64decode(json.loads(m)["data"]["audioData"]) for m in msgs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -247,3 +248,17 @@ def test_load_agent_class_rejects_bad_specs():
         with pytest.raises(ValueError, match=msg):
             load_agent_class(spec)
     assert issubclass(DefaultAgent, Agent)
+
+
+def test_load_agent_class_finds_a_module_in_the_current_directory(tmp_path, monkeypatch):
+    # `piopiy-voice worker --agent mypkg.agents:Echo` run from the folder holding mypkg:
+    # the console script does not put the current directory on sys.path.
+    (tmp_path / "pv_cwd_pkg").mkdir()
+    (tmp_path / "pv_cwd_pkg" / "__init__.py").write_text("")
+    (tmp_path / "pv_cwd_pkg" / "agents.py").write_text(
+        "from workers.agent.base import Agent\n\nclass Echo(Agent):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "pv_cwd_pkg", raising=False)
+    monkeypatch.delitem(sys.modules, "pv_cwd_pkg.agents", raising=False)
+    assert load_agent_class("pv_cwd_pkg.agents:Echo").__name__ == "Echo"

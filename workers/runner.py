@@ -594,7 +594,8 @@ class Worker:
 
 # ------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="piopiy-voice worker", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="piopiy-voice worker",
+                                description="Own calls, feed their events to an agent, publish commands.")
     p.add_argument("--agent", help="agent class 'package.module:Class' (default: PV_AGENT)")
     p.add_argument("--webhook", metavar="URL",
                    help="use the webhook agent posting turn events to URL (overrides --agent)")

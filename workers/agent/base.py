@@ -62,6 +62,8 @@ Example (plug it in with ``piopiy-voice worker --agent mypkg.bot:Echo``)::
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,10 +116,16 @@ def load_agent_class(spec: str) -> type[Agent]:
     module_name, class_name = spec.split(":")
     if not module_name or not class_name:
         raise ValueError(f"agent must be 'package.module:Class', got {spec!r}")
+    # Like ``python -m``: an agent module in the current directory is found even
+    # though the ``piopiy-voice`` console script does not put it on sys.path.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"agent module {module_name!r} cannot be imported: {exc}") from exc
+        raise ValueError(f"agent module {module_name!r} cannot be imported: {exc} "
+                         f"(searched the current directory and PYTHONPATH)") from exc
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ValueError(f"agent module {module_name!r} has no attribute {class_name!r}")

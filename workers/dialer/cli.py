@@ -201,7 +201,7 @@ def campaign_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="piopiy-voice campaign", description="Enqueue a CSV of contacts / show progress.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pe = sub.add_parser("enqueue", help="enqueue every good row of a CSV file as a call")
-    pe.add_argument("file", help="CSV with a header; needs a 'to' column (see docs)")
+    pe.add_argument("file", help="CSV with a header; needs a 'to' column (columns: README, 'Using it')")
     pe.add_argument("--name", required=True, help="campaign name ([A-Za-z0-9_.:-], max 64)")
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_call_options(pe, per_call=False)
@@ -269,7 +269,8 @@ def call_status(conn, call_id: str) -> dict[str, Any] | None:
 
         try:
             j = Job.fetch(meta["job_id"], connection=conn)
-            job = {"id": j.id, "status": str(j.get_status()), "origin": j.origin}
+            status = j.get_status()  # a JobStatus enum: show "finished", not "JobStatus.FINISHED"
+            job = {"id": j.id, "status": getattr(status, "value", status), "origin": j.origin}
         except NoSuchJobError:
             job = {"id": meta["job_id"], "status": "expired"}
     return {"call_id": call_id, "record": meta, "timeline": timeline, "job": job}
