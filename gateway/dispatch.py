@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from shared import callrecord, contracts, keys
 
+from . import outbound
 from .metrics import Metrics
 from .publisher import Publisher
 from .session import CallSession
@@ -155,6 +156,13 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         if cmd.type in ("cmd.interrupt", "cmd.hangup", "cmd.stop"):
             self.cancel_playout(live)
+        if cmd.type == "cmd.play_audio" and cmd.rate not in outbound.STREAM_AUDIO_RATES:
+            # streamAudio takes 8000|16000: resample off the event loop (tens of ms
+            # for a long 32 kHz utterance would stall every call's frames).
+            from shared.audio import resample  # noqa: PLC0415
+
+            pcm = await asyncio.to_thread(resample, cmd.pcm, cmd.rate, 16000)
+            cmd = cmd.model_copy(update={"pcm": pcm, "rate": 16000})
         outcome = s.apply(cmd, loop.time())
         if outcome.status == "applied":
             try:

@@ -99,3 +99,31 @@ def test_a_send_that_times_out_closes_the_socket_and_rejects_the_command(monkeyp
         await d.close()
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_32k_audio_is_resampled_off_the_event_loop(monkeypatch):
+    import json
+
+    import gateway.dispatch as dispatch
+
+    calls = []
+    real = asyncio.to_thread
+
+    async def spy(func, *args, **kw):
+        calls.append(func.__name__)
+        return await real(func, *args, **kw)
+
+    monkeypatch.setattr(dispatch.asyncio, "to_thread", spy)
+
+    async def main():
+        d, sessions = _setup()
+        pcm = bytes(32000 * 2 // 10)  # 100 ms at 32 kHz
+        await d.on_command(b"1-0", c.encode(c.PlayAudio(call_id="call-ok", pcm=pcm, rate=32000)))
+        await asyncio.wait_for(sessions["call-ok"].ws.got.wait(), 5)
+        await d.close()
+        first = json.loads(sessions["call-ok"].ws.sent[0])
+        assert first["type"] == "streamAudio" and first["data"]["sampleRate"] == 16000
+        d.cancel_playout(sessions["call-ok"])
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert calls == ["resample"]
