@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,13 +28,7 @@ sys.path.insert(0, str(ROOT))
 from shared import contracts as c  # noqa: E402
 from shared import keys  # noqa: E402
 from shared.audio import dtmf_tone, frame_bytes, silence, speech_like  # noqa: E402
-from shared.redisconn import EmbeddedRedis, connect  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shared.redisconn import EmbeddedRedis, connect, free_port  # noqa: E402
 
 
 def _script(i: int, rate: int) -> list[bytes]:
@@ -75,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     r = connect(url)
     if server is None:
         print(f"using REDIS_URL={url} (keys of pv:* are written)")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, REDIS_URL=url, PYTHONPATH=str(ROOT), PV_LOG_LEVEL="WARNING",
                PV_SILENCE_TIMEOUT_S="30")
     worker = subprocess.Popen(

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import callrecord, keys
-from shared.redisconn import EmbeddedRedis, connect
+from shared.redisconn import EmbeddedRedis, connect, free_port
 
 log = logging.getLogger("demo")
 
@@ -38,12 +37,6 @@ DEV_APP_TOKEN = "sandbox-dev-token"
 CALLER_ID = "919000000000"  # an Indian Piopiy number: the ind endpoint is used
 PERSON = "919812345678"  # the person the demo calls (scripted by the sandbox)
 HUMAN_AGENT = "919000000001"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -118,9 +111,9 @@ class LocalSystem:
         self.r = connect(redis_url)
         self.scenario = scenario
         self.roles: list[Role] = []
-        self.gateway_port = _free_port()
-        self.sandbox_port = _free_port()
-        self.worker_metrics_port = _free_port()
+        self.gateway_port = free_port()
+        self.sandbox_port = free_port()
+        self.worker_metrics_port = free_port()
         self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
         self.tag = secrets.token_hex(3)
         self.env = self._env(extra_env or {})
@@ -347,8 +340,8 @@ def check_flow(report: dict[str, Any], record: dict[str, str]) -> list[str]:
         if breaks and breaks[0]["t_ms"] > t_bridge:
             problems.append("the barge-in came after the hand-off")
         runs = report.get("stream", {}).get("runs") or []
-        last_frame_ms = max((run[1] if isinstance(run, list) else run.get("end_ms", 0)) for run in runs) if runs else 0
-        if last_frame_ms and last_frame_ms <= t_bridge:
+        last_frame_ms = max((run["end_ms"] for run in runs), default=0)
+        if last_frame_ms <= t_bridge:
             problems.append("the stream did not keep running after the hand-off")
         human = [e for e in events if e.get("src") == "human"]
         if not human:

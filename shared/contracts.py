@@ -263,12 +263,34 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+_AUDIO_KEYS = frozenset({"v", "call_id", "seq", "type", "pcm"})
+
+
+def _audio_frame(call_id: str, seq: int, pcm: bytes, v: int = PROTOCOL_VERSION) -> AudioFrame:
+    """An ``AudioFrame`` from fields already checked, without pydantic's
+    ``model_construct`` machinery (about 4x cheaper; a worker decodes 10k/s)."""
+    obj = object.__new__(AudioFrame)
+    object.__setattr__(obj, "__dict__", {"v": v, "call_id": call_id, "seq": seq, "type": "audio", "pcm": pcm})
+    object.__setattr__(obj, "__pydantic_fields_set__", set(_AUDIO_KEYS))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
+
+
 def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
     """Redis fields -> a validated message model.
 
     Raises ``UnknownMessage`` for a type this version does not know and
     ``ValueError`` (pydantic's ValidationError is one) for a malformed entry.
     """
+    # Hot path: a well-formed audio entry as redis-py returns it (bytes keys and
+    # values, exactly the five fields of ``audio_fields``); anything else,
+    # including a malformed audio entry, takes the general path below.
+    if fields.get(b"type") == b"audio" and len(fields) == 5:  # type: ignore[call-overload]
+        pcm, seq, cid = fields.get(b"pcm"), fields.get(b"seq"), fields.get(b"call_id")  # type: ignore[call-overload]
+        if (pcm.__class__ is bytes and not len(pcm) % 2 and seq is not None and seq.isdigit()
+                and cid is not None and fields.get(b"v") == b"1"):  # type: ignore[call-overload]
+            return _audio_frame(cid.decode(), int(seq), pcm)
     f = {_s(k): v for k, v in fields.items()}
     try:
         mtype = _s(f["type"])
@@ -283,10 +305,7 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
             raise ValueError("audio entry with odd-length pcm")
         if "call_id" not in f:
             raise ValueError("audio entry has no 'call_id' field")
-        return AudioFrame.model_construct(
-            v=int(f.get("v", 1)), call_id=_s(f["call_id"]), seq=int(f.get("seq", 0)), pcm=pcm,
-            type="audio",
-        )
+        return _audio_frame(_s(f["call_id"]), int(f.get("seq", 0)), pcm, int(f.get("v", 1)))
     if mtype not in _BYTES_FIELDS:
         raise UnknownMessage(f"unknown message type {mtype!r}")
     data: dict[str, Any] = {}

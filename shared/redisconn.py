@@ -81,7 +81,8 @@ def _ping(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for local servers: embedded Redis, demo, tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -107,7 +108,7 @@ class EmbeddedRedis:
     """A private redis-server on a loopback port, stopped when closed or at exit."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="pv-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(

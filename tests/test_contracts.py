@@ -51,6 +51,13 @@ def test_audio_fast_path_matches_model_encoding():
     frame = c.decode(_wire(fast))
     assert isinstance(frame, c.AudioFrame)
     assert (frame.call_id, frame.seq, frame.pcm) == ("call-1", 42, pcm)
+    # The fast-built frame is indistinguishable from a validated one.
+    assert frame == c.AudioFrame(call_id="call-1", seq=42, pcm=pcm)
+    assert frame.model_dump() == c.AudioFrame(call_id="call-1", seq=42, pcm=pcm).model_dump()
+    # str keys, an extra field or a newer version take the general path, same result.
+    for variant in ({**fast}, {**_wire(fast), b"trace": b"x"}, {**_wire(fast), b"v": b"2"}):
+        other = c.decode(variant)
+        assert (other.call_id, other.seq, other.pcm) == ("call-1", 42, pcm)
 
 
 def test_audio_with_odd_length_is_rejected():

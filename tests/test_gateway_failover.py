@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ from websockets.asyncio.client import connect as ws_connect
 from shared import keys
 from shared.audio import silence, speech_like
 from shared.contracts import decode
+from shared.redisconn import free_port
 from shared.signing import sign_stream_url
 
 pytestmark = pytest.mark.integration
 
 SECRET = "failover-test-secret"
 FRAME = 320  # 20 ms at 8 kHz
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ready(url: str) -> bool:
@@ -58,8 +52,8 @@ def _wait(pred, timeout: float, what: str, procs) -> None:
 @pytest.fixture
 def roles(subprocess_env, r, tmp_path):
     env = dict(subprocess_env, PV_SIGNING_SECRET=SECRET, PV_DRAIN_GRACE_S="1")
-    ports = {"A": _free_port(), "B": _free_port()}
-    metrics_port = _free_port()
+    ports = {"A": free_port(), "B": free_port()}
+    metrics_port = free_port()
     procs = {}
     logs = []
 

@@ -12,16 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
 import requests
 from websockets.asyncio.server import serve
 
 from sandbox.platform import PlatformOptions
 from sandbox.server import Sandbox
-from shared.audio import DtmfDetector, EnergyVad, frame_bytes, rms_dbfs, speech_like
+from shared.audio import DtmfDetector, EnergyVad, rms_dbfs, speech_like
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -62,7 +62,6 @@ def speech_like(ms: float, rate: int = 8000, seed: int = 0, level_db: float = -2
     if n == 0:
         return b""
     rng = np.random.default_rng(seed)
-    t = np.arange(n) / rate
 
     # Pitch: a per-speaker base, slow intonation drift, and fast jitter.
     f0_base = rng.uniform(100.0, 220.0)
