@@ -35,7 +35,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,10 @@ from typing import Mapping
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script, only deploy/ is on the path
+    sys.path.insert(0, str(ROOT))
+
+from shared.redisconn import free_port, resolve_redis_url  # noqa: E402
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 ENTRY = "piopiy-voice"
 LOOPBACK = "127.0.0.1"
@@ -132,12 +135,10 @@ class ComposeFile:
 
     def __init__(self, path: str | Path = ROOT / "docker-compose.yml", environ: Mapping[str, str] | None = None):
         self.path = Path(path)
-        self.text = self.path.read_text()
-        raw = yaml.safe_load(self.text)
+        raw = yaml.safe_load(self.path.read_text())
         if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
             raise ComposeError(f"{self.path}: no services mapping")
         self.environ = dict(environ or {})
-        self.raw = raw
         self.services: dict[str, dict] = {
             name: _interp_tree(spec or {}, self.environ, f"services.{name}")
             for name, spec in raw["services"].items()
@@ -200,12 +201,6 @@ class ComposeFile:
         if isinstance(test, str):
             return ["CMD-SHELL", test]
         return [str(t) for t in test]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 class RoundRobinProxy:
@@ -541,9 +536,6 @@ def main(argv: list[str] | None = None) -> int:
         scale[name] = int(n or 1)
     environ = {**load_env_file(Path(args.file).with_name(".env")), **os.environ}
     compose = ComposeFile(args.file, environ)
-    sys.path.insert(0, str(ROOT))
-    from shared.redisconn import resolve_redis_url
-
     redis_url = args.redis_url or resolve_redis_url()
     stack = LocalStack(compose, redis_url)
 

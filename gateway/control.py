@@ -20,8 +20,8 @@ import time
 import uuid
 from typing import Any
 
+from shared import callrecord, keys
 from shared import contracts as c
-from shared import keys
 from shared.redisconn import MAX_BLOCK_MS
 
 
@@ -51,8 +51,7 @@ class CallHandle:
     # ----------------------------------------------------------- plumbing
     def gateway_id(self) -> str:
         """The gateway holding the call; CallNotFound unless it is live."""
-        raw = self.redis.hgetall(keys.call_meta(self.call_id))
-        rec = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+        rec = callrecord.decode_record(self.redis.hgetall(keys.call_meta(self.call_id)))
         if not rec:
             raise CallNotFound(f"call {self.call_id!r} is unknown")
         state = rec.get("state", "?")

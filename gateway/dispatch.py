@@ -60,7 +60,6 @@ class LiveCall:
         self.kick = asyncio.Event()
 
 
-
 async def close_ws(ws: ServerConnection, code: int, reason: str) -> None:
     """Close a socket, bounded in time, ignoring a peer that is already gone."""
     try:
@@ -257,11 +256,12 @@ class Dispatcher:
                     self.metrics.c["messages_out"] += 1
             except ConnectionClosed:
                 return
-            if wake is None and not live.kick.is_set():
+            if live.kick.is_set():
+                continue
+            if wake is None:
                 return
-            if wake is not None and not live.kick.is_set():
-                try:
-                    async with asyncio.timeout(max(0.0, wake - loop.time())):
-                        await live.kick.wait()
-                except TimeoutError:
-                    pass
+            try:
+                async with asyncio.timeout(max(0.0, wake - loop.time())):
+                    await live.kick.wait()
+            except TimeoutError:
+                pass

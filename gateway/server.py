@@ -266,9 +266,10 @@ class Gateway:
             if not binary:
                 on_text(live, msg)
                 return
-            m["bytes_in"] += len(msg)
+            n = len(msg)
+            m["bytes_in"] += n
             # No pydantic, no allocation when the platform sends 20 ms frames.
-            if len(msg) == fb and not session.pending:
+            if n == fb and not session.pending:
                 session.frames_in += 1
                 m["frames_in"] += 1
                 if live.gap_pending or not add(prefix, session.seq + 1, msg):

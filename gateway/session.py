@@ -279,9 +279,7 @@ class CallSession:
             if u.sent >= len(u.pcm):
                 u.end_at = self._clock_end
                 self._finishing.append(self._queue.popleft())
-        while self._finishing and self._finishing[0].end_at <= now:
-            u = self._finishing.popleft()
-            entries.append(self._playout(u, "finished", u.total_ms))
+        entries += self._finished(now)
         wake = None
         if self._queue:
             wake = max(now, self._clock_end - self.lead)
@@ -292,7 +290,7 @@ class CallSession:
 
     def cut(self, now: float) -> list[Any]:
         """Drop all queued audio; report every utterance not yet finished."""
-        _, entries, _ = self.pump_finished(now)
+        entries = self._finished(now)
         for u in (*self._finishing, *self._queue):
             played = 0
             if u.start_at is not None:
@@ -303,12 +301,13 @@ class CallSession:
         self._clock_end = now
         return entries
 
-    def pump_finished(self, now: float) -> tuple[list[str], list[Any], None]:
+    def _finished(self, now: float) -> list[Any]:
+        """``finished`` entries for the utterances whose last chunk has played by ``now``."""
         entries = []
         while self._finishing and self._finishing[0].end_at <= now:
             u = self._finishing.popleft()
             entries.append(self._playout(u, "finished", u.total_ms))
-        return [], entries, None
+        return entries
 
     def _playout(self, u: _Utterance, state: str, played_ms: int) -> c.Playout:
         return c.Playout(call_id=self.call_id, seq=self.next_seq(), utterance_id=u.utterance_id,

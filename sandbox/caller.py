@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from shared.audio import dtmf_sequence, frame_bytes, read_wav, resample, silence, speech_like
+from shared.audio import FRAME_MS, dtmf_sequence, frame_bytes, read_wav, resample, silence, speech_like
 
 from .scenario import DtmfStep, HangupStep, SayStep, SilenceStep, WaitForStep
 
-FRAME_MS = 20
 Emit = Callable[..., None]
 
 
@@ -133,12 +132,18 @@ class ScriptPlayer:
 
     # -- the clock's entry point -------------------------------------------
 
-    def next_frame(self, heard_talking: bool) -> bytes | None:
-        """The next 20 ms this person says; ``None`` once they have hung up."""
+    def next_frame(self, heard_talking: bool | Callable[[], bool]) -> bytes | None:
+        """The next 20 ms this person says; ``None`` once they have hung up.
+
+        ``heard_talking`` may be a callable: it is then called only while a
+        ``wait_for`` step listens, so the clock pays for a level check only then.
+        """
         if self.hung_up:
             return None
         if self._wait is not None:
             wait = self._wait
+            if callable(heard_talking):
+                heard_talking = heard_talking()
             self._waited_ms += FRAME_MS
             self._quiet_ms = 0 if heard_talking else self._quiet_ms + FRAME_MS
             met = heard_talking if wait.wait_for == "agent_audio" else self._quiet_ms >= wait.min_silence_ms

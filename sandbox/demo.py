@@ -23,17 +23,17 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared import callrecord, keys
 from shared.redisconn import EmbeddedRedis, connect, free_port
 
+from .server import DEV_APP_ID, DEV_APP_TOKEN
+
 log = logging.getLogger("demo")
 
-DEV_APP_ID = "1111111"
-DEV_APP_TOKEN = "sandbox-dev-token"
 CALLER_ID = "919000000000"  # an Indian Piopiy number: the ind endpoint is used
 PERSON = "919812345678"  # the person the demo calls (scripted by the sandbox)
 HUMAN_AGENT = "919000000001"
@@ -55,14 +55,13 @@ class Role:
     argv: list[str]
     log_path: Path
     proc: subprocess.Popen | None = None
-    _log: Any = field(default=None, repr=False)
 
     def start(self, env: dict[str, str]) -> None:
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *self.argv],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.log_path, "wb") as log_file:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", *self.argv],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -77,8 +76,6 @@ class Role:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        if self._log:
-            self._log.close()
         return self.proc.returncode
 
     def tail(self, n: int = 20) -> str:

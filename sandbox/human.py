@@ -13,7 +13,11 @@ caller always hears it; the media stream carries it when ``listen_mode`` is
 
 from __future__ import annotations
 
-from .caller import FRAME_MS, Emit, ScriptPlayer
+from typing import Callable
+
+from shared.audio import FRAME_MS
+
+from .caller import Emit, ScriptPlayer
 from .scenario import HumanScript
 
 
@@ -32,14 +36,10 @@ class SimulatedHuman:
         self._emit("human_ringing", number=number, answer_after_ms=script.answer_after_ms)
 
     @property
-    def connected(self) -> bool:
-        return self.state == "talking"
-
-    @property
     def ended(self) -> bool:
         return self.state in ("ended", "no_answer")
 
-    def next_frame(self, heard_talking: bool) -> bytes | None:
+    def next_frame(self, heard_talking: bool | Callable[[], bool]) -> bytes | None:
         """The human's next 20 ms, or ``None`` while not talking."""
         if self.state == "ringing":
             if self._ring_left_ms > self._timeout_ms:

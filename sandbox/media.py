@@ -112,6 +112,12 @@ class Playout:
     def next_frame(self, on_start: Callable[[Segment], None], on_end: Callable[[Segment], None]) -> bytes | None:
         if not self.queue:
             return None
+        seg = self.queue[0]
+        end = seg.pos + self.frame
+        if seg.pos and end < len(seg.pcm):  # mid-segment, the common tick: one slice
+            seg.pos = end
+            self.played_bytes += self.frame
+            return seg.pcm[end - self.frame: end]
         out = bytearray()
         while self.queue and len(out) < self.frame:
             seg = self.queue[0]

@@ -55,14 +55,14 @@ from typing import Any
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from shared.audio import frame_bytes, mix, read_wav, resample, rms_dbfs, silence, speech_like
+from shared.audio import FRAME_MS, frame_bytes, mix, read_wav, resample, rms_dbfs, silence, speech_like
 from shared.errors import PiopiyValidationError
 from shared.pcmo_models import (
     Bridge, Hangup, Input, Param, Play, PlayGetInput, Record, Speak, Stream, StreamAudio,
     StreamControl, parse_ws_message,
 )
 
-from .caller import FRAME_MS, ScriptPlayer
+from .caller import ScriptPlayer
 from .human import SimulatedHuman
 from .media import MediaLibrary, PlatformOptions, Playout, hold_tone, Segment
 from .report import Timeline, Tracks, write_report
@@ -97,12 +97,20 @@ class StreamState:
     closed_by: str | None = None
     error: str | None = None
 
+    def close_pause(self, now_ms: float) -> None:
+        """Record the open pause, if any, as ending at ``now_ms``."""
+        if self.pause_started_ms is not None:
+            self.paused_ranges.append([self.pause_started_ms, now_ms])
+            self.pause_started_ms = None
+
     def summary(self) -> dict[str, Any]:
         return {
             "ws_url": self.ws_url, "listen_mode": self.listen_mode, "voice_quality": self.rate,
             "state": self.state, "paused": self.paused, "stopped": self.stopped,
             "frame_bytes": frame_bytes(self.rate), "frames_sent": self.frames_sent,
-            "bytes_sent": self.bytes_sent, "runs": self.runs, "paused_ranges": self.paused_ranges,
+            "bytes_sent": self.bytes_sent,
+            "runs": [{**r, "frames": r["last_tick"] - r["first_tick"] + 1} for r in self.runs],
+            "paused_ranges": self.paused_ranges,
             "connected_ms": self.connected_ms, "closed_ms": self.closed_ms,
             "close_code": self.close_code, "close_reason": self.close_reason,
             "closed_by": self.closed_by, "error": self.error,
@@ -147,8 +155,10 @@ class SandboxCall:
         self.audio_origin_ms: float | None = None
         self._silence = silence(FRAME_MS, self.rate)
         self._hold = hold_tone(self.rate)
-        self._heard_talking = False
-        self._caller_talking = False
+        # Last frame the caller heard / last caller frame the human heard; their
+        # levels are checked only when a wait_for step asks (see _talking).
+        self._heard = self._silence
+        self._said = self._silence
         self._threshold = scenario.talk_threshold_db
         self._caller: ScriptPlayer | None = None
         self._main_running = True
@@ -175,7 +185,6 @@ class SandboxCall:
 
     async def run(self) -> dict[str, Any]:
         self._ended = asyncio.Event()
-        self._human_done = asyncio.Event()
         self.event("api", "call_created", endpoint=self.endpoint, **{"from": self.from_}, to=self.to,
                    pcmo=[a.action for a in self.pcmo], scenario=self.scenario.name,
                    max_duration_s=self.max_duration_s)
@@ -227,9 +236,8 @@ class SandboxCall:
         self.state = "ended"
         if self.human and not self.human.ended:
             self.human.hang_up("call_ended")
-        if self.stream and self.stream.paused and self.stream.pause_started_ms is not None:
-            self.stream.paused_ranges.append([self.stream.pause_started_ms, self.timeline.now_ms()])
-            self.stream.pause_started_ms = None
+        if self.stream:
+            self.stream.close_pause(self.timeline.now_ms())
         self.playout.clear()
         self.event("platform", "call_ended", reason=reason, **detail)
         if self._ended is not None:
@@ -283,19 +291,20 @@ class SandboxCall:
         frame = self._silence
         caller = frame
         if self.state == "live" and self._caller is not None:
-            got = self._caller.next_frame(self._heard_talking)
+            got = self._caller.next_frame(self._caller_heard_talking)
             if got is None:
                 self.end("caller_hangup")
                 return None
             caller = got
         human = None
         if self.human is not None and not self.human.ended:
-            human = self.human.next_frame(self._caller_talking)
+            human = self.human.next_frame(self._human_heard_talking)
             if self.human.ended and self._human_done is not None:
                 self._human_done.set()
                 asyncio.get_running_loop().call_soon(self._maybe_end, "bridge_ended")
         if self.on_hold:
-            heard = self._hold[(tick * len(frame)) % len(self._hold):][: len(frame)]
+            offset = (tick * len(frame)) % len(self._hold)
+            heard = self._hold[offset: offset + len(frame)]
             heard = heard if len(heard) == len(frame) else frame
         else:
             app = self.playout.next_frame(self._seg_start, self._seg_end) or frame
@@ -310,10 +319,9 @@ class SandboxCall:
                 up = side
         if self.on_hold:
             up = frame
-        # Level checks cost more than the rest of a tick: skip them for known silence.
-        self._heard_talking = heard is not frame and rms_dbfs(heard) > self._threshold
+        self._heard = heard
         if human is not None:
-            self._caller_talking = caller is not frame and rms_dbfs(caller) > self._threshold
+            self._said = caller
         sending = (stream is not None and stream.state == "open" and not stream.paused
                    and not stream.stopped)
         self.tracks.append(sent=up if sending else frame, heard=heard, side=side)
@@ -322,15 +330,25 @@ class SandboxCall:
         now = self.timeline.now_ms()
         run = stream.runs[-1] if stream.runs else None
         if run is None or run["last_tick"] != tick - 1:
-            run = {"start_ms": now, "end_ms": now, "first_tick": tick, "last_tick": tick, "frames": 0}
+            run = {"start_ms": now, "end_ms": now, "first_tick": tick, "last_tick": tick}
             stream.runs.append(run)
         run["end_ms"], run["last_tick"] = now, tick
-        run["frames"] += 1
         if stream.rate != self.rate:
             up = resample(up, self.rate, stream.rate)
         stream.frames_sent += 1
         stream.bytes_sent += len(up)
         return up
+
+    # Level checks cost more than the rest of a tick: done only when a scripted
+    # person is waiting on the other side's audio, and skipped for known silence.
+    def _talking(self, frame: bytes) -> bool:
+        return frame is not self._silence and rms_dbfs(frame) > self._threshold
+
+    def _caller_heard_talking(self) -> bool:
+        return self._talking(self._heard)
+
+    def _human_heard_talking(self) -> bool:
+        return self._talking(self._said)
 
     def _seg_start(self, seg: Segment) -> None:
         if seg.label:
@@ -474,9 +492,7 @@ class SandboxCall:
             stream.close_code = ws.close_code
             stream.close_reason = ws.close_reason
             stream.closed_by = stream.closed_by or "gateway"
-            if stream.paused and stream.pause_started_ms is not None:
-                stream.paused_ranges.append([stream.pause_started_ms, stream.closed_ms])
-                stream.pause_started_ms = None
+            stream.close_pause(stream.closed_ms)
             self.event("platform", "ws_closed", code=ws.close_code, reason=ws.close_reason,
                        by=stream.closed_by)
             if not self.ended:
@@ -558,9 +574,7 @@ class SandboxCall:
             self.event("platform", "control_ignored", action=action, reason="no stream")
             return
         if action == "stop":
-            if stream.paused and stream.pause_started_ms is not None:
-                stream.paused_ranges.append([stream.pause_started_ms, now])
-                stream.pause_started_ms = None
+            stream.close_pause(now)
             stream.paused, stream.stopped = False, True
             self.event("platform", "stream_stopped")
         elif stream.stopped:
@@ -575,8 +589,8 @@ class SandboxCall:
             if not stream.paused:
                 self.event("platform", "control_ignored", action=action, reason="not paused")
             else:
-                stream.paused_ranges.append([stream.pause_started_ms, now])
-                stream.paused, stream.pause_started_ms = False, None
+                stream.close_pause(now)
+                stream.paused = False
                 self.event("platform", "stream_resumed")
 
     def _run_socket_pcmo(self, actions: list[Any]) -> None:

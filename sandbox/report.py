@@ -53,9 +53,6 @@ class Timeline:
         self.events.append(entry)
         return entry
 
-    def find(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
-
 
 class Tracks:
     """Per-tick audio of the three tracks; index ``n`` is clock tick ``n``."""

@@ -38,8 +38,9 @@ from pydantic import (
     model_validator,
 )
 
+from shared.audio import DTMF_KEYS
+
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
-DTMF_KEYS = set("0123456789*#ABCD")
 
 
 class _Strict(BaseModel):
@@ -77,7 +78,7 @@ class DtmfStep(_Strict):
     @field_validator("dtmf")
     @classmethod
     def _keys(cls, v: str) -> str:
-        bad = sorted(set(v.upper()) - DTMF_KEYS)
+        bad = sorted(set(v.upper()) - set(DTMF_KEYS))
         if bad:
             raise ValueError(f"not DTMF keys: {''.join(bad)!r}")
         return v.upper()

@@ -34,6 +34,8 @@ from typing import Any, Mapping
 
 from .errors import PiopiyValidationError
 from .pcmo_models import (
+    AUDIO_DATA_TYPES,
+    CONTROL_ACTIONS,
     STREAM_AUDIO_RATES,
     StreamAudio,
     check_number,
@@ -251,13 +253,10 @@ def _validated_stream_audio(audio_b64: Any, audio_type: Any, sample_rate: Any) -
         raise PiopiyValidationError(names.get(err.field, err.field), err.message) from None
 
 
-_CONTROLS = {"pause", "resume", "stop", "break"}
-
-
 def control_json(action: str) -> str:
     """``{"action":"pause"|"resume"|"stop"|"break"}`` as sent on the live socket."""
-    if action not in _CONTROLS:
-        raise PiopiyValidationError("action", f"must be one of pause|resume|stop|break, got {action!r}")
+    if action not in CONTROL_ACTIONS:
+        raise PiopiyValidationError("action", f"must be one of {'|'.join(CONTROL_ACTIONS)}, got {action!r}")
     return _json({"action": action})
 
 
@@ -268,8 +267,8 @@ def stream_audio_json(pcm: bytes, sample_rate: int = 8000, audio_type: str = "ra
         raise PiopiyValidationError("pcm", "must be non-empty bytes")
     if isinstance(sample_rate, bool) or sample_rate not in STREAM_AUDIO_RATES:
         raise PiopiyValidationError("sample_rate", f"must be 8000 or 16000, got {sample_rate!r}")
-    if audio_type not in ("raw", "mp3", "wav", "ogg"):
-        raise PiopiyValidationError("audio_type", f"must be raw|mp3|wav|ogg, got {audio_type!r}")
+    if audio_type not in AUDIO_DATA_TYPES:
+        raise PiopiyValidationError("audio_type", f"must be {'|'.join(AUDIO_DATA_TYPES)}, got {audio_type!r}")
     if audio_type == "raw" and len(pcm) % 2:
         raise PiopiyValidationError("pcm", "raw 16-bit PCM must have an even number of bytes")
     data = base64.b64encode(pcm).decode("ascii")

@@ -26,16 +26,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any, Iterable, Literal, Union
+from typing import Annotated, Any, Callable, Iterable, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -180,6 +180,21 @@ def check_base64(value: Any, field: str) -> str:
     return value
 
 
+def _check(check: Callable[..., Any], field: str, *, optional: bool = False,
+           **kw: Any) -> BeforeValidator:
+    """A field's before-validator: ``check(value, field, **kw)`` (``None`` passes
+    when ``optional``). The check's error names ``field``."""
+    if optional:
+        return BeforeValidator(lambda v: None if v is None else check(v, field, **kw))
+    return BeforeValidator(lambda v: check(v, field, **kw))
+
+
+_Text = Annotated[str, _check(check_text, "text")]
+_ActionUrl = Annotated[str, _check(check_http_url, "action_url")]
+_FileName = Annotated[str, _check(check_file_name, "file_name")]
+_MaxDigit = Annotated[int, _check(check_int, "max_digit", minimum=1, maximum=32)]
+_InputTimeout = Annotated[int, _check(check_int, "timeout", minimum=1, maximum=600)]
+
 # --------------------------------------------------------------------------
 # PCMO actions
 # --------------------------------------------------------------------------
@@ -197,18 +212,9 @@ class Play(_Model):
     """Play a file from the app's media library (``file_name``) or a URL (``file_url``)."""
 
     action: Literal["play"] = "play"
-    file_url: str | None = None
-    file_name: str | None = None
-
-    @field_validator("file_url", mode="before")
-    @classmethod
-    def _url(cls, v: Any) -> Any:
-        return None if v is None else _check_url(v, "file_url", MEDIA_URL_SCHEMES)
-
-    @field_validator("file_name", mode="before")
-    @classmethod
-    def _name(cls, v: Any) -> Any:
-        return None if v is None else check_file_name(v)
+    file_url: Annotated[str | None, _check(_check_url, "file_url", optional=True,
+                                           schemes=MEDIA_URL_SCHEMES)] = None
+    file_name: Annotated[str | None, _check(check_file_name, "file_name", optional=True)] = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "Play":
@@ -219,24 +225,14 @@ class Play(_Model):
 
 class Speak(_Model):
     action: Literal["speak"] = "speak"
-    text: str
-
-    @field_validator("text", mode="before")
-    @classmethod
-    def _text(cls, v: Any) -> str:
-        return check_text(v, "text")
+    text: _Text
 
 
 class Param(_Model):
     """``setValue(text)``: a value the platform passes back with call events."""
 
     action: Literal["param"] = "param"
-    text: str
-
-    @field_validator("text", mode="before")
-    @classmethod
-    def _text(cls, v: Any) -> str:
-        return check_text(v, "text")
+    text: _Text
 
 
 class Record(_Model):
@@ -249,44 +245,19 @@ class Hangup(_Model):
 
 class PstnTarget(_Model):
     type: Literal["pstn"] = "pstn"
-    number: int
-
-    @field_validator("number", mode="before")
-    @classmethod
-    def _number(cls, v: Any) -> int:
-        return check_number(v, "number")
+    number: Annotated[int, _check(check_number, "number")]
 
 
 class Bridge(_Model):
     """Connect the call to one or more numbers (hand-off to a human)."""
 
     action: Literal["bridge"] = "bridge"
-    from_: int = Field(alias="from")
+    from_: Annotated[int, _check(check_number, "from")] = Field(alias="from")
     connect: list[PstnTarget] = Field(min_length=1)
-    duration: int = 5400
-    timeout: int = 40
-    loop: int = 1
+    duration: Annotated[int, _check(check_int, "duration", minimum=1, maximum=86400)] = 5400
+    timeout: Annotated[int, _check(check_int, "timeout", minimum=1, maximum=3600)] = 40
+    loop: Annotated[int, _check(check_int, "loop", minimum=1, maximum=100)] = 1
     ring_type: Literal["group"] | None = None
-
-    @field_validator("from_", mode="before")
-    @classmethod
-    def _from(cls, v: Any) -> int:
-        return check_number(v, "from")
-
-    @field_validator("duration", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> int:
-        return check_int(v, "duration", minimum=1, maximum=86400)
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _timeout(cls, v: Any) -> int:
-        return check_int(v, "timeout", minimum=1, maximum=3600)
-
-    @field_validator("loop", mode="before")
-    @classmethod
-    def _loop(cls, v: Any) -> int:
-        return check_int(v, "loop", minimum=1, maximum=100)
 
 
 class Stream(_Model):
@@ -298,98 +269,32 @@ class Stream(_Model):
     """
 
     action: Literal["stream"] = "stream"
-    ws_url: str
-    listen_mode: Literal["caller", "callee", "both"] = "caller"
-    voice_quality: int = 8000
-    stream_on_answer: bool = True
-
-    @field_validator("ws_url", mode="before")
-    @classmethod
-    def _ws(cls, v: Any) -> str:
-        return check_ws_url(v, "ws_url")
-
-    @field_validator("listen_mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> str:
-        return check_choice(v, "listen_mode", LISTEN_MODES)
-
-    @field_validator("voice_quality", mode="before")
-    @classmethod
-    def _quality(cls, v: Any) -> int:
-        return check_choice_int(v, "voice_quality", VOICE_QUALITIES)
-
-    @field_validator("stream_on_answer", mode="before")
-    @classmethod
-    def _on_answer(cls, v: Any) -> bool:
-        return check_bool(v, "stream_on_answer")
-
-
-def _max_digit(v: Any) -> int:
-    return check_int(v, "max_digit", minimum=1, maximum=32)
-
-
-def _input_timeout(v: Any) -> int:
-    return check_int(v, "timeout", minimum=1, maximum=600)
+    ws_url: Annotated[str, _check(check_ws_url, "ws_url")]
+    listen_mode: Annotated[Literal["caller", "callee", "both"],
+                           _check(check_choice, "listen_mode", choices=LISTEN_MODES)] = "caller"
+    voice_quality: Annotated[int, _check(check_choice_int, "voice_quality",
+                                         choices=VOICE_QUALITIES)] = 8000
+    stream_on_answer: Annotated[bool, _check(check_bool, "stream_on_answer")] = True
 
 
 class Input(_Model):
     """Collect DTMF digits; the platform POSTs them to ``action_url``."""
 
     action: Literal["input"] = "input"
-    action_url: str
-    max_digit: int = 1
-    timeout: int = 5
-
-    @field_validator("action_url", mode="before")
-    @classmethod
-    def _url(cls, v: Any) -> str:
-        return check_http_url(v, "action_url")
-
-    @field_validator("max_digit", mode="before")
-    @classmethod
-    def _digits(cls, v: Any) -> int:
-        return _max_digit(v)
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _timeout(cls, v: Any) -> int:
-        return _input_timeout(v)
+    action_url: _ActionUrl
+    max_digit: _MaxDigit = 1
+    timeout: _InputTimeout = 5
 
 
 class PlayGetInput(_Model):
     """Play ``file_name`` and collect DTMF digits (retried ``max_retry`` times)."""
 
     action: Literal["play_get_input"] = "play_get_input"
-    action_url: str
-    file_name: str
-    max_digit: int = 1
-    max_retry: int = 3
-    timeout: int = 5
-
-    @field_validator("action_url", mode="before")
-    @classmethod
-    def _url(cls, v: Any) -> str:
-        return check_http_url(v, "action_url")
-
-    @field_validator("file_name", mode="before")
-    @classmethod
-    def _file(cls, v: Any) -> str:
-        return check_file_name(v)
-
-    @field_validator("max_retry", mode="before")
-    @classmethod
-    def _retry(cls, v: Any) -> int:
-        return check_int(v, "max_retry", minimum=0, maximum=10)
-
-    @field_validator("max_digit", mode="before")
-    @classmethod
-    def _digits(cls, v: Any) -> int:
-        return _max_digit(v)
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _timeout(cls, v: Any) -> int:
-        return _input_timeout(v)
+    action_url: _ActionUrl
+    file_name: _FileName
+    max_digit: _MaxDigit = 1
+    max_retry: Annotated[int, _check(check_int, "max_retry", minimum=0, maximum=10)] = 3
+    timeout: _InputTimeout = 5
 
 
 PcmoAction = Annotated[
@@ -415,24 +320,11 @@ _MISNAMED_KEYS = {
 
 
 class StreamAudioData(_Model):
-    audioDataType: Literal["raw", "mp3", "wav", "ogg"] = "raw"
-    sampleRate: int = 8000
-    audioData: str
-
-    @field_validator("audioDataType", mode="before")
-    @classmethod
-    def _type(cls, v: Any) -> str:
-        return check_choice(v, "audioDataType", AUDIO_DATA_TYPES)
-
-    @field_validator("sampleRate", mode="before")
-    @classmethod
-    def _rate(cls, v: Any) -> int:
-        return check_choice_int(v, "sampleRate", STREAM_AUDIO_RATES)
-
-    @field_validator("audioData", mode="before")
-    @classmethod
-    def _data(cls, v: Any) -> str:
-        return check_base64(v, "audioData")
+    audioDataType: Annotated[Literal["raw", "mp3", "wav", "ogg"],
+                             _check(check_choice, "audioDataType", choices=AUDIO_DATA_TYPES)] = "raw"
+    sampleRate: Annotated[int, _check(check_choice_int, "sampleRate",
+                                      choices=STREAM_AUDIO_RATES)] = 8000
+    audioData: Annotated[str, _check(check_base64, "audioData")]
 
     def audio_bytes(self) -> bytes:
         return base64.b64decode(self.audioData)

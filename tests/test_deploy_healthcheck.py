@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared import keys
+from shared.redisconn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("pv_healthcheck", ROOT / "deploy" / "healthcheck.py")
@@ -44,9 +45,7 @@ def http_server():
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # free now: nothing listens there
 
 
 def test_workers_zset_matches_keys():

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from rq.job import Job
 from shared import keys
 from shared.settings import Settings
 from shared.signing import verify_stream_path
+from tests import workers_support
 from workers.dialer import enqueue_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -30,14 +32,7 @@ CALLER = "919000000000"
 TO = "919876543210"
 
 
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = partial(workers_support.wait_for, timeout=15.0, interval=0.05)
 
 
 class FakePiopiy:
@@ -210,7 +205,8 @@ def test_503_then_success_places_exactly_one_call(r, piopiy, workers, settings):
     assert gap >= 0.9, gap  # the backoff was honoured
     events = [f[b"event"].decode() for _, f in r.xrange(keys.call_timeline(res.call_id))]
     assert events == ["state.queued", "state.dialing", "state.queued", "state.dialing", "state.placed"]
-    time.sleep(1.0)
+    job = Job.fetch(res.job_id, connection=r)
+    wait_for(lambda: job.get_status(refresh=True) == "finished", what="job finished")  # no retry left
     assert piopiy.count() == 2
 
 
@@ -236,7 +232,9 @@ def test_same_idempotency_key_places_one_call(r, piopiy, workers, settings):
     wait_for(state_is(r, first.call_id, "placed", "failed"), what="call placed")
     third = enqueue_call(r, to=TO, settings=settings, idempotency_key="order-17")
     assert third.call_id == first.call_id and not third.created
-    time.sleep(0.5)
+    job = Job.fetch(first.job_id, connection=r)
+    wait_for(lambda: job.get_status(refresh=True) == "finished", what="job finished")
+    assert Queue("calls-test", connection=r).count == 0  # nothing else queued
     assert piopiy.count() == 1
 
 
@@ -272,12 +270,13 @@ def test_campaign_live_cap_holds_excess_calls_until_a_slot_frees(r, piopiy, work
     a = enqueue_call(r, to=TO, campaign="cap1", settings=settings)
     b = enqueue_call(r, to="919876543211", campaign="cap1", settings=settings)
     workers(1, PV_CAMPAIGN_MAX_LIVE="1")
-    wait_for(lambda: piopiy.count() == 1, what="first call")
-    time.sleep(1.5)
-    assert piopiy.count() == 1  # the second waits: the first is still live
-    first = a.call_id if meta(r, a.call_id).get("state") == "placed" else b.call_id
-    second = b.call_id if first == a.call_id else a.call_id
-    assert meta(r, second).get("waiting") == "campaign_cap"
+    # The second waits for a slot: the first is still live.
+    second = wait_for(lambda: next((x.call_id for x in (a, b)
+                                    if meta(r, x.call_id).get("waiting") == "campaign_cap"), None),
+                      what="a call waiting for the campaign cap")
+    first = a.call_id if second == b.call_id else b.call_id
+    wait_for(state_is(r, first, "placed"), what="first call placed")
+    assert piopiy.count() == 1
     # the gateway reports the first call ended
     from shared import callrecord
 
@@ -375,10 +374,9 @@ def test_dialer_dying_mid_request_leaves_a_failed_record_never_redialed(r, piopi
     assert rec["reason"].startswith("outcome unknown") and "work-horse killed" in rec["reason"]
     assert "inflight" in rec
     # A re-run of the job (by hand) refuses to dial.
-    Queue("calls-test", connection=r).enqueue_call(
+    rerun = Queue("calls-test", connection=r).enqueue_call(
         "workers.dialer.jobs.place_call", args=(res.call_id, {"to": TO, "caller_id": CALLER}))
-    wait_for(lambda: Queue("calls-test", connection=r).count == 0, what="re-run picked up")
-    time.sleep(0.5)  # a second request, if one were (wrongly) sent, would have arrived
+    wait_for(lambda: rerun.get_status(refresh=True) in ("finished", "failed"), what="re-run done")
     assert piopiy.count() == 1
 
 

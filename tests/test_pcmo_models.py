@@ -95,10 +95,18 @@ def test_errors_name_the_field(pcmo, field, words):
     assert isinstance(e.value, ValueError)
 
 
-def test_one_adapter_built_once():
-    assert m.PCMO_ADAPTER is m.PCMO_ADAPTER
-    import importlib
-    assert importlib.import_module("shared.pcmo_models").PCMO_ADAPTER is m.PCMO_ADAPTER
+def test_one_adapter_built_once(monkeypatch):
+    """Parsing reuses the adapters built at import (one per call would be slow)."""
+    import pydantic
+
+    def no_new_adapter(*args, **kwargs):
+        raise AssertionError("a TypeAdapter was built while parsing")
+
+    monkeypatch.setattr(pydantic, "TypeAdapter", no_new_adapter)
+    monkeypatch.setattr(m, "TypeAdapter", no_new_adapter)
+    assert [a.action for a in parse_pcmo(every_action())][-1] == "hangup"
+    assert m.parse_action({"action": "record"}).action == "record"
+    assert isinstance(parse_ws_message('{"action":"pause"}'), m.StreamControl)
 
 
 def test_models_are_frozen():

@@ -99,6 +99,21 @@ def test_wait_for_agent_audio_and_silence_are_causal():
     assert p.hung_up
 
 
+def test_heard_talking_callable_is_asked_only_while_waiting():
+    # The clock passes a callable so that it measures levels only when a wait listens.
+    p, log = player([{"say": {"ms": 100}}, {"wait_for": "agent_audio", "timeout_ms": 1000}, {"say": {"ms": 40}}])
+    asked = []
+
+    def heard() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    frames = run(p, 50, heard=lambda i: heard)
+    assert len(asked) == 3
+    assert len(frames) == 5 + 3 + 2 and p.hung_up
+    assert ("wait_done", 60) in [(e, d.get("waited_ms")) for e, d in log]
+
+
 def test_wait_timeout_can_hang_up_and_stay_keeps_silence():
     p, log = player([{"wait_for": "agent_audio", "timeout_ms": 100, "on_timeout": "hangup"}])
     assert len(run(p, 50)) == 4 and p.hung_up and ("wait_timeout" in [e for e, _ in log])

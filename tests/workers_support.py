@@ -13,6 +13,8 @@ class CountingAgent(Agent):
     """Speaks "<frames>:<seq>" on every 10th audio frame: any frame processed
     twice or skipped shows up in the published texts."""
 
+    _FIELDS = ("frames",)
+
     def __init__(self, call, settings):
         super().__init__(call, settings)
         self.frames = 0
@@ -25,15 +27,6 @@ class CountingAgent(Agent):
         if isinstance(event, c.PlatformEvent) and event.event == "boom":
             raise RuntimeError("agent cannot handle boom")
         return []
-
-    def to_state(self):
-        return {"frames": self.frames}
-
-    @classmethod
-    def from_state(cls, call, settings, data):
-        agent = cls(call, settings)
-        agent.frames = data["frames"]
-        return agent
 
 
 class FakeGateway:

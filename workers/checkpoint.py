@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from shared import keys
 from shared.contracts import encode
@@ -124,11 +124,10 @@ class Committer:
 
     def commit(
         self,
-        ckpt: Checkpoint | None,
+        ckpt: Checkpoint,
         gateway_id: str,
-        commands: list[Any] = (),  # type: ignore[assignment]
+        commands: Iterable[Any] = (),
         *,
-        call_id: str | None = None,
         release: bool = False,
         ttl_s: int = 0,
         pipe: Any = None,
@@ -138,18 +137,12 @@ class Committer:
         sent; raises ``LeaseLost`` if the lease is not ours (nothing written).
         With ``pipe`` the script is only queued (returns None): pass each raw
         reply of ``pipe.execute()`` to ``check``."""
-        cid = ckpt.call_id if ckpt is not None else call_id
-        if not cid:
-            raise ValueError("commit needs a checkpoint or a call_id")
+        cid = ckpt.call_id
+        flat = ckpt.fields(self.worker_id)
         args: list[Any] = [self.worker_id, self.lease_ms, keys.COMMAND_STREAM_MAXLEN,
-                           "1" if release else "0", int(ttl_s)]
-        if ckpt is not None:
-            flat = ckpt.fields(self.worker_id)
-            args.append(len(flat))
-            for k, v in flat.items():
-                args += [k, v]
-        else:
-            args.append(0)
+                           "1" if release else "0", int(ttl_s), len(flat)]
+        for k, v in flat.items():
+            args += [k, v]
         for cmd in commands:
             f = encode(cmd)
             args.append(len(f))

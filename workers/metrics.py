@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import bisect
 import json
-import logging
-from collections import deque
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-log = logging.getLogger(__name__)
 
 LAG_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 #: Recent lag samples kept for exact quantiles (GET /lag); bounded memory.
@@ -40,7 +37,6 @@ class Metrics:
         self._lag_sum = 0.0
         self._lag_n = 0
         self.lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)
-        self._lock = threading.Lock()
         self._started = time.monotonic()
 
     def inc(self, name: str, n: int = 1) -> None:

@@ -162,11 +162,6 @@ class Ownership:
         )
         return [row["message_id"].decode() for row in rows]
 
-    def pending_owner(self, entry_id: str) -> str | None:
-        rows = self.r.xpending_range(keys.CALLS_STREAM, keys.WORKERS_GROUP, min=entry_id,
-                                     max=entry_id, count=1)
-        return rows[0]["consumer"].decode() if rows else None
-
     def fetch(self, entry_id: str) -> dict | None:
         rows = self.r.xrange(keys.CALLS_STREAM, min=entry_id, max=entry_id, count=1)
         return rows[0][1] if rows else None

@@ -24,11 +24,8 @@ means entries were trimmed or lost before we read them: they are counted
 to decode, or make the agent raise 3 times, go to ``keys.DEAD_LETTER_STREAM``
 with the reason; the call goes on with the next entry.
 
-A call whose gateway died for good never gets its ``call.ended``: when the
-gateway's heartbeat key is gone, nothing new has reached the call's stream for
-``GATEWAY_LOST_S`` and no other gateway holds the call live, the owner ends it
-itself (agent told ``CallEnded(reason="gateway_lost")``, record ``ended``,
-keys set to expire, lease released, start entry ACKed).
+A call whose gateway died for good never gets its ``call.ended``: its owner
+ends it itself, with every renewal (see ``workers.orphans``).
 
 Redis Cluster: the one XREAD spans many calls' slots and the commit script
 touches the gateway's command stream, so workers need a single Redis (or
@@ -55,9 +52,11 @@ from shared.contracts import CallEnded, CallStarted, decode
 from shared.redisconn import connect, resolve_redis_url
 from shared.settings import Settings
 
+from . import orphans
 from .agent.base import Agent, Tick, load_agent_class
 from .checkpoint import Checkpoint, Committer, LeaseLost, load
 from .metrics import Metrics, serve
+from .orphans import id_ms
 from .ownership import Ownership
 
 log = logging.getLogger("workers.runner")
@@ -68,15 +67,6 @@ CHECKPOINT_EVERY_S = 1.0
 IDLE_BLOCK_MS = 1000
 BUSY_BLOCK_MS = 200
 NEW_CALLS_POLL_S = 0.1
-#: A call whose gateway's heartbeat key is gone and whose stream has had no new
-#: entry for this long is ended by its owner (the gateway died for good, so no
-#: ``call.ended`` will ever come). Well above the gateway's heartbeat TTL (10 s).
-GATEWAY_LOST_S = 30.0
-
-
-def _id_ms(entry_id: str) -> int:
-    return int(entry_id.split("-", 1)[0])
-
 
 @dataclass
 class OwnedCall:
@@ -89,7 +79,7 @@ class OwnedCall:
     last_commit: float = 0.0
     tick_quiet_until: float = 0.0
     ended: bool = False
-    #: Wall time this worker took the call (the "quiet since" floor for GATEWAY_LOST_S).
+    #: Wall time this worker took the call (the "quiet since" floor of ``orphans.find``).
     since: float = field(default_factory=time.time)
 
 
@@ -124,6 +114,8 @@ class Worker:
         self._adopted_restart = False
         self._next_new = 0.0
         self._xread_ms = 0.0
+        #: Calls whose last read hit READ_COUNT (more entries waiting): no Tick for them.
+        self._behind: set[str] = set()
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -162,7 +154,6 @@ class Worker:
         if now >= self._next_renew:
             self._renew()
             self._end_orphans()
-            self._next_renew = now + self.lease_ms / 3000.0
         if now >= self._next_scan:
             for eid, fields in self.own.claim_stale():
                 self._adopt(eid, fields, claimed=True)
@@ -171,7 +162,7 @@ class Worker:
             # While busy, new calls are polled every NEW_CALLS_POLL_S, not every turn.
             block = None if self.calls else self._block_ms(IDLE_BLOCK_MS)
             for eid, fields in self.own.read_new(count=20, block_ms=block):
-                self._on_calls_entry(eid, fields)
+                self._adopt(eid, fields, claimed=False)
             self._next_new = time.monotonic() + NEW_CALLS_POLL_S
         t1 = time.monotonic()
         if self.calls:
@@ -190,58 +181,31 @@ class Worker:
 
     def _block_ms(self, cap: int) -> int:
         until = min(self._next_renew, self._next_scan) - time.monotonic()
-        wake = [c.agent.next_wakeup() for c in self.calls.values()]
-        wake = [w - time.time() for w in wake if w is not None]
+        wake = [w for w in (c.agent.next_wakeup() for c in self.calls.values()) if w is not None]
         if wake:
-            until = min(until, min(wake))
+            until = min(until, min(wake) - time.time())
         return max(1, min(cap, int(until * 1000)))
 
     # ------------------------------------------------------------ ownership
     def _renew(self) -> None:
+        t = time.monotonic()
         lost = self.own.renew({cid: c.start_entry for cid, c in self.calls.items()})
+        self._next_renew = t + self.lease_ms / 3000.0  # not on error: retried next turn
         for cid in lost:
             log.warning("call %s: lease lost; dropping it", cid)
             self.metrics.inc("leases_lost_total")
             self.calls.pop(cid, None)
 
     def _end_orphans(self) -> None:
-        """End the calls whose gateway died for good (see ``GATEWAY_LOST_S``):
-        heartbeat key gone, nothing new on the call's stream for that long,
-        and no other gateway holding the call live. Without this the worker
-        would own (and renew) such a call for ever and its record would stay
-        ``live`` with no expiry."""
-        gws = sorted({oc.call.gateway_id for oc in self.calls.values() if not oc.ended})
-        if not gws:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for gw in gws:
-            pipe.exists(keys.gateway_heartbeat(gw))
-        dead = {gw for gw, alive in zip(gws, pipe.execute()) if not alive}
-        if not dead:
-            return
-        now = time.time()
-        suspects = [oc for oc in self.calls.values()
-                    if oc.call.gateway_id in dead and not oc.ended
-                    and now - max(oc.since, _id_ms(oc.ckpt.last_id) / 1000.0) >= GATEWAY_LOST_S]
-        if not suspects:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for oc in suspects:
-            pipe.xrevrange(keys.call_stream(oc.call.call_id), count=1)
-            pipe.hmget(keys.call_meta(oc.call.call_id), "state", "gateway_id", "campaign")
-        replies = pipe.execute()
+        """End the calls whose gateway died for good (see ``workers.orphans``)."""
         ended = []
-        for i, oc in enumerate(suspects):
-            last, (state, meta_gw, campaign) = replies[2 * i], replies[2 * i + 1]
-            if last and last[0][0].decode() != oc.ckpt.last_id:
-                continue  # entries still to process: the loop reads them first
-            if state == b"live" and meta_gw is not None and meta_gw.decode() != oc.call.gateway_id:
-                continue  # another gateway holds the call's socket now
+        for oc, state, campaign in orphans.find(self.r, [oc for oc in self.calls.values()
+                                                        if not oc.ended]):
             cid = oc.call.call_id
             log.warning("call %s: gateway %s is gone and the call has been silent for %.0fs; "
-                        "ending it", cid, oc.call.gateway_id, GATEWAY_LOST_S)
+                        "ending it", cid, oc.call.gateway_id, orphans.GATEWAY_LOST_S)
             ev = CallEnded(call_id=cid, seq=0, reason="gateway_lost")
-            self._call_agent(oc, ev, now, oc.ckpt.last_id)
+            self._call_agent(oc, ev, time.time(), oc.ckpt.last_id)
             oc.pending = []  # nobody left to send them to
             oc.ended = True
             self.metrics.inc("calls_gateway_lost_total")
@@ -259,34 +223,22 @@ class Worker:
             callrecord.expire_call(pipe, cid)
         pipe.execute()
 
-    def _on_calls_entry(self, eid: str, fields: dict) -> None:
+    def _adopt(self, eid: str, fields: dict | None, *, claimed: bool) -> None:
+        """Take the call announced by calls-stream entry ``eid`` (new, claimed
+        or our own after a restart); ACK entries that announce nothing to own."""
+        if fields is None:
+            self.own.ack(eid)  # trimmed from the calls stream: nothing to adopt
+            return
         try:
-            msg = decode(fields)
+            started = decode(fields)
         except Exception as exc:  # noqa: BLE001 (poison entry: any failure)
             self._dead_letter("", eid, keys.CALLS_STREAM, f"decode failed: {exc}", fields)
             self.own.ack(eid)
             return
-        if isinstance(msg, CallStarted):
-            self._adopt(eid, fields, claimed=False, started=msg)
-        else:
-            # The owner learns of the end from the call's own stream.
+        if not isinstance(started, CallStarted):
+            # e.g. call.ended: the owner learns of the end from the call's own stream.
             self.own.ack(eid)
-
-    def _adopt(self, eid: str, fields: dict | None, *, claimed: bool,
-               started: CallStarted | None = None) -> None:
-        if fields is None:
-            self.own.ack(eid)  # trimmed from the calls stream: nothing to adopt
             return
-        if started is None:
-            try:
-                started = decode(fields)
-            except Exception as exc:  # noqa: BLE001
-                self._dead_letter("", eid, keys.CALLS_STREAM, f"decode failed: {exc}", fields)
-                self.own.ack(eid)
-                return
-            if not isinstance(started, CallStarted):
-                self.own.ack(eid)
-                return
         cid = started.call_id
         owned = self.calls.get(cid)
         if owned is not None:
@@ -384,7 +336,6 @@ class Worker:
             if time.monotonic() >= self._next_renew:
                 # A slow agent (webhook) must not let this worker's leases lapse.
                 self._renew()
-                self._next_renew = time.monotonic() + self.lease_ms / 3000.0
         self._behind = behind
         now = time.monotonic()
         self._commit_many([
@@ -397,40 +348,45 @@ class Worker:
         cid = oc.call.call_id
         wall = time.time()
         observe = self.metrics.observe_lag
-        for raw_id, fields in entries:
-            eid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            t = _id_ms(eid) / 1000.0
-            observe(max(0.0, wall - t))
-            self.metrics.counters["entries_total"] += 1
-            oc.ckpt.last_id = eid
-            oc.dirty = True
-            try:
-                ev = decode(fields)
-            except Exception as exc:  # noqa: BLE001
-                self._dead_letter(cid, eid, keys.call_stream(cid), f"decode failed: {exc}", fields)
-                raw_seq = fields.get(b"seq", b"")
-                if raw_seq.isdigit() and int(raw_seq) > rt.get("seq", 0):
-                    rt["seq"] = int(raw_seq)  # a poison entry is not a gap
-                continue
-            seq = ev.seq
-            if seq > 0:
-                last = rt.get("seq", 0)
-                if seq <= last:
-                    continue  # duplicate (gateway resent after a reconnect)
-                if seq > last + 1 and last > 0:
-                    self._skipped(oc, seq - last - 1, eid)
-                rt["seq"] = seq
-            if ev.type == "call.started":
-                # Given to the agent from the calls stream already; a later one means
-                # the platform reconnected to another gateway: follow the socket.
-                self._follow_gateway(oc, ev.gateway_id)
-                continue
-            cmds = self._call_agent(oc, ev, t, eid)
-            if cmds:
-                self._stamp(oc, cmds)
-            if isinstance(ev, CallEnded):
-                oc.ended = True
-                break
+        ckpt = oc.ckpt
+        oc.dirty = True  # XREAD never returns a stream with no entries
+        n = 0
+        try:
+            for raw_id, fields in entries:
+                n += 1
+                eid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                t = id_ms(eid) / 1000.0
+                observe(max(0.0, wall - t))
+                ckpt.last_id = eid
+                try:
+                    ev = decode(fields)
+                except Exception as exc:  # noqa: BLE001
+                    self._dead_letter(cid, eid, keys.call_stream(cid), f"decode failed: {exc}", fields)
+                    raw_seq = fields.get(b"seq", b"")
+                    if raw_seq.isdigit() and int(raw_seq) > rt.get("seq", 0):
+                        rt["seq"] = int(raw_seq)  # a poison entry is not a gap
+                    continue
+                seq = ev.seq
+                if seq > 0:
+                    last = rt.get("seq", 0)
+                    if seq <= last:
+                        continue  # duplicate (gateway resent after a reconnect)
+                    if seq > last + 1 and last > 0:
+                        self._skipped(oc, seq - last - 1, eid)
+                    rt["seq"] = seq
+                if ev.type == "call.started":
+                    # Given to the agent from the calls stream already; a later one means
+                    # the platform reconnected to another gateway: follow the socket.
+                    self._follow_gateway(oc, ev.gateway_id)
+                    continue
+                cmds = self._call_agent(oc, ev, t, eid)
+                if cmds:
+                    self._stamp(oc, cmds)
+                if isinstance(ev, CallEnded):
+                    oc.ended = True
+                    break
+        finally:
+            self.metrics.counters["entries_total"] += n
 
     def _skipped(self, oc: OwnedCall, n: int, eid: str) -> None:
         oc.ckpt.runtime["skipped"] = oc.ckpt.runtime.get("skipped", 0) + n
@@ -445,7 +401,8 @@ class Worker:
         for _ in range(AGENT_ATTEMPTS):
             try:
                 cmds = oc.agent.on_event(ev, now)
-                return list(cmds or ())
+                # Most calls return a (fresh, usually empty) list: no copy per frame.
+                return cmds if cmds.__class__ is list else list(cmds or ())
             except Exception as exc:  # noqa: BLE001 (agents are user code)
                 err = exc
         cid = oc.call.call_id
@@ -464,7 +421,7 @@ class Worker:
             oc.pending.append(cmd)
 
     def _timers(self) -> None:
-        behind = getattr(self, "_behind", set())
+        behind = self._behind
         wall = time.time()
         mono = time.monotonic()
         for cid, oc in list(self.calls.items()):

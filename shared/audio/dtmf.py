@@ -32,7 +32,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .pcm import FRAME_MS, check_rate, frame_bytes
+from .pcm import FRAME_MS, _check_number, check_rate, frame_bytes
+
 
 ROW_FREQS = (697.0, 770.0, 852.0, 941.0)
 COL_FREQS = (1209.0, 1336.0, 1477.0, 1633.0)
@@ -50,12 +51,6 @@ def _key(key: str, name: str = "key") -> str:
     return key.upper()
 
 
-def _num(value: Any, name: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
-
-
 def dtmf_tone(key: str, ms: float = 100, rate: int = 8000, amplitude: float = 0.3) -> bytes:
     """The dual tone for ``key`` (0-9 * # A-D), ``ms`` long.
 
@@ -64,8 +59,8 @@ def dtmf_tone(key: str, ms: float = 100, rate: int = 8000, amplitude: float = 0.
     """
     key = _key(key)
     rate = check_rate(rate)
-    ms = _num(ms, "ms", 0, 3_600_000)
-    amplitude = _num(amplitude, "amplitude", 0, 0.5)
+    ms = _check_number(ms, "ms", 0, 3_600_000)
+    amplitude = _check_number(amplitude, "amplitude", 0, 0.5)
     if amplitude == 0:
         raise ValueError("amplitude must be > 0")
     lo, hi = _KEY_FREQS[key]
@@ -83,7 +78,7 @@ def dtmf_sequence(
     for i, k in enumerate(keys):
         _key(k, f"keys[{i}]")
     rate = check_rate(rate)
-    gap = bytes(int(rate * _num(gap_ms, "gap_ms", 0, 3_600_000) / 1000) * 2)
+    gap = bytes(int(rate * _check_number(gap_ms, "gap_ms", 0, 3_600_000) / 1000) * 2)
     return gap.join(dtmf_tone(k, tone_ms, rate, amplitude) for k in keys)
 
 
@@ -107,12 +102,12 @@ class DtmfDetector:
         release_ms: int = 40,
     ):
         self.rate = check_rate(rate)
-        self.min_level_db = _num(min_level_db, "min_level_db", -90.0, 0.0)
-        self.min_tone_ratio = _num(min_tone_ratio, "min_tone_ratio", 0.0, 1.0)
-        self.min_dominance_db = _num(min_dominance_db, "min_dominance_db", 0.0, 60.0)
-        self.max_twist_db = _num(max_twist_db, "max_twist_db", 0.0, 40.0)
-        self.harmonic_margin_db = _num(harmonic_margin_db, "harmonic_margin_db", 0.0, 60.0)
-        self.release_ms = int(_num(release_ms, "release_ms", FRAME_MS, 10_000))
+        self.min_level_db = _check_number(min_level_db, "min_level_db", -90.0, 0.0)
+        self.min_tone_ratio = _check_number(min_tone_ratio, "min_tone_ratio", 0.0, 1.0)
+        self.min_dominance_db = _check_number(min_dominance_db, "min_dominance_db", 0.0, 60.0)
+        self.max_twist_db = _check_number(max_twist_db, "max_twist_db", 0.0, 40.0)
+        self.harmonic_margin_db = _check_number(harmonic_margin_db, "harmonic_margin_db", 0.0, 60.0)
+        self.release_ms = int(_check_number(release_ms, "release_ms", FRAME_MS, 10_000))
         self.held: str | None = None
         self.miss_ms = 0
         self._frame_bytes = frame_bytes(self.rate)
@@ -255,5 +250,5 @@ class DtmfDetector:
         except KeyError as exc:
             raise ValueError(f"state is missing field {exc.args[0]!r}") from None
         det.held = None if held is None else _key(held, "state.held")
-        det.miss_ms = int(_num(miss_ms, "state.miss_ms", 0, 1e9))
+        det.miss_ms = int(_check_number(miss_ms, "state.miss_ms", 0, 1e9))
         return det

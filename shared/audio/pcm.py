@@ -42,6 +42,13 @@ def _check_ms(ms: float, name: str = "ms") -> float:
     return ms
 
 
+def _check_number(value: float, name: str, lo: float, hi: float) -> float:
+    """``value`` as a float if it is a number (not a bool) in ``[lo, hi]``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
 def frame_bytes(rate: int) -> int:
     """Bytes in one 20 ms frame at ``rate`` (320, 640 or 1280)."""
     return check_rate(rate) * FRAME_MS // 1000 * SAMPLE_WIDTH

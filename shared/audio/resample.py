@@ -114,12 +114,15 @@ class Resampler:
         x = np.frombuffer(chunk, dtype="<i2").astype(np.float64)
         return _to_pcm(self._run(x))
 
+    def _pad(self) -> int:
+        """Input samples of silence that release the last ``delay`` output samples."""
+        return -(-self.delay // self.factor) if self._mode == "up" else self.delay * self.factor
+
     def flush(self) -> bytes:
         """Push silence through the filter to release the last ``delay`` output samples."""
         if self._mode == "copy":
             return b""
-        pad = -(-self.delay * self.src // self.dst) if self._mode == "up" else self.delay * self.factor
-        return _to_pcm(self._run(np.zeros(pad)))
+        return _to_pcm(self._run(np.zeros(self._pad())))
 
 
 def _to_pcm(y: np.ndarray) -> bytes:
@@ -145,9 +148,5 @@ def resample(pcm: bytes, src_rate: int, dst_rate: int) -> bytes:
         return b""
     r = Resampler(src, dst)
     x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-    if r._mode == "up":
-        pad = -(-r.delay // r.factor)
-    else:
-        pad = r.delay * r.factor
-    y = r._run(np.concatenate((x, np.zeros(pad))))
+    y = r._run(np.concatenate((x, np.zeros(r._pad()))))
     return _to_pcm(y[r.delay: r.delay + n_out])

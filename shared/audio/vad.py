@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .pcm import FRAME_MS, check_rate, frame_bytes
+from .pcm import FRAME_MS, _check_number, check_rate, frame_bytes
+
 
 VadEvent = Literal["speech_start", "speech_end"]
 
@@ -28,12 +29,6 @@ _STATE_VERSION = 1
 _FS2 = 32768.0 * 32768.0
 _MIN_DB = -120.0  # level reported for digital silence; keeps state JSON-finite
 _FLOOR_FALL = 0.5  # fraction of the gap closed per quieter frame
-
-
-def _number(value: Any, name: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 class EnergyVad:
@@ -61,11 +56,11 @@ class EnergyVad:
         floor_rise_db_per_s: float = 6.0,
     ):
         self.rate = check_rate(rate)
-        self.threshold_db = _number(threshold_db, "threshold_db", -100.0, 0.0)
-        self.start_ms = int(_number(start_ms, "start_ms", 0, 10_000))
-        self.hangover_ms = int(_number(hangover_ms, "hangover_ms", 0, 60_000))
-        self.snr_db = _number(snr_db, "snr_db", 0.0, 60.0)
-        self.floor_rise_db_per_s = _number(floor_rise_db_per_s, "floor_rise_db_per_s", 0.0, 100.0)
+        self.threshold_db = _check_number(threshold_db, "threshold_db", -100.0, 0.0)
+        self.start_ms = int(_check_number(start_ms, "start_ms", 0, 10_000))
+        self.hangover_ms = int(_check_number(hangover_ms, "hangover_ms", 0, 60_000))
+        self.snr_db = _check_number(snr_db, "snr_db", 0.0, 60.0)
+        self.floor_rise_db_per_s = _check_number(floor_rise_db_per_s, "floor_rise_db_per_s", 0.0, 100.0)
         self._frame_bytes = frame_bytes(self.rate)
         n = self._frame_bytes // 2
         # Compare raw sum-of-squares against a precomputed energy so the common
@@ -166,8 +161,8 @@ class EnergyVad:
         if not isinstance(speaking, bool):
             raise ValueError(f"state.speaking must be a bool, got {speaking!r}")
         vad.speaking = speaking
-        vad.run_ms = int(_number(run_ms, "state.run_ms", 0, 1e9))
-        vad.quiet_ms = int(_number(quiet_ms, "state.quiet_ms", 0, 1e9))
-        vad.noise_floor_db = None if floor is None else _number(floor, "state.noise_floor_db", -200, 10)
-        vad.level_db = _number(level, "state.level_db", -200, 10)
+        vad.run_ms = int(_check_number(run_ms, "state.run_ms", 0, 1e9))
+        vad.quiet_ms = int(_check_number(quiet_ms, "state.quiet_ms", 0, 1e9))
+        vad.noise_floor_db = None if floor is None else _check_number(floor, "state.noise_floor_db", -200, 10)
+        vad.level_db = _check_number(level, "state.level_db", -200, 10)
         return vad

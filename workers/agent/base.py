@@ -25,7 +25,9 @@ Contract
   overwrites ``seq``/``command_id`` with deterministic values.
 - ``to_state()`` returns JSON-able data; ``from_state(call, settings, data)``
   rebuilds an equivalent agent. Keep state small (it is written about once a
-  second per call and with every batch of commands).
+  second per call and with every batch of commands). Plain JSON-able
+  attributes need no code: list their names in ``_FIELDS`` and the base
+  class saves and restores them; override both methods for anything else.
 - Raising from ``on_event`` is treated as a poison entry: the runtime retries
   the same entry up to 3 times, then dead-letters it and moves on. State
   changes made before the exception stay, so mutate state after the checks
@@ -37,6 +39,8 @@ Example (plug it in with ``piopiy-voice worker --agent mypkg.bot:Echo``)::
     from workers.agent.base import Agent
 
     class Echo(Agent):
+        _FIELDS = ("frames",)                   # checkpointed with the call
+
         def __init__(self, call, settings):
             super().__init__(call, settings)
             self.frames = 0
@@ -48,15 +52,6 @@ Example (plug it in with ``piopiy-voice worker --agent mypkg.bot:Echo``)::
                     return [self.command(Speak, text="Ten seconds."),
                             self.command(Hangup)]
             return []
-
-        def to_state(self):
-            return {"frames": self.frames}
-
-        @classmethod
-        def from_state(cls, call, settings, data):
-            agent = cls(call, settings)
-            agent.frames = data["frames"]
-            return agent
 """
 
 from __future__ import annotations
@@ -96,12 +91,19 @@ class Agent:
         return None
 
     # -- persistence ---------------------------------------------------
+    #: Attributes saved by ``to_state`` and restored by ``from_state`` as they are.
+    _FIELDS: tuple[str, ...] = ()
+
     def to_state(self) -> dict[str, Any]:
-        return {}
+        return {name: getattr(self, name) for name in self._FIELDS}
 
     @classmethod
     def from_state(cls, call: CallStarted, settings: Settings, data: dict[str, Any]) -> "Agent":
-        return cls(call, settings)
+        agent = cls(call, settings)
+        for name in cls._FIELDS:
+            if name in data:
+                setattr(agent, name, data[name])
+        return agent
 
     # -- helpers -------------------------------------------------------
     def command(self, model: type, **fields: Any) -> Any:

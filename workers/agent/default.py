@@ -139,7 +139,10 @@ class DefaultAgent(Agent):
                 info = {"turn": self.turns, "speech_ms": round((now - self.turn_started) * 1000),
                         "caller_speech_ms_total": self.caller_speech_ms}
                 out += self.decide("caller_turn", info, now, lambda: self._say("reply", now))
-        return out + self._timers(now)
+        timers = self._timers(now)
+        if timers:
+            out += timers
+        return out
 
     def _on_key(self, key: str, now: float) -> list[Any]:
         self.keys.append(key)
@@ -265,17 +268,14 @@ class DefaultAgent(Agent):
                "turn_had_key", "keys", "caller_speech_ms", "turn_started")
 
     def to_state(self) -> dict[str, Any]:
-        state = {name: getattr(self, name) for name in self._FIELDS}
+        state = super().to_state()
         state["vad"] = self.vad.to_state()
         state["dtmf"] = self.dtmf.to_state()
         return state
 
     @classmethod
     def from_state(cls, call, settings, data):
-        agent = cls(call, settings)
-        for name in cls._FIELDS:
-            if name in data:
-                setattr(agent, name, data[name])
+        agent = super().from_state(call, settings, data)
         if "vad" in data:
             agent.vad = EnergyVad.from_state(data["vad"])
         if "dtmf" in data:

@@ -132,14 +132,13 @@ def _options(args) -> dict[str, Any]:
         if not sep or not k:
             raise ValueError(f"--param must be KEY=VALUE, got {item!r}")
         params[k] = v
-    opts = dict(
+    return dict(
         caller_id=args.caller_id, flow=args.flow, listen_mode=args.listen_mode,
         voice_quality=args.voice_quality, stream_on_answer=args.stream_on_answer,
         duration=args.duration, loop=args.loop, timeout=args.timeout,
         extra_params=params or None, extra_actions=extra or None,
         start_at=_when(args), max_attempts=args.max_attempts,
     )
-    return opts
 
 
 def call_main(argv: list[str]) -> int:
@@ -168,6 +167,23 @@ def call_main(argv: list[str]) -> int:
     elif result.start_at:
         print(f"scheduled for {result.start_at.isoformat()}", file=sys.stderr)
     return 0
+
+
+def _lookup(prog: str, fetch, missing: str, *, as_json: bool) -> tuple[Any, int]:
+    """``fetch()`` for a status command: ``(result, 0)``, printed as JSON when
+    ``as_json``; ``(None, 2)`` on bad input, ``(None, 1)`` when not found (the
+    reason on stderr)."""
+    try:
+        found = fetch()
+    except ValueError as exc:
+        print(f"piopiy-voice {prog}: {exc}", file=sys.stderr)
+        return None, 2
+    if found is None:
+        print(f"piopiy-voice {prog}: {missing}", file=sys.stderr)
+        return None, 1
+    if as_json:
+        print(json.dumps(found))
+    return found, 0
 
 
 # -- campaigns ---------------------------------------------------------------------
@@ -213,22 +229,14 @@ def campaign_main(argv: list[str]) -> int:
     from .campaign import campaign_status, enqueue_csv
 
     if args.cmd == "status":
-        try:
-            status = campaign_status(_redis(), args.name)
-        except ValueError as exc:
-            print(f"piopiy-voice campaign: {exc}", file=sys.stderr)
-            return 2
-        if status is None:
-            print(f"piopiy-voice campaign: no campaign named {args.name!r}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps(status))
-        else:
+        status, rc = _lookup("campaign", lambda: campaign_status(_redis(), args.name),
+                             f"no campaign named {args.name!r}", as_json=args.json)
+        if status is not None and not args.json:
             print(f"campaign {status['campaign']}: {status['total']} calls, "
                   f"{status['live_slots']} live slots in use")
             for state, n in status["states"].items():
                 print(f"  {state:<8} {n}")
-        return 0
+        return rc
 
     try:
         defaults = {k: v for k, v in _options(args).items() if v is not None}
@@ -281,17 +289,10 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("call_id")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        status = call_status(_redis(), args.call_id)
-    except ValueError as exc:
-        print(f"piopiy-voice status: {exc}", file=sys.stderr)
-        return 2
-    if status is None:
-        print(f"piopiy-voice status: no call {args.call_id!r} (unknown or expired)", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(status))
-        return 0
+    status, rc = _lookup("status", lambda: call_status(_redis(), args.call_id),
+                         f"no call {args.call_id!r} (unknown or expired)", as_json=args.json)
+    if status is None or args.json:
+        return rc
     rec = status["record"]
     print(f"call {args.call_id}: {rec.get('state', '?')}")
     width = max((len(k) for k in rec), default=0)
