@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/piopiy-voice demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.audio import (  # noqa: E402
+from piopiy_voice.audio import (  # noqa: E402
     DtmfDetector, EnergyVad, dtmf_sequence, frame_bytes, silence, speech_like,
 )
 

@@ -5,7 +5,7 @@
 Starts, side by side:
 1. a bare websockets receiver on uvloop (no Redis, no parsing: ``async for
    msg in ws``) in its own subprocess;
-2. the gateway (``python -m gateway.server``) in its own subprocess, writing to a
+2. the gateway (``python -m piopiy_voice.gateway.server``) in its own subprocess, writing to a
    private redis-server started for the run.
 The load alternates between them in 2 s slices (one unmeasured warm-up slice
 each, then ``--seconds`` of measured load each), so both see the same machine
@@ -41,7 +41,6 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SECRET = "bench-secret-not-for-production"
 
@@ -266,9 +265,9 @@ def main(argv=None) -> int:
         return 0
     import uvloop
 
-    from shared import keys
-    from shared.redisconn import EmbeddedRedis, connect
-    from shared.signing import sign_stream_url
+    from piopiy_voice import keys
+    from piopiy_voice.redisconn import EmbeddedRedis, connect
+    from piopiy_voice.signing import sign_stream_url
 
     print(f"machine: {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.2f}; "
           f"{args.calls} calls x {args.seconds:g} s at {args.rate} Hz, 20 ms frames")
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
     redis = EmbeddedRedis()
     env = dict(os.environ, REDIS_URL=redis.url, PV_SIGNING_SECRET=SECRET, PV_LOG_LEVEL="INFO",
                PYTHONPATH=str(ROOT))
-    gw = _child([sys.executable, "-m", "gateway.server", "--port", "0", "--gateway-id", "bench"],
+    gw = _child([sys.executable, "-m", "piopiy_voice.gateway.server", "--port", "0", "--gateway-id", "bench"],
                 env=env, stdout=subprocess.DEVNULL)
     try:
         bport = int(bare.stdout.readline())

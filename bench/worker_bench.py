@@ -23,12 +23,11 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from shared import contracts as c  # noqa: E402
-from shared import keys  # noqa: E402
-from shared.audio import dtmf_tone, frame_bytes, silence, speech_like  # noqa: E402
-from shared.redisconn import EmbeddedRedis, connect, free_port  # noqa: E402
+from piopiy_voice import contracts as c  # noqa: E402
+from piopiy_voice import keys  # noqa: E402
+from piopiy_voice.audio import dtmf_tone, frame_bytes, silence, speech_like  # noqa: E402
+from piopiy_voice.redisconn import EmbeddedRedis, connect, free_port  # noqa: E402
 
 
 def _script(i: int, rate: int) -> list[bytes]:
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                PV_SILENCE_TIMEOUT_S="30")
     worker = subprocess.Popen(
         [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
-         "-m", "workers.runner", "--worker-id", "bench-w1", "--metrics-port",
+         "-m", "piopiy_voice.workers.runner", "--worker-id", "bench-w1", "--metrics-port",
          str(port)], env=env, cwd=ROOT,
     )
     try:

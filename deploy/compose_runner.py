@@ -6,7 +6,7 @@ Used by the deployment tests, and by hand to try a scaled layout on one box::
     python deploy/compose_runner.py gateway=2 worker=2 dialer sandbox
 
 How a compose service becomes local processes:
-- ``command: ["piopiy-voice", ROLE, ...]`` runs as ``python -m shared.cli ROLE ...``
+- ``command: ["piopiy-voice", ROLE, ...]`` runs as ``python -m piopiy_voice.cli ROLE ...``
   (the same dispatcher the console script calls); services whose command is not
   ``piopiy-voice`` (redis, prometheus) are not run: Redis is given as a URL.
 - ``environment`` is taken after compose interpolation (``${VAR:-default}``,
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script, only deploy/ is on the path
     sys.path.insert(0, str(ROOT))
 
-from shared.redisconn import free_port, resolve_redis_url  # noqa: E402
+from piopiy_voice.redisconn import free_port, resolve_redis_url  # noqa: E402
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 ENTRY = "piopiy-voice"
 LOOPBACK = "127.0.0.1"
@@ -420,7 +420,7 @@ class LocalStack:
         return self
 
     def _spawn(self, rep: Replica) -> None:
-        cmd = [self.python, "-m", "shared.cli", *rep.argv]
+        cmd = [self.python, "-m", "piopiy_voice.cli", *rep.argv]
         fh = open(rep.log_path, "ab")
         try:
             rep.proc = subprocess.Popen(

@@ -32,7 +32,7 @@ import urllib.request
 ROLES = ("gateway", "worker", "dialer", "sandbox")
 #: Docker kills a check after its own timeout; stay under the usual 5 s.
 TIMEOUT_S = 3.0
-#: shared.keys.WORKERS_ZSET (not imported: this script must run without the project on the path).
+#: piopiy_voice.keys.WORKERS_ZSET (not imported: this script must run without the project on the path).
 WORKERS_ZSET = "pv:workers"
 
 
@@ -49,8 +49,8 @@ def find_role_argv(proc_root: str = "/proc") -> list[str] | None:
         except OSError:
             continue
         for i, arg in enumerate(argv):
-            # "piopiy-voice ROLE" as a script, or "python -m shared.cli ROLE".
-            if (os.path.basename(arg) == "piopiy-voice" or arg == "shared.cli") and i + 1 < len(argv):
+            # "piopiy-voice ROLE" as a script, or "python -m piopiy_voice.cli ROLE".
+            if (os.path.basename(arg) == "piopiy-voice" or arg == "piopiy_voice.cli") and i + 1 < len(argv):
                 if argv[i + 1] in ROLES:
                     return argv[i + 1 :]
     return None

@@ -25,12 +25,10 @@ import sys
 import uuid
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared import PiopiyError, RestClient, StreamAction  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.signing import sign_stream_url  # noqa: E402
+from piopiy_voice import PiopiyError, RestClient, StreamAction  # noqa: E402
+from piopiy_voice.settings import Settings  # noqa: E402
+from piopiy_voice.signing import sign_stream_url  # noqa: E402
 
 LISTEN_MODE = "callee"
 VOICE_QUALITY = "8000"  # the docs pass it as a string; it goes on the wire as 8000

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 import redis
 
-from shared.redisconn import MAX_BLOCK_MS
+from piopiy_voice.redisconn import MAX_BLOCK_MS
 
 from .metrics import Metrics
 

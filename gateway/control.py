@@ -20,9 +20,9 @@ import time
 import uuid
 from typing import Any
 
-from shared import callrecord, keys
-from shared import contracts as c
-from shared.redisconn import MAX_BLOCK_MS
+from piopiy_voice import callrecord, keys
+from piopiy_voice import contracts as c
+from piopiy_voice.redisconn import MAX_BLOCK_MS
 
 
 class CallControlError(RuntimeError):
@@ -173,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from shared.redisconn import connect  # noqa: PLC0415
-    from shared.settings import Settings  # noqa: PLC0415
+    from piopiy_voice.redisconn import connect  # noqa: PLC0415
+    from piopiy_voice.settings import Settings  # noqa: PLC0415
 
     try:
         settings = Settings.from_env()

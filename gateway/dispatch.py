@@ -23,7 +23,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from shared import callrecord, contracts, keys
+from piopiy_voice import callrecord, contracts, keys
 
 from . import outbound
 from .metrics import Metrics
@@ -158,7 +158,7 @@ class Dispatcher:
         if cmd.type == "cmd.play_audio" and cmd.rate not in outbound.STREAM_AUDIO_RATES:
             # streamAudio takes 8000|16000: resample off the event loop (tens of ms
             # for a long 32 kHz utterance would stall every call's frames).
-            from shared.audio import resample  # noqa: PLC0415
+            from piopiy_voice.audio import resample  # noqa: PLC0415
 
             pcm = await asyncio.to_thread(resample, cmd.pcm, cmd.rate, 16000)
             cmd = cmd.model_copy(update={"pcm": pcm, "rate": 16000})

@@ -3,7 +3,7 @@
 Commands from Redis become either a stream-control object
 (``{"action": "pause"|"resume"|"stop"|"break"}``), a ``streamAudio`` object, or
 a PCMO list sent as JSON. Everything is built and validated by the shared PCMO
-builders (``shared.pcmo``), so the gateway sends exactly what a PCMO built by
+builders (``piopiy_voice.pcmo``), so the gateway sends exactly what a PCMO built by
 the dialer would contain; bad values raise ``PiopiyValidationError`` (a
 ``ValueError`` naming the field), which the session turns into a rejection.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shared.pcmo import Action, control_json, stream_audio_json
-from shared.pcmo_models import STREAM_AUDIO_RATES, pcmo_to_list
+from piopiy_voice.pcmo import Action, control_json, stream_audio_json
+from piopiy_voice.pcmo_models import STREAM_AUDIO_RATES, pcmo_to_list
 
 __all__ = ["STREAM_AUDIO_RATES", "control", "stream_audio", "play_music", "speak", "hangup",
            "bridge", "raw_pcmo"]

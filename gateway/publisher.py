@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import hiredis
 from redis.asyncio.connection import ConnectionPool
 
-from shared import keys
+from piopiy_voice import keys
 
 from .metrics import Metrics
 

@@ -10,7 +10,7 @@ A thin asyncio shell (``websockets`` server) around ``CallSession``:
   is a per-call closure that ``DirectConnection`` calls synchronously for each
   frame, with no task wake-up per frame;
 * one ``CommandReader`` task hands commands to the ``Dispatcher``
-  (``gateway.dispatch``), which applies them to the sessions this gateway holds
+  (``piopiy_voice.gateway.dispatch``), which applies them to the sessions this gateway holds
   and answers each with a ``CommandResult``; a playout task per call (only
   while it has audio queued) paces ``streamAudio``;
 * a heartbeat task keeps ``keys.gateway_heartbeat`` alive and the gateway in
@@ -48,10 +48,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosedError
 from websockets.http11 import Request, Response
 
-from shared import callrecord, contracts, keys
-from shared.redisconn import connect_async, resolve_redis_url
-from shared.settings import Settings
-from shared.signing import SignatureError, verify_stream_path
+from piopiy_voice import callrecord, contracts, keys
+from piopiy_voice.redisconn import connect_async, resolve_redis_url
+from piopiy_voice.settings import Settings
+from piopiy_voice.signing import SignatureError, verify_stream_path
 
 from .commands import CommandReader
 from .connection import DirectConnection

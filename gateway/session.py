@@ -16,7 +16,7 @@ is specific to one call, and never touches a socket, a clock or Redis:
 * Inbound text. ``parse_text`` turns a JSON object with a string ``event`` into
   a ``PlatformEvent``; anything else is reported as malformed, never raised.
 * Commands. ``apply`` turns a command into the exact text messages for the
-  platform (see ``gateway.outbound``) plus the entries to publish, or rejects
+  platform (see ``piopiy_voice.gateway.outbound``) plus the entries to publish, or rejects
   it with a reason.
 * Playout. ``PlayAudio`` is queued and released by ``pump(now)`` in chunks at
   real time plus ``lead_ms``, so at most lead + one chunk is ever in the
@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import contracts as c
+from piopiy_voice import contracts as c
 
 from . import outbound
 
@@ -237,7 +237,7 @@ class CallSession:
             return Outcome("rejected", "pcm is empty")
         if rate not in outbound.STREAM_AUDIO_RATES:
             # streamAudio takes 8000|16000 only; numpy is imported on first need.
-            from shared.audio import resample  # noqa: PLC0415
+            from piopiy_voice.audio import resample  # noqa: PLC0415
 
             pcm, rate = resample(pcm, rate, 16000), 16000
             if not pcm:  # an empty utterance would make pump() fail on every call

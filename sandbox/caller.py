@@ -1,11 +1,11 @@
 """The scripted caller: turns scenario steps into 20 ms frames, one per clock tick.
 
-The call's clock (``sandbox.platform``) asks :meth:`ScriptPlayer.next_frame`
+The call's clock (``piopiy_voice.sandbox.platform``) asks :meth:`ScriptPlayer.next_frame`
 for exactly one frame every 20 ms and tells it whether the other side was
 heard talking in the previous frame; the player answers with the frame the
 person says now, or ``None`` when the person hangs up. Nothing here sleeps or
 touches a socket, so the same player drives the caller and the simulated human
-(``sandbox.human``), and tests can step it by hand.
+(``piopiy_voice.sandbox.human``), and tests can step it by hand.
 
 ``wait_for`` steps are causal: they look only at what was heard up to the
 previous tick, as a person reacting to the line would.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from shared.audio import FRAME_MS, dtmf_sequence, frame_bytes, read_wav, resample, silence, speech_like
+from piopiy_voice.audio import FRAME_MS, dtmf_sequence, frame_bytes, read_wav, resample, silence, speech_like
 
 from .scenario import DtmfStep, HangupStep, SayStep, SilenceStep, WaitForStep
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import callrecord, keys
-from shared.redisconn import EmbeddedRedis, connect, free_port
+from piopiy_voice import callrecord, keys
+from piopiy_voice.redisconn import EmbeddedRedis, connect, free_port
 
 from .server import DEV_APP_ID, DEV_APP_TOKEN
 
@@ -59,7 +59,7 @@ class Role:
     def start(self, env: dict[str, str]) -> None:
         with open(self.log_path, "wb") as log_file:  # the child keeps its own copy
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", *self.argv],
+                [sys.executable, "-m", "piopiy_voice.cli", *self.argv],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -177,8 +177,8 @@ class LocalSystem:
 
     def enqueue(self, *, scenario: str | None = None, to: str = PERSON, **options: Any) -> str:
         """Enqueue one call through the dialer's Python API; returns its call id."""
-        from shared.settings import Settings  # noqa: PLC0415
-        from workers.dialer.api import enqueue_call  # noqa: PLC0415
+        from piopiy_voice.settings import Settings  # noqa: PLC0415
+        from piopiy_voice.workers.dialer.api import enqueue_call  # noqa: PLC0415
 
         options.setdefault("listen_mode", "both")
         options.setdefault("voice_quality", 8000)

@@ -6,7 +6,7 @@ longer than the bridge's ``timeout`` the leg is never answered) -> ``talking``
 its steps with ``after_steps="hangup"``, or when the call ends, or after the
 bridge's ``duration``). It is stepped by the call's clock like the caller.
 
-Where its voice goes is the platform's business (``sandbox.platform``): the
+Where its voice goes is the platform's business (``piopiy_voice.sandbox.platform``): the
 caller always hears it; the media stream carries it when ``listen_mode`` is
 ``caller`` (the platform's side of an outbound call) or ``both``.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from shared.audio import FRAME_MS
+from piopiy_voice.audio import FRAME_MS
 
 from .caller import Emit, ScriptPlayer
 from .scenario import HumanScript

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from shared.audio import frame_bytes, read_wav, resample, silence, tone
+from piopiy_voice.audio import frame_bytes, read_wav, resample, silence, tone
 
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".ogg", ".gsm", ".ulaw", ".alaw")
 

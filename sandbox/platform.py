@@ -55,9 +55,9 @@ from typing import Any
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from shared.audio import FRAME_MS, frame_bytes, mix, read_wav, resample, rms_dbfs, silence, speech_like
-from shared.errors import PiopiyValidationError
-from shared.pcmo_models import (
+from piopiy_voice.audio import FRAME_MS, frame_bytes, mix, read_wav, resample, rms_dbfs, silence, speech_like
+from piopiy_voice.errors import PiopiyValidationError
+from piopiy_voice.pcmo_models import (
     Bridge, Hangup, Input, Param, Play, PlayGetInput, Record, Speak, Stream, StreamAudio,
     StreamControl, parse_ws_message,
 )

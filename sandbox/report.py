@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.audio import write_wav
+from piopiy_voice.audio import write_wav
 
 
 class Timeline:

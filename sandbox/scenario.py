@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.audio import DTMF_KEYS
+from piopiy_voice.audio import DTMF_KEYS
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 

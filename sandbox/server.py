@@ -1,7 +1,7 @@
 """``piopiy-voice sandbox``: the local Piopiy emulator (REST + calls).
 
 Two threads: a stdlib ``ThreadingHTTPServer`` answers REST, and one asyncio
-loop runs every call (:class:`sandbox.platform.SandboxCall`). The HTTP side
+loop runs every call (:class:`piopiy_voice.sandbox.platform.SandboxCall`). The HTTP side
 only validates and hands work to the loop with ``run_coroutine_threadsafe``.
 
 Platform endpoints (same bodies and codes as the real ones; the table is in
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from shared.errors import PiopiyValidationError
-from shared.pcmo_models import Play, PlayGetInput, check_number, parse_pcmo
-from shared.settings import Settings
+from piopiy_voice.errors import PiopiyValidationError
+from piopiy_voice.pcmo_models import Play, PlayGetInput, check_number, parse_pcmo
+from piopiy_voice.settings import Settings
 
 from .platform import MediaLibrary, PlatformOptions, SandboxCall
 from .report import load_report

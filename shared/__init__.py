@@ -2,7 +2,7 @@
 
 Importable the way the Piopiy SDK documentation imports it, one package over::
 
-    from shared import RestClient, StreamAction, Action
+    from piopiy_voice import RestClient, StreamAction, Action
 
 The client-side names load on first use, so processes that only need keys or
 contracts do not import ``requests``.
@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {
-    "RestClient": "shared.rest",
-    "Action": "shared.pcmo",
-    "StreamAction": "shared.pcmo",
-    "PiopiyError": "shared.errors",
-    "PiopiyValidationError": "shared.errors",
-    "PiopiyNetworkError": "shared.errors",
-    "PiopiyApiError": "shared.errors",
+    "RestClient": "piopiy_voice.rest",
+    "Action": "piopiy_voice.pcmo",
+    "StreamAction": "piopiy_voice.pcmo",
+    "PiopiyError": "piopiy_voice.errors",
+    "PiopiyValidationError": "piopiy_voice.errors",
+    "PiopiyNetworkError": "piopiy_voice.errors",
+    "PiopiyApiError": "piopiy_voice.errors",
 }
 
 __all__ = sorted(_LAZY)
@@ -28,7 +28,7 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'shared' has no attribute {name!r}")
+        raise AttributeError(f"module 'piopiy_voice' has no attribute {name!r}")
     import importlib
 
     value = getattr(importlib.import_module(module), name)

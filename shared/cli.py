@@ -12,15 +12,15 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("sandbox.demo:main", "run the whole system locally and place one scripted call"),
-    "gateway": ("gateway.server:main", "serve the platform's call WebSockets"),
-    "worker": ("workers.runner:main", "run the conversational agent for calls"),
-    "dialer": ("workers.dialer.cli:worker_main", "RQ worker that places queued calls"),
-    "call": ("workers.dialer.cli:call_main", "enqueue one outbound call"),
-    "campaign": ("workers.dialer.cli:campaign_main", "enqueue a CSV of contacts / show progress"),
-    "status": ("workers.dialer.cli:status_main", "show the whole life of one call"),
-    "control": ("gateway.control:main", "steer a live call: pause, resume, interrupt, hangup..."),
-    "sandbox": ("sandbox.server:main", "local Piopiy emulator (REST + scripted callers)"),
+    "demo": ("piopiy_voice.sandbox.demo:main", "run the whole system locally and place one scripted call"),
+    "gateway": ("piopiy_voice.gateway.server:main", "serve the platform's call WebSockets"),
+    "worker": ("piopiy_voice.workers.runner:main", "run the conversational agent for calls"),
+    "dialer": ("piopiy_voice.workers.dialer.cli:worker_main", "RQ worker that places queued calls"),
+    "call": ("piopiy_voice.workers.dialer.cli:call_main", "enqueue one outbound call"),
+    "campaign": ("piopiy_voice.workers.dialer.cli:campaign_main", "enqueue a CSV of contacts / show progress"),
+    "status": ("piopiy_voice.workers.dialer.cli:status_main", "show the whole life of one call"),
+    "control": ("piopiy_voice.gateway.control:main", "steer a live call: pause, resume, interrupt, hangup..."),
+    "sandbox": ("piopiy_voice.sandbox.server:main", "local Piopiy emulator (REST + scripted callers)"),
 }
 
 

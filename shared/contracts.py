@@ -21,7 +21,12 @@ Audio frames are the hot path (50 per second per call): ``audio_fields`` and
 the fast branch of ``decode`` build and read them without JSON or validation.
 
 Entry kinds (gateway -> workers): ``call.started``, ``call.ended``, ``audio``,
-``platform.event``, ``command.result``, ``playout``, ``gap``.
+``platform.event``, ``command.result``, ``playout``, ``gap``. Written into the
+same per-call stream by other producers (``seq`` 0: not sequenced by the
+gateway): ``transcript`` (the transcriber role: what was said, partial and
+final) and ``work.done`` (the worker's agent runtime: the result of an agent's
+slow work, so it is handled in order with the call's other events and replayed
+after a takeover).
 Commands (workers, CLI, API -> gateway): ``cmd.play_audio``, ``cmd.play_music``,
 ``cmd.speak``, ``cmd.pause``, ``cmd.resume``, ``cmd.stop``, ``cmd.interrupt``,
 ``cmd.hangup``, ``cmd.transfer``, ``cmd.pcmo``.
@@ -109,6 +114,49 @@ class Playout(_Message):
     state: Literal["started", "finished", "interrupted"]
     played_ms: int = 0
     total_ms: int = 0
+
+
+class Transcript(_Message):
+    """Recognised speech of one segment (an utterance between pauses).
+
+    Partials (``final`` False) may be revised; the final one closes the
+    segment. Times are call-audio time: milliseconds of the call's inbound
+    stream from its first frame (frame sequence x frame length), so they line up
+    with the recordings whatever the transport delays."""
+
+    type: Literal["transcript"] = "transcript"
+    #: Whose speech: ``caller`` (the inbound stream while the agent talks with
+    #: the person) or ``conversation`` (after a hand-off: the monitored mix of the
+    #: person and the human agent).
+    channel: str = "caller"
+    segment: int = Field(ge=0)
+    text: str = ""
+    final: bool
+    start_ms: int = Field(0, ge=0)
+    end_ms: int = Field(0, ge=0)
+    confidence: float | None = None
+    engine: str = ""
+
+
+class WorkDone(_Message):
+    """A result of an agent's slow work (see ``piopiy_voice.workers.agent.base``).
+
+    A work that yields several results (a streamed reply: one sentence at a
+    time) produces one entry per result with ``final`` False and ``index``
+    counting from 0, then one with ``final`` True (``value`` None). A work that
+    returns produces one entry with ``final`` True. ``ok`` False carries
+    ``error`` (failed, timed out, cancelled, lost in a takeover)."""
+
+    type: Literal["work.done"] = "work.done"
+    work_id: str
+    name: str
+    ok: bool = True
+    final: bool = True
+    index: int = 0
+    value: Any = None
+    error: str = ""
+    #: Audio a work produced (synthesised speech), as a raw binary field.
+    pcm: bytes = b""
 
 
 class StreamGap(_Message):
@@ -212,7 +260,8 @@ class RawPcmo(_Command):
     pcmo: list[dict[str, Any]] = Field(min_length=1)
 
 
-Entry = Union[CallStarted, CallEnded, AudioFrame, PlatformEvent, CommandResult, Playout, StreamGap]
+Entry = Union[CallStarted, CallEnded, AudioFrame, PlatformEvent, CommandResult, Playout, StreamGap,
+              Transcript, WorkDone]
 Command = Union[
     PlayAudio, PlayMusic, Speak, Pause, Resume, StopStream, Interrupt, Hangup, Transfer, RawPcmo
 ]

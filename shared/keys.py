@@ -15,12 +15,17 @@ PREFIX = "pv"
 #: Call lifecycle (started / ended). Workers read it through WORKERS_GROUP.
 CALLS_STREAM = f"{PREFIX}:calls"
 WORKERS_GROUP = "workers"
+#: Consumer group of the transcribers (speech recognition role) on CALLS_STREAM:
+#: every call is owned once by a worker and once by a transcriber.
+TRANSCRIBERS_GROUP = "transcribers"
 #: Entries that failed validation or made an agent raise repeatedly.
 DEAD_LETTER_STREAM = f"{PREFIX}:deadletter"
 #: Sorted set: gateway id -> last heartbeat (unix seconds).
 GATEWAYS_ZSET = f"{PREFIX}:gateways"
 #: Sorted set: worker id -> last heartbeat (unix seconds).
 WORKERS_ZSET = f"{PREFIX}:workers"
+#: Sorted set transcriber id -> last heartbeat (epoch s).
+TRANSCRIBERS_ZSET = f"{PREFIX}:transcribers"
 
 #: Stream maxlen (approximate trimming) for per-call inbound streams.
 #: 20 ms frames: 30_000 entries = 10 minutes of audio behind the reader.
@@ -75,6 +80,16 @@ def call_checkpoint(call_id: str) -> str:
     return _call(call_id, "ckpt")
 
 
+def call_asr_lease(call_id: str) -> str:
+    """String: id of the transcriber owning the call's recognition (SET NX PX)."""
+    return _call(call_id, "asr:lease")
+
+
+def call_asr_checkpoint(call_id: str) -> str:
+    """Hash: the transcriber's stream position and recognizer bookkeeping."""
+    return _call(call_id, "asr:ckpt")
+
+
 def call_keys(call_id: str) -> list[str]:
     """All keys a call may create (for expiry and clean-up checks)."""
     return [
@@ -83,7 +98,19 @@ def call_keys(call_id: str) -> list[str]:
         call_timeline(call_id),
         call_lease(call_id),
         call_checkpoint(call_id),
+        call_asr_lease(call_id),
+        call_asr_checkpoint(call_id),
     ]
+
+
+def call_id_of(key: str | bytes) -> str:
+    """The call id inside a per-call key name (the hash tag), e.g. from a stream
+    name XREAD returned."""
+    k = key.decode() if isinstance(key, bytes) else key
+    try:
+        return k[k.index("{") + 1: k.rindex("}")]
+    except ValueError:
+        raise ValueError(f"not a per-call key: {k!r}") from None
 
 
 def gateway_commands(gateway_id: str) -> str:

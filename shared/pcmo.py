@@ -16,7 +16,7 @@ WebSocket (our gateway delivers it; the SDK never did).
 
 Differences, on purpose: every appending method returns the builder, so calls
 can be chained (the SDK returned None, so SDK-style code is unaffected); every
-value is validated through ``shared.pcmo_models`` and bad input raises
+value is validated through ``piopiy_voice.pcmo_models`` and bad input raises
 ``PiopiyValidationError`` naming the field — the SDK wrote anything it was
 given. Unknown option keys are refused (a typo would otherwise be dropped).
 ``stream_on_answer`` defaults to True, as the SDK documents (the SDK code

@@ -6,7 +6,7 @@ A PCMO is a JSON list of action objects discriminated on ``"action"``
 (play, speak, param, record, hangup, bridge, stream, input, play_get_input).
 Every action has one frozen model here; ``PCMO_ADAPTER`` (one TypeAdapter over
 the discriminated union, built at import) validates a whole list. The builders
-in ``shared.pcmo`` validate each action they append through the same models,
+in ``piopiy_voice.pcmo`` validate each action they append through the same models,
 so "what the builder emits" and "what the sandbox/gateway accept" cannot drift.
 
 Models forbid unknown keys: a PCMO is something we send, and a typo such as

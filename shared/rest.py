@@ -170,7 +170,7 @@ class RestClient:
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> "RestClient":
-        """Build from ``shared.settings.Settings`` (PIOPIY_* variables)."""
+        """Build from ``piopiy_voice.settings.Settings`` (PIOPIY_* variables)."""
         if settings.piopiy_app_id is None or not settings.piopiy_app_token:
             raise PiopiyValidationError("PIOPIY_APP_ID", "PIOPIY_APP_ID and PIOPIY_APP_TOKEN must be set")
         return cls(settings.piopiy_app_id, settings.piopiy_app_token,

@@ -53,7 +53,7 @@ class Settings(BaseModel):
     # --- Workers ---------------------------------------------------------
     worker_id: str = Field(default_factory=_default_instance_id, alias="PV_WORKER_ID")
     lease_ms: int = Field(5000, alias="PV_LEASE_MS", gt=100)
-    agent: str = Field("workers.agent.default:DefaultAgent", alias="PV_AGENT")
+    agent: str = Field("piopiy_voice.workers.agent.default:DefaultAgent", alias="PV_AGENT")
     agent_webhook_url: str | None = Field(None, alias="PV_AGENT_WEBHOOK_URL")
     agent_webhook_timeout_s: float = Field(2.0, alias="PV_AGENT_WEBHOOK_TIMEOUT_S", gt=0)
     handoff_key: str = Field("0", alias="PV_HANDOFF_KEY", min_length=1, max_length=1)

@@ -3,7 +3,7 @@
 Integration tests run against a real Redis: ``REDIS_URL`` when set (it is
 flushed before each test: point it at a disposable database), otherwise a
 private redis-server this session starts on a free loopback port (see
-``shared.redisconn.EmbeddedRedis``), so parallel runs never share state.
+``piopiy_voice.redisconn.EmbeddedRedis``), so parallel runs never share state.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
 
-from shared.redisconn import EmbeddedRedis, connect  # noqa: E402
+from piopiy_voice.redisconn import EmbeddedRedis, connect  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +45,11 @@ def r(redis_url):
 
 @pytest.fixture
 def subprocess_env(redis_url):
-    """Environment for child processes of a test: our Redis, our code on the path."""
+    """Environment for child processes of a test: our Redis, and the tests'
+    helper modules (test agents such as ``workers_support:CountingAgent``)
+    importable; the project itself is imported as installed."""
     env = dict(os.environ)
     env["REDIS_URL"] = redis_url
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     env.setdefault("PV_LOG_LEVEL", "INFO")
     return env

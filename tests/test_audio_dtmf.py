@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from shared.audio import (
+from piopiy_voice.audio import (
     DTMF_KEYS, DtmfDetector, array_to_pcm, dtmf_sequence, dtmf_tone, frame_bytes, mix,
     pcm_to_array, rms_dbfs, silence, speech_like, tone,
 )

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from shared.audio import (
+from piopiy_voice.audio import (
     FRAME_MS, Reframer, array_to_pcm, duration_ms, frame_bytes, mix, pcm_to_array, rms_dbfs,
     silence, tone,
 )

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shared.audio import Resampler, pcm_to_array, resample, rms_dbfs, speech_like, tone
+from piopiy_voice.audio import Resampler, pcm_to_array, resample, rms_dbfs, speech_like, tone
 
 RATES = (8000, 16000, 32000)
 

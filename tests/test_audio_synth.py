@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shared.audio import pcm_to_array, rms_dbfs, speech_like, tone
+from piopiy_voice.audio import pcm_to_array, rms_dbfs, speech_like, tone
 
 
 def test_tone_frequency_length_level():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from shared.audio import EnergyVad, array_to_pcm, frame_bytes, mix, silence, speech_like, tone
+from piopiy_voice.audio import EnergyVad, array_to_pcm, frame_bytes, mix, silence, speech_like, tone
 
 
 def frames(pcm: bytes, rate: int) -> list[bytes]:

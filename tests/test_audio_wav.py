@@ -6,7 +6,7 @@ import wave
 import numpy as np
 import pytest
 
-from shared.audio import pcm_to_array, read_wav, tone, wav_bytes, write_wav
+from piopiy_voice.audio import pcm_to_array, read_wav, tone, wav_bytes, write_wav
 
 
 def test_roundtrip_file_and_bytes(tmp_path):

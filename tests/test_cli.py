@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared import cli
+from piopiy_voice import cli
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
@@ -30,7 +30,7 @@ def test_unknown_command_is_an_error(capsys):
 # (``piopiy-voice status ID | head -3``): no traceback, exit status 0.
 _BIG_OUTPUT = """
 import sys, types
-from shared import cli
+from piopiy_voice import cli
 mod = types.ModuleType("pv_fake_cmd")
 def big(argv):
     for i in range(100000):

@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from shared import contracts as c
+from piopiy_voice import contracts as c
 
 
 def _wire(fields):

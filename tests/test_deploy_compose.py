@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.cli import COMMANDS, resolve
-from shared.settings import Settings
+from piopiy_voice.cli import COMMANDS, resolve
+from piopiy_voice.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
@@ -232,7 +232,7 @@ def test_gateway_grace_outlasts_drain(compose):
 def test_dialer_grace_outlasts_a_job(compose):
     """A warm shutdown waits for the job in hand; killed mid-request, its
     outcome is unknown and the person is not called."""
-    from workers.dialer.api import JOB_TIMEOUT_S
+    from piopiy_voice.workers.dialer.api import JOB_TIMEOUT_S
 
     grace = _duration_s(compose.service("dialer")["stop_grace_period"])
     assert grace >= JOB_TIMEOUT_S + 5, f"dialer stop_grace_period {grace}s < job timeout {JOB_TIMEOUT_S}s"
@@ -309,8 +309,8 @@ def test_dockerfile():
 
 
 def test_deploy_doc_names_every_metric():
-    from gateway import metrics as gw_metrics
-    from workers import metrics as wk_metrics
+    from piopiy_voice.gateway import metrics as gw_metrics
+    from piopiy_voice.workers import metrics as wk_metrics
 
     doc = (ROOT / "docs" / "DEPLOY.md").read_text()
     for name in gw_metrics._HELP:

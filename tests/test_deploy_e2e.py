@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import keys
+from piopiy_voice import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
@@ -73,7 +73,7 @@ def stack(redis_url, r, subprocess_env, tmp_path):
 def place_call(stack: LocalStack, to: str, scenario: str) -> str:
     dialer = stack.replicas["dialer"][0]
     res = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "call", "--to", to, "--param", f"scenario={scenario}"],
+        [sys.executable, "-m", "piopiy_voice.cli", "call", "--to", to, "--param", f"scenario={scenario}"],
         env=dialer.env, cwd=stack.work_dir, capture_output=True, text=True, timeout=30,
     )
     assert res.returncode == 0, res.stderr
@@ -115,7 +115,7 @@ def test_calls_end_to_end_through_scaled_roles(stack, r):
         assert not report["malformed"], report["malformed"]
 
         status = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "status", call_id, "--json"],
+            [sys.executable, "-m", "piopiy_voice.cli", "status", call_id, "--json"],
             env=stack.replicas["dialer"][0].env, capture_output=True, text=True, timeout=30,
         )
         assert status.returncode == 0, status.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import keys
-from shared.redisconn import free_port
+from piopiy_voice import keys
+from piopiy_voice.redisconn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("pv_healthcheck", ROOT / "deploy" / "healthcheck.py")
@@ -66,7 +66,7 @@ def test_find_role_argv_reads_proc(tmp_path):
         (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (tmp_path / "self").mkdir()
     assert hc.find_role_argv(str(tmp_path)) == ["worker", "--metrics-port", "9101"]
-    (tmp_path / "1" / "cmdline").write_bytes(b"python\0-m\0shared.cli\0gateway\0")
+    (tmp_path / "1" / "cmdline").write_bytes(b"python\0-m\0piopiy_voice.cli\0gateway\0")
     assert hc.find_role_argv(str(tmp_path)) == ["gateway"]
     (tmp_path / "1" / "cmdline").write_bytes(b"piopiy-voice\0status\0abc\0")
     assert hc.find_role_argv(str(tmp_path)) is None

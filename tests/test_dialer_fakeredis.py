@@ -9,10 +9,10 @@ import fakeredis
 import pytest
 from rq import Queue
 
-from shared import keys
-from shared.settings import Settings
-from workers.dialer import IdempotencyConflict, enqueue_call
-from workers.dialer.ratelimit import reserve_dial_slot
+from piopiy_voice import keys
+from piopiy_voice.settings import Settings
+from piopiy_voice.workers.dialer import IdempotencyConflict, enqueue_call
+from piopiy_voice.workers.dialer.ratelimit import reserve_dial_slot
 
 TO = "919876543210"
 
@@ -34,7 +34,7 @@ def test_same_idempotency_key_enqueues_one_job(fake, settings):
     assert again.call_id == first.call_id and again.job_id == first.job_id
     queue = Queue("calls-fake", connection=fake)
     assert queue.job_ids == [first.job_id]
-    assert queue.fetch_job(first.job_id).func_name == "workers.dialer.jobs.place_call"
+    assert queue.fetch_job(first.job_id).func_name == "piopiy_voice.workers.dialer.jobs.place_call"
     assert fake.hget(keys.call_meta(first.call_id), "state") == b"queued"
     with pytest.raises(IdempotencyConflict):
         enqueue_call(fake, to="919876543211", settings=settings, idempotency_key="order-17")

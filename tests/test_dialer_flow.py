@@ -18,11 +18,11 @@ import pytest
 from rq import Queue
 from rq.job import Job
 
-from shared import keys
-from shared.settings import Settings
-from shared.signing import verify_stream_path
+from piopiy_voice import keys
+from piopiy_voice.settings import Settings
+from piopiy_voice.signing import verify_stream_path
 from tests import workers_support
-from workers.dialer import enqueue_call
+from piopiy_voice.workers.dialer import enqueue_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -118,7 +118,7 @@ def workers(env, tmp_path):
         for i in range(n):
             log = open(tmp_path / f"worker{len(procs)}.log", "w")
             procs.append((subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "dialer"], cwd=ROOT, env=e,
+                [sys.executable, "-m", "piopiy_voice.cli", "dialer"], cwd=ROOT, env=e,
                 stdout=log, stderr=subprocess.STDOUT), log))
             started.append(procs[-1][0])
         return started
@@ -278,7 +278,7 @@ def test_campaign_live_cap_holds_excess_calls_until_a_slot_frees(r, piopiy, work
     wait_for(state_is(r, first, "placed"), what="first call placed")
     assert piopiy.count() == 1
     # the gateway reports the first call ended
-    from shared import callrecord
+    from piopiy_voice import callrecord
 
     with r.pipeline() as pipe:
         callrecord.set_state(pipe, first, "ended", reason="hangup", campaign="cap1")
@@ -298,22 +298,22 @@ def test_unknown_outcome_is_never_redialed(r, piopiy, workers, settings):
 
 
 def test_call_and_status_cli(r, piopiy, workers, env):
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "call", "--to", TO, "--flow", "demo",
+    out = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "call", "--to", TO, "--flow", "demo",
                           "--key", "cli-1", "--then-hangup"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     call_id = out.stdout.strip()
     keys.validate_call_id(call_id)
-    again = subprocess.run([sys.executable, "-m", "shared.cli", "call", "--to", TO, "--flow", "demo",
+    again = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "call", "--to", TO, "--flow", "demo",
                             "--key", "cli-1", "--then-hangup"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert again.stdout.strip() == call_id and "already enqueued" in again.stderr
-    bad = subprocess.run([sys.executable, "-m", "shared.cli", "call", "--to", "12ab"],
+    bad = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "call", "--to", "12ab"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "to:" in bad.stderr
     workers(1)
     wait_for(state_is(r, call_id, "placed"), what="placed")
-    st = subprocess.run([sys.executable, "-m", "shared.cli", "status", call_id],
+    st = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "status", call_id],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert st.returncode == 0, st.stderr
     assert f"call {call_id}: placed" in st.stdout
@@ -321,7 +321,7 @@ def test_call_and_status_cli(r, piopiy, workers, env):
     assert "JobStatus" not in st.stdout  # the rq job's state reads "(finished)", not an enum repr
     for event in ("state.queued", "state.dialing", "state.placed"):
         assert event in st.stdout
-    missing = subprocess.run([sys.executable, "-m", "shared.cli", "status", "c-nope"],
+    missing = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "status", "c-nope"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1
 
@@ -375,7 +375,7 @@ def test_dialer_dying_mid_request_leaves_a_failed_record_never_redialed(r, piopi
     assert "inflight" in rec
     # A re-run of the job (by hand) refuses to dial.
     rerun = Queue("calls-test", connection=r).enqueue_call(
-        "workers.dialer.jobs.place_call", args=(res.call_id, {"to": TO, "caller_id": CALLER}))
+        "piopiy_voice.workers.dialer.jobs.place_call", args=(res.call_id, {"to": TO, "caller_id": CALLER}))
     wait_for(lambda: rerun.get_status(refresh=True) in ("finished", "failed"), what="re-run done")
     assert piopiy.count() == 1
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from rq import Queue
 
-from shared import callrecord, keys
-from shared.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
-from shared.settings import Settings
-from workers.dialer import IdempotencyConflict, build_request, enqueue_call
-from workers.dialer.campaign import campaign_status, enqueue_csv
-from workers.dialer.jobs import is_retryable
-from workers.dialer.ratelimit import acquire_live_slot, live_count, reserve_dial_slot
+from piopiy_voice import callrecord, keys
+from piopiy_voice.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
+from piopiy_voice.settings import Settings
+from piopiy_voice.workers.dialer import IdempotencyConflict, build_request, enqueue_call
+from piopiy_voice.workers.dialer.campaign import campaign_status, enqueue_csv
+from piopiy_voice.workers.dialer.jobs import is_retryable
+from piopiy_voice.workers.dialer.ratelimit import acquire_live_slot, live_count, reserve_dial_slot
 
 ROOT = Path(__file__).resolve().parent.parent
 TO = "919876543210"
@@ -172,13 +172,13 @@ def test_campaign_cli_reports_lines_and_shows_status(r, redis_url, subprocess_en
     path = tmp_path / "contacts.csv"
     path.write_text(CSV)
     env = dict(subprocess_env, PIOPIY_CALLER_ID="919000000000", PV_DIAL_QUEUE="calls-unit")
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "campaign", "enqueue", str(path),
+    out = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "campaign", "enqueue", str(path),
                           "--name", "cli-camp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out.stderr  # some rows were bad
     assert f"{path}:line 3: to:" in out.stderr and f"{path}:line 10: flow:" in out.stderr
     assert "] 7/7 rows 100%" in out.stderr  # the progress bar finished
     assert "3 enqueued" in out.stdout and "4 bad" in out.stdout
-    st = subprocess.run([sys.executable, "-m", "shared.cli", "campaign", "status", "cli-camp"],
+    st = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "campaign", "status", "cli-camp"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert st.returncode == 0 and "3 calls" in st.stdout
     lines = dict(line.split() for line in st.stdout.splitlines()[1:])

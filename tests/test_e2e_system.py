@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.demo import LocalSystem, check_flow
-from shared import keys
-from shared.audio import DtmfDetector
-from shared.contracts import AudioFrame, decode
+from piopiy_voice.sandbox.demo import LocalSystem, check_flow
+from piopiy_voice import keys
+from piopiy_voice.audio import DtmfDetector
+from piopiy_voice.contracts import AudioFrame, decode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -6,7 +6,7 @@ import asyncio
 
 import redis
 
-from gateway.commands import CommandReader
+from piopiy_voice.gateway.commands import CommandReader
 
 
 class ScriptedClient:

@@ -8,9 +8,9 @@ import json
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway import control
-from gateway.control import CallHandle, CallNotFound, CommandTimeout
-from shared import callrecord, keys
+from piopiy_voice.gateway import control
+from piopiy_voice.gateway.control import CallHandle, CallNotFound, CommandTimeout
+from piopiy_voice import callrecord, keys
 from tests.test_gateway_server import GW, run, running, until, url
 
 pytestmark = pytest.mark.integration

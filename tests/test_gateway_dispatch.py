@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from gateway.dispatch import Dispatcher, LiveCall
-from gateway.metrics import Metrics
-from gateway.publisher import Publisher
-from gateway.session import CallSession
-from shared import contracts as c
+from piopiy_voice.gateway.dispatch import Dispatcher, LiveCall
+from piopiy_voice.gateway.metrics import Metrics
+from piopiy_voice.gateway.publisher import Publisher
+from piopiy_voice.gateway.session import CallSession
+from piopiy_voice import contracts as c
 
 
 class FakeWs:
@@ -85,7 +85,7 @@ def test_commands_of_one_call_stay_in_order_and_pending_is_bounded():
 
 
 def test_a_send_that_times_out_closes_the_socket_and_rejects_the_command(monkeypatch):
-    import gateway.dispatch as dispatch
+    import piopiy_voice.gateway.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "SEND_TIMEOUT_S", 0.1)
 
@@ -104,7 +104,7 @@ def test_a_send_that_times_out_closes_the_socket_and_rejects_the_command(monkeyp
 def test_32k_audio_is_resampled_off_the_event_loop(monkeypatch):
     import json
 
-    import gateway.dispatch as dispatch
+    import piopiy_voice.gateway.dispatch as dispatch
 
     calls = []
     real = asyncio.to_thread

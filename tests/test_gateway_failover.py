@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from shared import keys
-from shared.audio import silence, speech_like
-from shared.contracts import decode
-from shared.redisconn import free_port
-from shared.signing import sign_stream_url
+from piopiy_voice import keys
+from piopiy_voice.audio import silence, speech_like
+from piopiy_voice.contracts import decode
+from piopiy_voice.redisconn import free_port
+from piopiy_voice.signing import sign_stream_url
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def roles(subprocess_env, r, tmp_path):
     def start(name, argv, extra):
         log = open(tmp_path / f"{name}.log", "wb")
         logs.append(log)
-        procs[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv],
+        procs[name] = subprocess.Popen([sys.executable, "-m", "piopiy_voice.cli", *argv],
                                        env=dict(env, **extra), stdout=log, stderr=subprocess.STDOUT)
 
     for gw, port in ports.items():

@@ -14,11 +14,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.publisher import Publisher
-from shared import contracts as c
-from shared import keys
-from shared.redisconn import EmbeddedRedis, connect as connect_sync
-from shared.signing import sign_stream_url
+from piopiy_voice.gateway.publisher import Publisher
+from piopiy_voice import contracts as c
+from piopiy_voice import keys
+from piopiy_voice.redisconn import EmbeddedRedis, connect as connect_sync
+from piopiy_voice.signing import sign_stream_url
 from tests.test_gateway_server import run
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ class _Proc:
 
 def test_sigterm_drains_then_closes_1012(subprocess_env, r):
     env = dict(subprocess_env, PV_SIGNING_SECRET=SECRET)
-    proc = _Proc([sys.executable, "-m", "gateway.server", "--port", "0", "--gateway-id", "gw-d",
+    proc = _Proc([sys.executable, "-m", "piopiy_voice.gateway.server", "--port", "0", "--gateway-id", "gw-d",
                   "--drain-grace", "1.0"], env)
     try:
         port = int(proc.wait_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from gateway.publisher import Publisher
+from piopiy_voice.gateway.publisher import Publisher
 
 
 def _closed_port() -> int:
@@ -36,7 +36,7 @@ def test_close_reports_what_could_not_be_written(caplog):
         await pub.close(timeout=0.2)
         return pub
 
-    with caplog.at_level(logging.WARNING, logger="gateway.publisher"):
+    with caplog.at_level(logging.WARNING, logger="piopiy_voice.gateway.publisher"):
         pub = asyncio.run(asyncio.wait_for(main(), 10))
     assert pub.metrics.c["frames_dropped"] == 1
     assert any("discarding 2 unwritten entries (1 audio frames)" in r.getMessage()
@@ -46,10 +46,10 @@ def test_close_reports_what_could_not_be_written(caplog):
 def test_platform_text_cannot_grow_the_outage_buffer_without_bound():
     # Review fix: text frames became entries that were "never refused", so
     # during a Redis outage a chatty platform grew the buffer without limit.
-    from gateway.dispatch import LiveCall  # noqa: PLC0415
-    from gateway.server import Gateway  # noqa: PLC0415
-    from gateway.session import CallSession  # noqa: PLC0415
-    from shared.settings import Settings  # noqa: PLC0415
+    from piopiy_voice.gateway.dispatch import LiveCall  # noqa: PLC0415
+    from piopiy_voice.gateway.server import Gateway  # noqa: PLC0415
+    from piopiy_voice.gateway.session import CallSession  # noqa: PLC0415
+    from piopiy_voice.settings import Settings  # noqa: PLC0415
 
     gw = Gateway(Settings.from_env({}, signing_secret="x" * 16, gateway_id="gw-u",
                                    redis_buffer_frames=10),

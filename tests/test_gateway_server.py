@@ -14,12 +14,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.server import Gateway
-from shared import contracts as c
-from shared import keys
-from shared.redisconn import connect_async
-from shared.settings import Settings
-from shared.signing import sign_stream_url
+from piopiy_voice.gateway.server import Gateway
+from piopiy_voice import contracts as c
+from piopiy_voice import keys
+from piopiy_voice.redisconn import connect_async
+from piopiy_voice.settings import Settings
+from piopiy_voice.signing import sign_stream_url
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gateway.session import CallSession
-from shared import contracts as c
+from piopiy_voice.gateway.session import CallSession
+from piopiy_voice import contracts as c
 
 
 def _session(**kw):

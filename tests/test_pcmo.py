@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from shared import Action, PiopiyValidationError, StreamAction
-from shared.pcmo import control_json, stream_audio_json
-from shared.pcmo_models import parse_ws_message
+from piopiy_voice import Action, PiopiyValidationError, StreamAction
+from piopiy_voice.pcmo import control_json, stream_audio_json
+from piopiy_voice.pcmo_models import parse_ws_message
 
 WS = "wss://gw.example.com/call/c1?exp=1&sig=ab"
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from shared import Action, PiopiyValidationError, StreamAction
-from shared import pcmo_models as m
-from shared.pcmo_models import parse_pcmo, parse_ws_message, pcmo_to_list
+from piopiy_voice import Action, PiopiyValidationError, StreamAction
+from piopiy_voice import pcmo_models as m
+from piopiy_voice.pcmo_models import parse_pcmo, parse_ws_message, pcmo_to_list
 
 WS = "ws://127.0.0.1:8765/call/c1?rate=8000&exp=9&sig=aa"
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from shared import callrecord, keys
-from shared.redisconn import MAX_BLOCK_MS, EmbeddedRedis, connect, resolve_redis_url
+from piopiy_voice import callrecord, keys
+from piopiy_voice.redisconn import MAX_BLOCK_MS, EmbeddedRedis, connect, resolve_redis_url
 
 
 def test_embedded_server_is_a_real_redis_and_stops_on_close():

@@ -12,7 +12,7 @@ import pytest
 import requests
 from urllib3.exceptions import NewConnectionError, ProtocolError
 
-from shared import (
+from piopiy_voice import (
     Action,
     PiopiyApiError,
     PiopiyNetworkError,
@@ -20,8 +20,8 @@ from shared import (
     RestClient,
     StreamAction,
 )
-from shared.rest import _never_sent, _retry_after
-from shared.settings import Settings
+from piopiy_voice.rest import _never_sent, _retry_after
+from piopiy_voice.settings import Settings
 
 OK = {"code": 200, "status": "progress", "request_id": "req-1",
       "data": {"status": "progress", "request_id": "req-1"}}

@@ -17,9 +17,9 @@ from pathlib import Path
 import requests
 from websockets.asyncio.server import serve
 
-from sandbox.platform import PlatformOptions
-from sandbox.server import Sandbox
-from shared.audio import DtmfDetector, EnergyVad, rms_dbfs, speech_like
+from piopiy_voice.sandbox.platform import PlatformOptions
+from piopiy_voice.sandbox.server import Sandbox
+from piopiy_voice.audio import DtmfDetector, EnergyVad, rms_dbfs, speech_like
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def test_demo_scenario_end_to_end_against_a_reactive_agent(tmp_path):
 
 def test_cli_sandbox_process_serves_and_stops_on_sigterm(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PIOPIY_APP_ID="", PIOPIY_APP_TOKEN="")
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "sandbox", "--port", "0", "--report-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "piopiy_voice.cli", "sandbox", "--port", "0", "--report-dir",
                              str(tmp_path), "--scenario", "listen"], env=env, cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -137,6 +137,6 @@ def test_cli_sandbox_process_serves_and_stops_on_sigterm(tmp_path):
 
 def test_cli_rejects_unknown_scenario(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "shared.cli", "sandbox", "--port", "0", "--scenario", "nope"],
+    res = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "sandbox", "--port", "0", "--scenario", "nope"],
                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "unknown scenario" in res.stderr

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from shared.audio import rms_dbfs
+from piopiy_voice.audio import rms_dbfs
 from test_sandbox_stream import run_call, sandbox  # noqa: F401  (module fixture)
 
 SPEECH_DB = -30.0

@@ -7,8 +7,8 @@ import time
 import pytest
 import requests
 
-from sandbox.platform import PlatformOptions
-from sandbox.server import Sandbox
+from piopiy_voice.sandbox.platform import PlatformOptions
+from piopiy_voice.sandbox.server import Sandbox
 
 APP_ID, TOKEN = "4242", "tok-secret"
 
@@ -103,7 +103,7 @@ def test_unknown_music_file_is_404(sandbox):
 
 
 def test_strict_media_knows_only_files_in_media_dirs(tmp_path):
-    from shared.audio import tone, write_wav
+    from piopiy_voice.audio import tone, write_wav
 
     write_wav(str(tmp_path / "jingle.wav"), tone(440, 300, 8000), 8000)
     opts = PlatformOptions(ring_ms=10, strict_media=True, media_dirs=(tmp_path,))
@@ -169,8 +169,8 @@ def test_unknown_report_is_404_and_wait_param_checked(sandbox):
 
 
 def test_rest_client_against_the_sandbox(sandbox):
-    from shared import RestClient, StreamAction
-    from shared.errors import PiopiyApiError
+    from piopiy_voice import RestClient, StreamAction
+    from piopiy_voice.errors import PiopiyApiError
 
     sb, url = sandbox
     client = RestClient(int(APP_ID), TOKEN, base_url=url, action_url=url + "/v1/call/action", max_retries=0)

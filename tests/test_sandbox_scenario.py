@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from sandbox.caller import ScriptPlayer
-from sandbox.human import SimulatedHuman
-from sandbox.scenario import HumanScript, ScenarioError, bundled_names, load_scenario, parse_scenario
-from shared.audio import DtmfDetector, frame_bytes, rms_dbfs, speech_like, write_wav
+from piopiy_voice.sandbox.caller import ScriptPlayer
+from piopiy_voice.sandbox.human import SimulatedHuman
+from piopiy_voice.sandbox.scenario import HumanScript, ScenarioError, bundled_names, load_scenario, parse_scenario
+from piopiy_voice.audio import DtmfDetector, frame_bytes, rms_dbfs, speech_like, write_wav
 
 
 def player(steps, rate=8000, after="hangup"):

@@ -14,9 +14,9 @@ import pytest
 import requests
 from websockets.asyncio.server import serve
 
-from sandbox.platform import PlatformOptions
-from sandbox.server import Sandbox
-from shared.audio import frame_bytes, read_wav, rms_dbfs, speech_like
+from piopiy_voice.sandbox.platform import PlatformOptions
+from piopiy_voice.sandbox.server import Sandbox
+from piopiy_voice.audio import frame_bytes, read_wav, rms_dbfs, speech_like
 
 APP_ID, TOKEN = "777", "stream-test-token"
 

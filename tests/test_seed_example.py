@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from examples.seed_example import build_pcmo, main
-from shared.signing import verify_stream_path
+from piopiy_voice.signing import verify_stream_path
 from test_rest import OK, FakePlatform
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,8 +2,8 @@ import logging
 
 import pytest
 
-from shared import keys
-from shared.settings import Settings
+from piopiy_voice import keys
+from piopiy_voice.settings import Settings
 
 
 def test_settings_read_from_environment_by_alias():

@@ -2,7 +2,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.signing import SignatureError, parse_call_path, sign_stream_url, verify_stream_path
+from piopiy_voice.signing import SignatureError, parse_call_path, sign_stream_url, verify_stream_path
 
 SECRET = "s3cret-for-tests"
 NOW = 1_800_000_000

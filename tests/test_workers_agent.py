@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from shared import contracts as c
-from shared.audio import EnergyVad, dtmf_tone, frame_bytes, silence, speech_like
-from shared.settings import Settings
-from workers.agent.base import Agent, Tick, load_agent_class
-from workers.agent.default import DefaultAgent, prompt
+from piopiy_voice import contracts as c
+from piopiy_voice.audio import EnergyVad, dtmf_tone, frame_bytes, silence, speech_like
+from piopiy_voice.settings import Settings
+from piopiy_voice.workers.agent.base import Agent, Tick, load_agent_class
+from piopiy_voice.workers.agent.default import DefaultAgent, prompt
 
 T0 = 1_000_000.0
 GREETING_S = len(prompt("greeting", 8000)) / 16000
@@ -240,11 +240,11 @@ def test_call_ended_stops_all_decisions():
 
 
 def test_load_agent_class_rejects_bad_specs():
-    assert load_agent_class("workers.agent.default:DefaultAgent") is DefaultAgent
+    assert load_agent_class("piopiy_voice.workers.agent.default:DefaultAgent") is DefaultAgent
     for spec, msg in [("nocolon", "package.module:Class"), ("a:b:c", "package.module:Class"),
                       ("no_such_mod_xyz:X", "cannot be imported"),
-                      ("workers.agent.default:Nope", "no attribute"),
-                      ("workers.agent.default:prompt", "not a subclass")]:
+                      ("piopiy_voice.workers.agent.default:Nope", "no attribute"),
+                      ("piopiy_voice.workers.agent.default:prompt", "not a subclass")]:
         with pytest.raises(ValueError, match=msg):
             load_agent_class(spec)
     assert issubclass(DefaultAgent, Agent)
@@ -256,7 +256,7 @@ def test_load_agent_class_finds_a_module_in_the_current_directory(tmp_path, monk
     (tmp_path / "pv_cwd_pkg").mkdir()
     (tmp_path / "pv_cwd_pkg" / "__init__.py").write_text("")
     (tmp_path / "pv_cwd_pkg" / "agents.py").write_text(
-        "from workers.agent.base import Agent\n\nclass Echo(Agent):\n    pass\n")
+        "from piopiy_voice.workers.agent.base import Agent\n\nclass Echo(Agent):\n    pass\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "pv_cwd_pkg", raising=False)

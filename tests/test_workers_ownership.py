@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from shared import contracts as c
-from shared import keys
-from shared.redisconn import connect
-from shared.settings import Settings
-from tests.workers_support import CountingAgent, FakeGateway, wait_for
-from workers.checkpoint import load
-from workers.runner import Worker
+from piopiy_voice import contracts as c
+from piopiy_voice import keys
+from piopiy_voice.redisconn import connect
+from piopiy_voice.settings import Settings
+from workers_support import CountingAgent, FakeGateway, wait_for
+from piopiy_voice.workers.checkpoint import load
+from piopiy_voice.workers.runner import Worker
 
 pytestmark = pytest.mark.integration
 FRAME = b"\x00\x01" * 160
@@ -159,7 +159,7 @@ def test_lease_expiry_lets_another_worker_take_over_and_fences_the_old_one(r, re
 def _spawn(subprocess_env, worker_id, lease_ms):
     env = dict(subprocess_env, PV_LOG_LEVEL="INFO")
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.runner", "--agent", "tests.workers_support:CountingAgent",
+        [sys.executable, "-m", "piopiy_voice.workers.runner", "--agent", "workers_support:CountingAgent",
          "--worker-id", worker_id, "--lease-ms", str(lease_ms), "--max-seconds", "60"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -241,8 +241,8 @@ def test_sigterm_hands_back_faster_than_the_lease(r, subprocess_env):
 
 
 def test_default_agent_through_redis_pause_resumed_by_the_worker_clock(r, redis_url):
-    from shared.audio import dtmf_tone, frame_bytes, silence
-    from workers.agent.default import DefaultAgent
+    from piopiy_voice.audio import dtmf_tone, frame_bytes, silence
+    from piopiy_voice.workers.agent.default import DefaultAgent
 
     settings = Settings.from_env({"PV_PAUSE_RESUME_AFTER_S": "0.5"})
     worker = Worker(settings, DefaultAgent, r=connect(redis_url), worker_id="wd", lease_ms=1000)
@@ -269,7 +269,7 @@ def test_default_agent_through_redis_pause_resumed_by_the_worker_clock(r, redis_
 def test_metrics_endpoint_serves_prometheus_text():
     import urllib.request
 
-    from workers.metrics import Metrics, serve
+    from piopiy_voice.workers.metrics import Metrics, serve
 
     m = Metrics()
     m.inc("dead_letters_total", 2)
@@ -382,7 +382,7 @@ def test_repeated_announcement_of_an_owned_call_is_acked(r, redis_url):
 
 
 def test_call_of_a_dead_gateway_is_ended_by_its_owner(r, redis_url, monkeypatch):
-    from workers import orphans
+    from piopiy_voice.workers import orphans
 
     monkeypatch.setattr(orphans, "GATEWAY_LOST_S", 0.5)
     w = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wa", lease_ms=300)

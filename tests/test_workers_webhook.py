@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from shared import contracts as c
+from piopiy_voice import contracts as c
 from tests.test_workers_agent import GREETING_S, Sim, _settings
-from workers.agent.default import prompt
-from workers.agent.webhook import WebhookAgent
+from piopiy_voice.workers.agent.default import prompt
+from piopiy_voice.workers.agent.webhook import WebhookAgent
 
 
 class Hook:
@@ -162,9 +162,9 @@ def test_state_survives_a_checkpoint(hook):
 
 @pytest.mark.integration
 def test_worker_runs_the_webhook_agent_end_to_end(hook, r, redis_url):
-    from shared.redisconn import connect
-    from tests.workers_support import FakeGateway, wait_for
-    from workers.runner import Worker
+    from piopiy_voice.redisconn import connect
+    from workers_support import FakeGateway, wait_for
+    from piopiy_voice.workers.runner import Worker
 
     hook.reply = {"commands": [{"type": "cmd.speak", "text": "Welcome"}]}
     settings = _settings(PV_AGENT_WEBHOOK_URL=hook.url)

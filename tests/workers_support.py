@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from shared import contracts as c
-from shared import keys
-from workers.agent.base import Agent
+from piopiy_voice import contracts as c
+from piopiy_voice import keys
+from piopiy_voice.workers.agent.base import Agent
 
 
 class CountingAgent(Agent):

@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from shared import keys
-from shared.contracts import encode
+from piopiy_voice import keys
+from piopiy_voice.contracts import encode
 
 # KEYS: lease, checkpoint, command stream
 # ARGV: worker, lease_ms (renew), cmd maxlen, release (0/1), ckpt ttl s (0 none),

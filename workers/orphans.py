@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared import keys
+from piopiy_voice import keys
 
 #: A call whose gateway's heartbeat key is gone and whose stream has had no new
 #: entry for this long is ended by its owner (the gateway died for good, so no

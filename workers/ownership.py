@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
-from shared import keys
+from piopiy_voice import keys
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,24 @@ return 0
 """
 
 
-def ensure_group(r: Any) -> None:
-    """Create the workers' consumer group (from the stream's start) if missing."""
+def ensure_group(r: Any, group: str = keys.WORKERS_GROUP) -> None:
+    """Create a consumer group on the calls stream (from its start) if missing."""
     try:
-        r.xgroup_create(keys.CALLS_STREAM, keys.WORKERS_GROUP, id="0", mkstream=True)
+        r.xgroup_create(keys.CALLS_STREAM, group, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
 
 
 class Ownership:
-    def __init__(self, r: Any, worker_id: str, lease_ms: int) -> None:
+    """One role's ownership of calls. Workers use the defaults; the transcriber
+    role owns every call a second time, under its own group, lease keys and
+    heartbeat set, with the same rules."""
+
+    def __init__(self, r: Any, worker_id: str, lease_ms: int, *,
+                 group: str = keys.WORKERS_GROUP,
+                 lease_key: Callable[[str], str] = keys.call_lease,
+                 members: str = keys.WORKERS_ZSET) -> None:
         if not worker_id or worker_id == HANDBACK_CONSUMER:
             raise ValueError(f"worker_id must be non-empty and not {HANDBACK_CONSUMER!r}")
         if int(lease_ms) <= 100:
@@ -78,48 +85,51 @@ class Ownership:
         self.r = r
         self.worker_id = worker_id
         self.lease_ms = int(lease_ms)
+        self.group = group
+        self.lease_key = lease_key
+        self.members = members
         self._renew = r.register_script(_RENEW_LUA)
         self._release = r.register_script(_RELEASE_LUA)
-        ensure_group(r)
+        ensure_group(r, group)
 
     # -- leases --------------------------------------------------------
     def acquire(self, call_id: str) -> bool:
-        return bool(self.r.set(keys.call_lease(call_id), self.worker_id, nx=True, px=self.lease_ms))
+        return bool(self.r.set(self.lease_key(call_id), self.worker_id, nx=True, px=self.lease_ms))
 
     def holder(self, call_id: str) -> str | None:
-        v = self.r.get(keys.call_lease(call_id))
+        v = self.r.get(self.lease_key(call_id))
         return v.decode() if v is not None else None
 
     def release(self, call_id: str) -> bool:
-        return bool(self._release(keys=[keys.call_lease(call_id)], args=[self.worker_id]))
+        return bool(self._release(keys=[self.lease_key(call_id)], args=[self.worker_id]))
 
     def renew(self, owned: dict[str, str]) -> set[str]:
         """Renew the leases of ``owned`` (call id -> start entry id); refresh the
         idle time of the start entries still ours. Returns the calls lost."""
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
-        pipe.zadd(keys.WORKERS_ZSET, {self.worker_id: now})
+        pipe.zadd(self.members, {self.worker_id: now})
         # Workers killed without a goodbye never remove themselves.
-        pipe.zremrangebyscore(keys.WORKERS_ZSET, "-inf", now - WORKER_ENTRY_TTL_S)
+        pipe.zremrangebyscore(self.members, "-inf", now - WORKER_ENTRY_TTL_S)
         pipe.execute()
         if not owned:
             return set()
         calls = list(owned)
         pipe = self.r.pipeline(transaction=False)
         for cid in calls:
-            self._renew(keys=[keys.call_lease(cid)], args=[self.worker_id, self.lease_ms], client=pipe)
+            self._renew(keys=[self.lease_key(cid)], args=[self.worker_id, self.lease_ms], client=pipe)
         results = pipe.execute()
         lost = {cid for cid, ok in zip(calls, results) if not ok}
         kept = [owned[cid] for cid in calls if cid not in lost]
         if kept:
-            self.r.xclaim(keys.CALLS_STREAM, keys.WORKERS_GROUP, self.worker_id, 0, kept, justid=True)
+            self.r.xclaim(keys.CALLS_STREAM, self.group, self.worker_id, 0, kept, justid=True)
         return lost
 
     # -- the calls stream ----------------------------------------------
     def read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
         """New entries for this worker (``>``), each as (entry id, raw fields)."""
         resp = self.r.xreadgroup(
-            keys.WORKERS_GROUP, self.worker_id, {keys.CALLS_STREAM: ">"}, count=count, block=block_ms
+            self.group, self.worker_id, {keys.CALLS_STREAM: ">"}, count=count, block=block_ms
         )
         out = []
         for _stream, entries in resp or ():
@@ -128,7 +138,7 @@ class Ownership:
         return out
 
     def ack(self, entry_id: str) -> None:
-        self.r.xack(keys.CALLS_STREAM, keys.WORKERS_GROUP, entry_id)
+        self.r.xack(keys.CALLS_STREAM, self.group, entry_id)
 
     def claim_stale(self, count: int = 50, max_rounds: int = 10) -> list[tuple[str, dict | None]]:
         """Start entries idle longer than the lease (dead owner or handed back),
@@ -138,7 +148,7 @@ class Ownership:
         cursor = "0-0"
         for _ in range(max_rounds):
             resp = self.r.xautoclaim(
-                keys.CALLS_STREAM, keys.WORKERS_GROUP, self.worker_id, self.lease_ms,
+                keys.CALLS_STREAM, self.group, self.worker_id, self.lease_ms,
                 start_id=cursor, count=count,
             )
             cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
@@ -157,7 +167,7 @@ class Ownership:
     def my_pending(self, count: int = 1000) -> list[str]:
         """Start entries pending to this consumer (a restart under the same id)."""
         rows = self.r.xpending_range(
-            keys.CALLS_STREAM, keys.WORKERS_GROUP, min="-", max="+", count=count,
+            keys.CALLS_STREAM, self.group, min="-", max="+", count=count,
             consumername=self.worker_id,
         )
         return [row["message_id"].decode() for row in rows]
@@ -170,7 +180,7 @@ class Ownership:
         """Make these pending start entries claimable by any worker right now."""
         if entry_ids:
             self.r.xclaim(
-                keys.CALLS_STREAM, keys.WORKERS_GROUP, HANDBACK_CONSUMER, 0, entry_ids,
+                keys.CALLS_STREAM, self.group, HANDBACK_CONSUMER, 0, entry_ids,
                 idle=HANDBACK_IDLE_MS, justid=True,
             )
 
@@ -178,5 +188,5 @@ class Ownership:
         """Delete this worker's consumer, only if nothing is pending to it
         (DELCONSUMER would silently drop pending entries)."""
         if not self.my_pending(count=1):
-            self.r.xgroup_delconsumer(keys.CALLS_STREAM, keys.WORKERS_GROUP, self.worker_id)
-        self.r.zrem(keys.WORKERS_ZSET, self.worker_id)
+            self.r.xgroup_delconsumer(keys.CALLS_STREAM, self.group, self.worker_id)
+        self.r.zrem(self.members, self.worker_id)

@@ -14,7 +14,7 @@ One thread, one loop. Each turn of the loop:
    each call's entries to its agent strictly in order;
 5. fires agent timers (``Tick``) for calls that are not behind;
 6. commits: the commands a call's batch produced are published atomically with
-   the checkpoint at the batch's last entry (``workers.checkpoint``); calls that
+   the checkpoint at the batch's last entry (``piopiy_voice.workers.checkpoint``); calls that
    produced no commands are checkpointed about once a second. All of a turn's
    commits go out in one pipelined round trip (each call's script is atomic).
 
@@ -25,11 +25,11 @@ to decode, or make the agent raise 3 times, go to ``keys.DEAD_LETTER_STREAM``
 with the reason; the call goes on with the next entry.
 
 A call whose gateway died for good never gets its ``call.ended``: its owner
-ends it itself, with every renewal (see ``workers.orphans``).
+ends it itself, with every renewal (see ``piopiy_voice.workers.orphans``).
 
 Redis Cluster: the one XREAD spans many calls' slots and the commit script
 touches the gateway's command stream, so workers need a single Redis (or
-Sentinel); see ``workers.checkpoint``.
+Sentinel); see ``piopiy_voice.workers.checkpoint``.
 
 The agent is called synchronously: a slow agent (e.g. a webhook) delays the
 other calls of this worker, so keep webhook timeouts short and run more workers.
@@ -47,10 +47,10 @@ from typing import Any
 
 import redis
 
-from shared import callrecord, keys
-from shared.contracts import CallEnded, CallStarted, decode
-from shared.redisconn import connect, resolve_redis_url
-from shared.settings import Settings
+from piopiy_voice import callrecord, keys
+from piopiy_voice.contracts import CallEnded, CallStarted, decode
+from piopiy_voice.redisconn import connect, resolve_redis_url
+from piopiy_voice.settings import Settings
 
 from . import orphans
 from .agent.base import Agent, Tick, load_agent_class
@@ -59,7 +59,7 @@ from .metrics import Metrics, serve
 from .orphans import id_ms
 from .ownership import Ownership
 
-log = logging.getLogger("workers.runner")
+log = logging.getLogger("piopiy_voice.workers.runner")
 
 AGENT_ATTEMPTS = 3
 READ_COUNT = 50
@@ -197,7 +197,7 @@ class Worker:
             self.calls.pop(cid, None)
 
     def _end_orphans(self) -> None:
-        """End the calls whose gateway died for good (see ``workers.orphans``)."""
+        """End the calls whose gateway died for good (see ``piopiy_voice.workers.orphans``)."""
         ended = []
         for oc, state, campaign in orphans.find(self.r, [oc for oc in self.calls.values()
                                                         if not oc.ended]):
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--lease-ms must be > 100, got {args.lease_ms}")
         if args.webhook and not args.webhook.startswith(("http://", "https://")):
             raise ValueError(f"--webhook must be an http(s):// URL, got {args.webhook!r}")
-        spec = "workers.agent.webhook:WebhookAgent" if args.webhook else (args.agent or settings.agent)
+        spec = "piopiy_voice.workers.agent.webhook:WebhookAgent" if args.webhook else (args.agent or settings.agent)
         agent_cls = load_agent_class(spec)
         metrics = Metrics()
         worker = Worker(settings, agent_cls, worker_id=args.worker_id, lease_ms=args.lease_ms,

@@ -1,4 +1,4 @@
-"""Agents: the pure decision logic of a call (see ``workers.agent.base``)."""
+"""Agents: the pure decision logic of a call (see ``piopiy_voice.workers.agent.base``)."""
 
 from .base import Agent, Tick, load_agent_class
 

@@ -20,7 +20,7 @@ Contract
   stream entry for stream events, the worker's clock for ``Tick``. Never read
   ``time.time()`` yourself: replaying the same events must give the same
   commands.
-- Commands are ``shared.contracts`` command models. Build them with
+- Commands are ``piopiy_voice.contracts`` command models. Build them with
   ``self.command(Model, **fields)``: ``call_id`` is filled in; the runtime
   overwrites ``seq``/``command_id`` with deterministic values.
 - ``to_state()`` returns JSON-able data; ``from_state(call, settings, data)``
@@ -35,8 +35,8 @@ Contract
 
 Example (plug it in with ``piopiy-voice worker --agent mypkg.bot:Echo``)::
 
-    from shared.contracts import AudioFrame, Hangup, Speak
-    from workers.agent.base import Agent
+    from piopiy_voice.contracts import AudioFrame, Hangup, Speak
+    from piopiy_voice.workers.agent.base import Agent
 
     class Echo(Agent):
         _FIELDS = ("frames",)                   # checkpointed with the call
@@ -62,8 +62,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from shared.contracts import CallStarted
-from shared.settings import Settings
+from piopiy_voice.contracts import CallStarted
+from piopiy_voice.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -132,5 +132,5 @@ def load_agent_class(spec: str) -> type[Agent]:
     if cls is None:
         raise ValueError(f"agent module {module_name!r} has no attribute {class_name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
-        raise ValueError(f"agent {spec!r} is not a subclass of workers.agent.base.Agent")
+        raise ValueError(f"agent {spec!r} is not a subclass of piopiy_voice.workers.agent.base.Agent")
     return cls

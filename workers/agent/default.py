@@ -34,8 +34,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from shared import contracts as c
-from shared.audio import DtmfDetector, EnergyVad, frame_bytes, read_wav, resample
+from piopiy_voice import contracts as c
+from piopiy_voice.audio import DtmfDetector, EnergyVad, frame_bytes, read_wav, resample
 
 from .base import Agent, Tick
 

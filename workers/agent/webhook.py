@@ -22,7 +22,7 @@ Reply (200, JSON)::
                   {"type": "cmd.play_audio", "pcm_b64": "...", "rate": 8000},
                   {"type": "cmd.transfer", "to": ["9190..."], "caller_id": "9180..."}]}
 
-Any command type of ``shared.contracts`` is accepted and validated (ids and
+Any command type of ``piopiy_voice.contracts`` is accepted and validated (ids and
 ``call_id`` are set by us). ``{"commands": []}`` means "do nothing";
 ``{"commands": null}`` or no ``commands`` key means "do what the default agent
 would". Fallback: on a timeout (``Settings.agent_webhook_timeout_s``), a
@@ -46,7 +46,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
-from shared import contracts as c
+from piopiy_voice import contracts as c
 
 from .default import PROMPTS, DefaultAgent, prompt
 

@@ -27,9 +27,9 @@ import redis
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from rq import Callback, Queue
 
-from shared import callrecord, keys
-from shared.errors import PiopiyValidationError
-from shared.pcmo_models import (
+from piopiy_voice import callrecord, keys
+from piopiy_voice.errors import PiopiyValidationError
+from piopiy_voice.pcmo_models import (
     LISTEN_MODES,
     VOICE_QUALITIES,
     check_bool,
@@ -39,7 +39,7 @@ from shared.pcmo_models import (
     check_number,
     pcmo_to_list,
 )
-from shared.settings import Settings
+from piopiy_voice.settings import Settings
 
 #: How long an idempotency key keeps answering with its call id.
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
@@ -53,9 +53,9 @@ JOB_TIMEOUT_S = 180
 RESULT_TTL_S = 24 * 3600
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-JOB_FUNC = "workers.dialer.jobs.place_call"
+JOB_FUNC = "piopiy_voice.workers.dialer.jobs.place_call"
 #: Marks the record of a job that died without reporting (see ``jobs``).
-JOB_ON_FAILURE = "workers.dialer.jobs.on_job_failure"
+JOB_ON_FAILURE = "piopiy_voice.workers.dialer.jobs.on_job_failure"
 
 
 class IdempotencyConflict(ValueError):

@@ -15,7 +15,7 @@ run again. Bad rows are reported with their line number and reason; the good
 rows are enqueued regardless.
 
 Progress is read from the campaign's state hash (``call id -> state``), which
-``shared.callrecord.set_state`` updates whenever a state change names the
+``piopiy_voice.callrecord.set_state`` updates whenever a state change names the
 campaign (the dialer and the gateway both pass it).
 """
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
-from shared import callrecord, keys
-from shared.settings import Settings
+from piopiy_voice import callrecord, keys
+from piopiy_voice.settings import Settings
 
 from .api import IdempotencyConflict, _name, build_request, enqueue_request
 from .ratelimit import live_count

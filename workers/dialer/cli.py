@@ -12,9 +12,9 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from shared import callrecord, keys
-from shared.redisconn import connect, resolve_redis_url
-from shared.settings import Settings
+from piopiy_voice import callrecord, keys
+from piopiy_voice.redisconn import connect, resolve_redis_url
+from piopiy_voice.settings import Settings
 
 log = logging.getLogger("piopiy_voice.dialer")
 
@@ -121,7 +121,7 @@ def _options(args) -> dict[str, Any]:
             raise ValueError(f"--then: not JSON ({exc})") from None
         extra += parsed if isinstance(parsed, list) else [parsed]
     if args.then_play:
-        from shared.pcmo import Action
+        from piopiy_voice.pcmo import Action
 
         extra += Action().playMusic(args.then_play).PCMO()
     if args.then_hangup:

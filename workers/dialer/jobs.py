@@ -59,12 +59,12 @@ from typing import Any
 import redis
 from rq import Retry, get_current_job
 
-from shared import callrecord, keys
-from shared.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
-from shared.pcmo import StreamAction
-from shared.rest import RestClient
-from shared.settings import Settings
-from shared.signing import sign_stream_url
+from piopiy_voice import callrecord, keys
+from piopiy_voice.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
+from piopiy_voice.pcmo import StreamAction
+from piopiy_voice.rest import RestClient
+from piopiy_voice.settings import Settings
+from piopiy_voice.signing import sign_stream_url
 
 from . import ratelimit
 from .api import CallRequest
@@ -363,7 +363,7 @@ def place_call(call_id: str, request: dict[str, Any]) -> dict[str, Any] | Retry:
     job = get_current_job()
     conn = job.connection if job is not None else None
     if conn is None:
-        from shared.redisconn import connect
+        from piopiy_voice.redisconn import connect
 
         conn = connect()
     settings = Settings.from_env()

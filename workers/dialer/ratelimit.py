@@ -10,7 +10,7 @@ Two independent limits guard the platform and the people being called:
 
 * **Live calls per campaign** (``acquire_live_slot``): a sorted set of the
   campaign's call ids scored by the time their slot lapses. A slot is freed when
-  the campaign's state hash (kept by ``shared.callrecord.set_state``) says the
+  the campaign's state hash (kept by ``piopiy_voice.callrecord.set_state``) says the
   call ended or failed, or when its hold time passes — so a call that was placed
   but never connected (the gateway never hears of it) cannot keep its slot for
   ever. The live set and the state hash share the ``{campaign}`` hash tag, so
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from shared import keys
+from piopiy_voice import keys
 
 #: Reservation: returns microseconds to wait before the reserved instant.
 #: A wait longer than ARGV[3] (when > 0) reserves nothing.

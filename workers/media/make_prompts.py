@@ -1,8 +1,8 @@
 """Regenerate the default agent's prompt WAVs (8 kHz mono 16-bit).
 
-Run once at build time: ``python -m workers.media.make_prompts``. Uses
+Run once at build time: ``python -m piopiy_voice.workers.media.make_prompts``. Uses
 ``espeak-ng`` (real speech, 22050 Hz output, converted here to 8 kHz) when it
-is installed, else falls back to ``shared.audio.synth.speech_like`` so the
+is installed, else falls back to ``piopiy_voice.audio.synth.speech_like`` so the
 project still ships usable prompts. The generated files are committed; the
 worker never runs this.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.audio import read_wav, speech_like, write_wav
+from piopiy_voice.audio import read_wav, speech_like, write_wav
 
 HERE = Path(__file__).resolve().parent
 RATE = 8000
