@@ -1,4 +1,6 @@
 # Two commands a newcomer needs:  make demo   and   make test
+# (make up: the whole stack locally until Ctrl-C, with the export lines for
+# `piopiy-voice call/status/control` in another terminal)
 # Each creates .venv and installs the project on first use (and again when
 # pyproject.toml changes). Needs Python >= 3.11 and a C compiler.
 
@@ -7,7 +9,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo up test bench venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 needed, found " + sys.version.split()[0])'
@@ -20,6 +22,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/piopiy-voice demo
+
+up: $(STAMP)
+	$(BIN)/piopiy-voice up
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="measured window")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--rate", type=int, default=8000, choices=(8000, 16000, 32000))
+    ap.add_argument("--agent", help="agent class 'package.module:Class' (default: the worker's)")
     ap.add_argument("--profile", metavar="FILE", help="run the worker under cProfile, stats to FILE")
     args = ap.parse_args(argv)
 
@@ -68,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     if server is None:
         print(f"using REDIS_URL={url} (keys of pv:* are written)")
     port = free_port()
-    env = dict(os.environ, REDIS_URL=url, PYTHONPATH=str(ROOT), PV_LOG_LEVEL="WARNING",
+    env = dict(os.environ, REDIS_URL=url, PV_LOG_LEVEL="WARNING",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                PV_SILENCE_TIMEOUT_S="30")
     worker = subprocess.Popen(
         [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
          "-m", "piopiy_voice.workers.runner", "--worker-id", "bench-w1", "--metrics-port",
-         str(port)], env=env, cwd=ROOT,
+         str(port), *(["--agent", args.agent] if args.agent else [])], env=env, cwd=ROOT,
     )
     try:
         deadline = time.monotonic() + 15

@@ -1,14 +1,24 @@
 """The gateway: terminates the platform's call WebSockets and bridges them to Redis.
 
-Where things live:
-    session.py    CallSession, the sans-I/O core of one call (reframing, text
-                  events, commands -> platform messages, playout pacing)
-    outbound.py   the exact JSON the platform understands on the live socket
-    publisher.py  Publisher, the batched hand-written-RESP Redis writer
+Where things live (one owner for each piece of a call's state):
+    session.py    CallSession, the sans-I/O core of one call: seq, reframing,
+                  dropped-frame (gap) accounting, text events, the one switch
+                  on command type -> Outcome (messages, entries, what to do)
+    pacing.py     Pacer, the sans-I/O playout queue and pacing clock
+    registry.py   Registry of live calls (attach / replace / detach / end; the
+                  one holder of "which gateway holds this call") and LiveCall
+                  (session + current socket: publish_frame, hot-path sink,
+                  the playout task)
+    handshake.py  Handshake: routes, signature and limits before the upgrade;
+                  Admission (what the socket is, where its seq resumes)
+    dispatch.py   Dispatcher: commands -> Outcome carried out -> CommandResult
     commands.py   CommandReader, the single XREAD reader of this gateway's commands
-    dispatch.py   Dispatcher: commands -> socket messages + results; playout loops
+    publisher.py  Publisher, the batched hand-written-RESP Redis writer
+                  (its audio prefix is built from the contract)
     connection.py DirectConnection: frames handed to the call synchronously
-    server.py     Gateway (asyncio websockets server) and ``main`` (piopiy-voice gateway)
+    outbound.py   the exact JSON the platform understands on the live socket
+    server.py     Gateway (wires the above into a websockets server) and
+                  ``main`` (piopiy-voice gateway)
     control.py    CallHandle and ``main`` (piopiy-voice control)
-    metrics.py    counters rendered as Prometheus text at /metrics
+    metrics.py    counters exported for Prometheus at /metrics
 """

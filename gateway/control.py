@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from piopiy_voice.errors import from_pydantic, load_json  # noqa: PLC0415
     from piopiy_voice.redisconn import connect  # noqa: PLC0415
     from piopiy_voice.settings import Settings  # noqa: PLC0415
 
@@ -193,11 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("transfer needs --caller-id (or PIOPIY_CALLER_ID)")
             result = handle.transfer(args.numbers, caller, ring_type=args.ring_type)
         else:
-            try:
-                actions = json.loads(args.json)
-            except ValueError as exc:
-                raise ValueError(f"pcmo is not JSON: {exc}") from None
-            result = handle.pcmo(actions)
+            result = handle.pcmo(load_json(args.json, "pcmo"))  # depth-bounded: no RecursionError
+    except ValidationError as exc:  # a command model refused a value: one line naming the field
+        print(f"piopiy-voice control: {from_pydantic(exc)}", file=sys.stderr)
+        return 2
     except (CallControlError, ValueError, TypeError) as exc:
         print(f"piopiy-voice control: {exc}", file=sys.stderr)
         return 2

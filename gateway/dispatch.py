@@ -1,16 +1,19 @@
-"""Commands in, platform messages and playout out: the gateway's outbound side.
+"""Commands in, platform messages and results out: the gateway's outbound side.
 
 ``Dispatcher.on_command`` is the ``CommandReader``'s handler: it decodes one
 command, drops duplicates (by ``command_id``, last 10 000 remembered), refuses
 commands for calls this gateway does not hold (never touching another call's
 socket) and queues the rest on their call. One task per call with pending
-commands applies them in order through the call's ``CallSession`` and
+commands applies them in order: the call's ``CallSession`` decides
+(``Outcome``: messages, entries, and whether to cut or wake the playout loop
+or close the socket after a grace), this module only carries that out, then
 publishes a ``CommandResult`` to the call's stream and to ``reply_to``, plus a
-timeline line per applied command. The reader never waits for a socket, so a
-peer that stops reading (its send blocks up to ``SEND_TIMEOUT_S``) delays only
-its own call's commands; at most ``MAX_PENDING_COMMANDS`` wait per call, more
-are rejected. Audio is written to a socket only by that call's
-playout loop (``start_playout``), which sleeps until the next chunk falls due.
+timeline line per applied command. Nothing here switches on command type.
+
+The reader never waits for a socket, so a peer that stops reading (its send
+blocks up to ``SEND_TIMEOUT_S``) delays only its own call's commands; at most
+``MAX_PENDING_COMMANDS`` wait per call, more are rejected. Audio is written to
+a socket only by that call's playout loop (``LiveCall.start_playout``).
 """
 
 from __future__ import annotations
@@ -20,15 +23,12 @@ import collections
 import logging
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from piopiy_voice import callrecord, contracts, keys
 
-from . import outbound
 from .metrics import Metrics
-from .publisher import Publisher
-from .session import CallSession
+from .registry import LiveCall, Registry, close_ws
 
 log = logging.getLogger("gateway")
 
@@ -39,54 +39,16 @@ RECENT_COMMANDS = 10_000
 MAX_PENDING_COMMANDS = 256
 
 
-class LiveCall:
-    """A session bound to its current socket."""
-
-    __slots__ = ("session", "ws", "prefix", "campaign", "playout", "replaced", "drained",
-                 "gap_pending", "done", "kick")
-
-    def __init__(self, session: CallSession, ws: ServerConnection, prefix: bytes,
-                 campaign: str | None) -> None:
-        self.session = session
-        self.ws = ws
-        self.prefix = prefix
-        self.campaign = campaign
-        self.playout: asyncio.Task | None = None
-        self.replaced = False
-        self.drained = False
-        self.gap_pending = 0
-        self.done = asyncio.Event()
-        #: Set when new audio is queued, to wake the sleeping playout loop early.
-        self.kick = asyncio.Event()
-
-
-async def close_ws(ws: ServerConnection, code: int, reason: str) -> None:
-    """Close a socket, bounded in time, ignoring a peer that is already gone."""
-    try:
-        await asyncio.wait_for(ws.close(code, reason), 5.0)
-    except (asyncio.TimeoutError, ConnectionClosed, OSError):
-        pass
-
-
-def publish_entry(publisher: Publisher, cid: str, model: Any) -> None:
-    publisher.xadd(keys.call_stream(cid), contracts.encode(model), maxlen=keys.CALL_STREAM_MAXLEN)
-
-
 class Dispatcher:
-    def __init__(self, *, sessions: dict[str, LiveCall], publisher: Publisher, redis: Any,
-                 metrics: Metrics, gateway_id: str) -> None:
-        self.sessions = sessions
-        self.publisher = publisher
+    def __init__(self, *, registry: Registry, redis: Any, metrics: Metrics) -> None:
+        self.registry = registry
+        self.publisher = registry.publisher
         self.redis = redis
         self.metrics = metrics
-        self.gateway_id = gateway_id
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: call id -> commands waiting for that call's command task.
         self._pending: dict[str, collections.deque] = {}
         self._tasks: set[asyncio.Task] = set()
-
-    def _entry(self, cid: str, model: Any) -> None:
-        publish_entry(self.publisher, cid, model)
 
     async def on_command(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -104,7 +66,7 @@ class Dispatcher:
         self._recent[cmd.command_id] = None
         if len(self._recent) > RECENT_COMMANDS:
             self._recent.popitem(last=False)
-        live = self.sessions.get(cmd.call_id)
+        live = self.registry.get(cmd.call_id)
         if live is None:
             await self._reject_foreign(cmd)
             return
@@ -129,7 +91,7 @@ class Dispatcher:
         try:
             while queue:
                 cmd = queue.popleft()
-                live = self.sessions.get(cid)
+                live = self.registry.get(cid)
                 try:
                     if live is None:
                         await self._reject_foreign(cmd)
@@ -153,22 +115,14 @@ class Dispatcher:
     async def _apply(self, live: LiveCall, cmd: Any) -> None:
         s = live.session
         loop = asyncio.get_running_loop()
-        if cmd.type in ("cmd.interrupt", "cmd.hangup", "cmd.stop"):
-            self.cancel_playout(live)
-        if cmd.type == "cmd.play_audio" and cmd.rate not in outbound.STREAM_AUDIO_RATES:
-            # streamAudio takes 8000|16000: resample off the event loop (tens of ms
-            # for a long 32 kHz utterance would stall every call's frames).
-            from piopiy_voice.audio import resample  # noqa: PLC0415
-
-            pcm = await asyncio.to_thread(resample, cmd.pcm, cmd.rate, 16000)
-            cmd = cmd.model_copy(update={"pcm": pcm, "rate": 16000})
         outcome = s.apply(cmd, loop.time())
+        if outcome.cut_playout:
+            live.cut_playout()
+        ws = live.ws
         if outcome.status == "applied":
             try:
                 async with asyncio.timeout(SEND_TIMEOUT_S):
-                    for text in outcome.messages:
-                        await live.ws.send(text)
-                        self.metrics.c["messages_out"] += 1
+                    await live.send(outcome.messages)
             except (ConnectionClosed, TimeoutError, OSError) as exc:
                 outcome.status, outcome.reason = "rejected", f"socket send failed: {exc!r}"
                 if isinstance(exc, TimeoutError):
@@ -176,9 +130,9 @@ class Dispatcher:
                     # call is gone: end the call rather than keep a half-applied state.
                     log.warning("call %s: send timed out, closing the socket", s.call_id)
                     self.metrics.inc("send_timeouts")
-                    loop.create_task(close_ws(live.ws, 1011, "send timeout"))
+                    loop.create_task(close_ws(ws, 1011, "send timeout"))
         for e in outcome.entries:
-            self._entry(s.call_id, e)
+            live.publish(e)
         self._result(cmd, outcome.status, outcome.reason, on_call_stream=True, seq=s.next_seq())
         if outcome.status == "applied":
             self.metrics.inc("commands_applied")
@@ -186,17 +140,12 @@ class Dispatcher:
             callrecord.timeline(self.publisher, s.call_id, f"command.{cmd.type[4:]}", **detail)
             log.info("call %s: %s applied (%s)", s.call_id, cmd.type, cmd.command_id)
             if outcome.wake_playout:
-                self.start_playout(live)
-            if cmd.type in ("cmd.hangup", "cmd.stop"):
-                loop.call_later(CLOSE_AFTER_END_S, self._close_if_open, live)
+                live.start_playout()
+            if outcome.close_after:
+                loop.call_later(CLOSE_AFTER_END_S, self.registry.close_if_current, live, ws)
         else:
             self.metrics.inc("commands_rejected")
             log.info("call %s: %s rejected: %s", s.call_id, cmd.type, outcome.reason)
-
-    def _close_if_open(self, live: LiveCall) -> None:
-        if self.sessions.get(live.session.call_id) is live:
-            asyncio.get_running_loop().create_task(
-                close_ws(live.ws, 1000, live.session.closing_reason or "done"))
 
     async def _reject_foreign(self, cmd: Any) -> None:
         reason = "call not on this gateway"
@@ -216,7 +165,7 @@ class Dispatcher:
                 seq: int) -> None:
         res = contracts.CommandResult(call_id=cmd.call_id, seq=seq, command_id=cmd.command_id,
                                       command=cmd.type, status=status, reason=reason,
-                                      gateway_id=self.gateway_id)
+                                      gateway_id=self.registry.gateway_id)
         fields = contracts.encode(res)
         if on_call_stream:
             self.publisher.xadd(keys.call_stream(cmd.call_id), fields,
@@ -225,43 +174,3 @@ class Dispatcher:
             self.publisher.xadd(cmd.reply_to, fields, maxlen=1000)
             # Abandoned reply streams (requester died) must not live forever.
             self.publisher.expire(cmd.reply_to, 600)
-
-    # --------------------------------------------------------------- playout
-    def cancel_playout(self, live: LiveCall) -> None:
-        if live.playout is not None and not live.playout.done():
-            live.playout.cancel()
-        live.playout = None
-
-    def start_playout(self, live: LiveCall) -> None:
-        # Never restart a running loop: cancelling it mid-send could lose a chunk
-        # the session already counts as sent. Wake it instead.
-        if live.playout is not None and not live.playout.done():
-            live.kick.set()
-            return
-        live.playout = asyncio.get_running_loop().create_task(self._playout(live))
-
-    async def _playout(self, live: LiveCall) -> None:
-        """The only writer of a call's audio: releases chunks as they fall due."""
-        loop = asyncio.get_running_loop()
-        s = live.session
-        while True:
-            live.kick.clear()
-            now = loop.time()
-            messages, entries, wake = s.pump(now)
-            for e in entries:
-                self._entry(s.call_id, e)
-            try:
-                for text in messages:
-                    await live.ws.send(text)
-                    self.metrics.c["messages_out"] += 1
-            except ConnectionClosed:
-                return
-            if live.kick.is_set():
-                continue
-            if wake is None:
-                return
-            try:
-                async with asyncio.timeout(max(0.0, wake - loop.time())):
-                    await live.kick.wait()
-            except TimeoutError:
-                pass

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from piopiy_voice.pcmo import Action, control_json, stream_audio_json
-from piopiy_voice.pcmo_models import STREAM_AUDIO_RATES, pcmo_to_list
+from piopiy_voice.pcmo_models import BRIDGE_DEFAULTS, STREAM_AUDIO_RATES, pcmo_to_list
 
 __all__ = ["STREAM_AUDIO_RATES", "control", "stream_audio", "play_music", "speak", "hangup",
            "bridge", "raw_pcmo"]
@@ -46,8 +46,12 @@ def hangup() -> str:
     return dumps(Action().hangup().PCMO())
 
 
-def bridge(to: list[str], caller_id: str, *, duration: int = 5400, timeout: int = 40,
-           loop: int = 1, ring_type: str | None = None) -> str:
+def bridge(to: list[str], caller_id: str, *, duration: int = BRIDGE_DEFAULTS["duration"],
+           timeout: int = BRIDGE_DEFAULTS["timeout"], loop: int = BRIDGE_DEFAULTS["loop"],
+           ring_type: str | None = None) -> str:
+    """A bridge PCMO; defaults and limits are the PCMO bridge model's (``BRIDGE_*``),
+    the same ``contracts.Transfer`` takes, so a Transfer the worker could build
+    is never refused here for its options."""
     opts: dict[str, Any] = {"duration": duration, "timeout": timeout, "loop": loop}
     if ring_type:
         opts["ring_type"] = ring_type

@@ -7,7 +7,10 @@ At 50 frames per second per call, a client library's per-command overhead
 more than receiving the frame did. So the hot path here writes the Redis
 protocol (RESP) by hand into one ``bytearray``: each call has a precomputed
 prefix (``XADD <stream> MAXLEN ~ N * type audio v 1 call_id <id> seq``) and a
-frame appends only its seq and PCM bytes. One flusher task owns the connection
+frame appends only its seq and PCM bytes. The writer is a consumer of the
+audio entry contract, not a second author: the prefix is built from
+``contracts.audio_head`` and ``AUDIO_FIELD_NAMES`` (version, names, order,
+field count), so a change there changes what is written here. One flusher task owns the connection
 and keeps exactly one batch in flight: while Redis answers the previous batch,
 new entries accumulate, so batches grow with load. Below ``batch_min``
 queued entries the flusher first lingers ``linger_s`` (2 ms) for more: a batch
@@ -37,7 +40,7 @@ from typing import Any, Mapping
 import hiredis
 from redis.asyncio.connection import ConnectionPool
 
-from piopiy_voice import keys
+from piopiy_voice import contracts, keys
 
 from .metrics import Metrics
 
@@ -57,6 +60,11 @@ def _bulk(v: Any) -> bytes:
 def resp(*args: Any) -> bytes:
     """One command in the Redis protocol."""
     return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+
+
+# The two per-frame fields of an audio entry, last in the contract's order.
+_SEQ_NAME, _PCM_NAME = contracts.AUDIO_FIELD_NAMES[-2:]
+_PCM_ARG = _bulk(_PCM_NAME)
 
 
 class Publisher:
@@ -102,13 +110,13 @@ class Publisher:
 
     # ------------------------------------------------------------ producers
     def audio_prefix(self, call_id: str) -> bytes:
-        key = keys.call_stream(call_id).encode()
-        cid = call_id.encode()
-        return (
-            b"*16\r\n$4\r\nXADD\r\n" + _bulk(key) + b"$6\r\nMAXLEN\r\n$1\r\n~\r\n"
-            + _bulk(self.maxlen) + b"$1\r\n*\r\n$4\r\ntype\r\n$5\r\naudio\r\n$1\r\nv\r\n$1\r\n1\r\n"
-            + b"$7\r\ncall_id\r\n" + _bulk(cid) + b"$3\r\nseq\r\n"
-        )
+        """Everything of a call's audio XADD before the seq value (built once per call)."""
+        args: list[Any] = ["XADD", keys.call_stream(call_id), "MAXLEN", "~", self.maxlen, "*"]
+        for name, value in contracts.audio_head(call_id).items():
+            args += [name, value]
+        args.append(_SEQ_NAME)
+        # + the seq value, the pcm field's name and its value (``add_audio``)
+        return b"*%d\r\n" % (len(args) + 3) + b"".join(_bulk(a) for a in args)
 
     def add_audio(self, prefix: bytes, seq: int, pcm: bytes) -> bool:
         """Queue one audio entry; False (nothing queued) when the buffer is full."""
@@ -117,7 +125,7 @@ class Publisher:
         s = b"%d" % seq
         buf = self._buf
         buf += prefix
-        buf += b"$%d\r\n%s\r\n$3\r\npcm\r\n$%d\r\n" % (len(s), s, len(pcm))
+        buf += b"$%d\r\n%s\r\n%s$%d\r\n" % (len(s), s, _PCM_ARG, len(pcm))
         buf += pcm
         buf += b"\r\n"
         self._n += 1

@@ -18,17 +18,17 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from piopiy_voice import callrecord, keys
-from piopiy_voice.redisconn import EmbeddedRedis, connect, free_port
+from piopiy_voice.observability import setup_logging
+from piopiy_voice.redisconn import EmbeddedRedis, connect, free_port, redact_url
+from piopiy_voice.supervisor import Child, Supervisor, role_command
 
 from .server import DEV_APP_ID, DEV_APP_TOKEN
 
@@ -49,42 +49,6 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-@dataclass
-class Role:
-    name: str
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str]) -> None:
-        with open(self.log_path, "wb") as log_file:  # the child keeps its own copy
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "piopiy_voice.cli", *self.argv],
-                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        return self.proc.returncode
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
 class LocalSystem:
     """The four roles as real local processes on free loopback ports.
 
@@ -94,7 +58,8 @@ class LocalSystem:
 
     def __init__(self, out_dir: Path, redis_url: str | None = None, *,
                  scenario: str = "demo", extra_env: dict[str, str] | None = None,
-                 announce=None) -> None:
+                 announce=None, gateway_port: int | None = None, sandbox_port: int | None = None,
+                 dial_queue: str | None = None) -> None:
         self.out = Path(out_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.announce = announce or (lambda text: None)
@@ -107,18 +72,21 @@ class LocalSystem:
         self.redis_url = redis_url
         self.r = connect(redis_url)
         self.scenario = scenario
-        self.roles: list[Role] = []
-        self.gateway_port = free_port()
-        self.sandbox_port = free_port()
+        self.supervisor = Supervisor()
+        self.gateway_port = gateway_port or free_port()
+        self.sandbox_port = sandbox_port or free_port()
         self.worker_metrics_port = free_port()
         self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
         self.tag = secrets.token_hex(3)
+        self.dial_queue = dial_queue or f"calls-{self.tag}"
         self.env = self._env(extra_env or {})
+
+    @property
+    def roles(self) -> list[Child]:
+        return self.supervisor.children
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PV_", "PIOPIY_"))}
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         env.update({
             "REDIS_URL": self.redis_url,
             "PV_LOG_LEVEL": "INFO",
@@ -129,7 +97,7 @@ class LocalSystem:
             "PV_DRAIN_GRACE_S": "2",
             "PV_WORKER_ID": f"local-worker-{self.tag}",
             # Own queue: two local systems on one Redis never take each other's dial jobs.
-            "PV_DIAL_QUEUE": f"calls-{self.tag}",
+            "PV_DIAL_QUEUE": self.dial_queue,
             "PV_HUMAN_AGENT_NUMBER": HUMAN_AGENT,
             "PV_SANDBOX_PORT": str(self.sandbox_port),
             "PV_SANDBOX_REPORT_DIR": str(self.out),
@@ -150,30 +118,20 @@ class LocalSystem:
             ("dialer", ["dialer"]),
         ]
         for name, argv in specs:
-            role = Role(name, argv, self.out / f"{name}.log")
-            role.start(self.env)
-            self.roles.append(role)
+            # cwd: the report dir, so a developer's own .env never leaks into the roles.
+            self.supervisor.start(name, role_command(*argv), self.env, self.out / f"{name}.log",
+                                  cwd=str(self.out))
         checks = {
             "sandbox": lambda: _get(f"{self.sandbox_url}/healthz")[0] == 200,
             "gateway": lambda: _get(f"http://127.0.0.1:{self.gateway_port}/readyz")[0] == 200,
             "worker": lambda: _get(f"http://127.0.0.1:{self.worker_metrics_port}/metrics")[0] == 200,
             "dialer": lambda: bool(self.r.smembers(f"rq:workers:{self.env['PV_DIAL_QUEUE']}")),
         }
-        deadline = time.monotonic() + timeout
-        while checks:
-            for name in list(checks):
-                role = self.role(name)
-                if not role.alive():
-                    raise RuntimeError(f"{name} exited during start-up:\n{role.tail()}")
-                if checks[name]():
-                    self.announce(f"{name:<10} ready (pid {role.proc.pid}, log {role.log_path.name})")
-                    del checks[name]
-            if checks and time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout}s: {', '.join(checks)}")
-            time.sleep(0.1)
+        self.supervisor.wait_ready(checks, timeout, on_ready=lambda c: self.announce(
+            f"{c.name:<10} ready (pid {c.pid}, log {c.log_path.name})"))
 
-    def role(self, name: str) -> Role:
-        return next(r for r in self.roles if r.name == name)
+    def role(self, name: str) -> Child:
+        return self.supervisor.child(name)
 
     def enqueue(self, *, scenario: str | None = None, to: str = PERSON, **options: Any) -> str:
         """Enqueue one call through the dialer's Python API; returns its call id."""
@@ -206,9 +164,8 @@ class LocalSystem:
             record = self.record(call_id)
             if record.get("state") in ("ended", "failed"):
                 return record
-            for role in self.roles:
-                if not role.alive():
-                    raise RuntimeError(f"{role.name} died during the call:\n{role.tail()}")
+            for role in self.supervisor.dead():
+                raise RuntimeError(f"{role.name} died during the call:\n{role.tail()}")
             time.sleep(0.2)
         raise RuntimeError(f"call {call_id} did not end within {timeout}s (state {record.get('state')})")
 
@@ -220,7 +177,7 @@ class LocalSystem:
 
     def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
         """SIGTERM every role (last started first); returns their exit codes."""
-        codes = {role.name: role.stop(timeout) for role in reversed(self.roles)}
+        codes = self.supervisor.stop(timeout)
         try:
             self.r.close()
         except Exception:  # noqa: BLE001 - best effort at exit
@@ -355,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds the call may take (default 120)")
     p.add_argument("--start-timeout", type=float, default=60.0, help="seconds for the roles to get ready")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("demo", level="WARNING", fmt="text")
     try:
         return run_demo(args)
     except RuntimeError as exc:
@@ -363,3 +320,76 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# ------------------------------------------------------------------ up
+UP_DESCRIPTION = """Run a whole local stack until Ctrl-C: a private Redis, the sandbox (the
+platform), a gateway, a worker and a dialer, as child processes. Prints the
+export lines that make `piopiy-voice call`, `status` and `control` work from
+another terminal. Ctrl-C (or SIGTERM) stops every child: SIGTERM, then SIGKILL
+after --grace seconds."""
+
+
+def export_lines(system: LocalSystem) -> list[str]:
+    """Shell lines giving another terminal this stack's Redis, dial queue and platform."""
+    import shlex  # noqa: PLC0415
+
+    env = {name: system.env[name] for name in
+           ("REDIS_URL", "PV_DIAL_QUEUE", "PIOPIY_BASE_URL", "PIOPIY_ACTION_URL", "PIOPIY_CALLER_ID")}
+    return ["export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())]
+
+
+def up_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="piopiy-voice up", description=UP_DESCRIPTION)
+    p.add_argument("--redis-url", help="use this Redis instead of a private embedded one "
+                                       "(REDIS_URL in the environment is ignored: it may be a stale export)")
+    p.add_argument("--gateway-port", type=int, default=0, help="gateway port (default: a free one)")
+    p.add_argument("--sandbox-port", type=int, default=0, help="sandbox port (default: a free one)")
+    p.add_argument("--scenario", default="demo",
+                   help="the sandbox's scripted caller for placed calls (default demo; "
+                        "per call: --param scenario=NAME)")
+    p.add_argument("--report-dir", help="recordings, reports and logs (default: a new temp dir)")
+    p.add_argument("--start-timeout", type=float, default=60.0, help="seconds for the roles to get ready")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at stop")
+    args = p.parse_args(argv)
+    setup_logging("up", level="WARNING", fmt="text")
+    out = Path(args.report_dir or tempfile.mkdtemp(prefix="pv-up-"))
+
+    def _terminate(signum, _frame):  # SIGTERM stops the stack like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    system = None
+    code = 0
+    try:
+        system = LocalSystem(out, args.redis_url, scenario=args.scenario, announce=say,
+                             gateway_port=args.gateway_port or None,
+                             sandbox_port=args.sandbox_port or None)
+        system.supervisor.grace_s = args.grace
+        system.start(args.start_timeout)
+        say(f"\nlocal stack up: redis {redact_url(system.redis_url)}, sandbox {system.sandbox_url}, "
+            f"gateway ws://127.0.0.1:{system.gateway_port}; logs in {system.out}")
+        say("in another terminal:\n")
+        for line in export_lines(system):
+            say(line)
+        say(f"piopiy-voice call --to {PERSON}        # prints the call id\n"
+            "piopiy-voice status CALL_ID\n"
+            "piopiy-voice control CALL_ID hangup\n\nCtrl-C stops everything.")
+        while not system.supervisor.dead():
+            time.sleep(0.5)
+        for child in system.supervisor.dead():
+            say(f"{child.name} exited ({child.proc.returncode}); stopping the stack:\n{child.tail()}")
+        code = 1
+    except KeyboardInterrupt:
+        say("\nstopping...")
+    except RuntimeError as exc:
+        say(f"up: {exc}")
+        code = 1
+    finally:
+        # Stopping: a second Ctrl-C / SIGTERM must not orphan children.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if system is not None:
+            for name, rc in system.stop(args.grace).items():
+                say(f"  {name:<8} exited {rc}")
+    return code

@@ -123,8 +123,13 @@ class SandboxCall:
     def __init__(self, request_id: str, *, from_: int | str, to: int | str, duration_s: float,
                  pcmo: list[Any], scenario: Scenario, report_dir: Path,
                  options: PlatformOptions | None = None, extra_params: dict | None = None,
-                 endpoint: str = "") -> None:
+                 endpoint: str = "", direction: str = "outbound") -> None:
+        if direction not in ("outbound", "inbound"):
+            raise ValueError(f"direction must be outbound or inbound, got {direction!r}")
         self.request_id = request_id
+        #: ``inbound``: the scripted person dialed the platform's number, so they are
+        #: the *caller* and the platform's side (a bridged human) the *callee*.
+        self.direction = direction
         self.from_, self.to = from_, to
         self.pcmo = pcmo
         self.scenario = scenario
@@ -313,9 +318,12 @@ class SandboxCall:
         stream = self.stream
         up = caller
         if stream is not None:
-            if stream.listen_mode == "caller":
+            mode = stream.listen_mode
+            if self.direction == "inbound":  # the person is the caller here
+                mode = {"caller": "callee", "callee": "caller"}.get(mode, mode)
+            if mode == "caller":
                 up = human or frame
-            elif stream.listen_mode == "both":
+            elif mode == "both":
                 up = side
         if self.on_hold:
             up = frame
@@ -634,6 +642,7 @@ class SandboxCall:
             "finished": self.finished,
             "end_reason": self.end_reason,
             "endpoint": self.endpoint,
+            "direction": self.direction,
             "from": self.from_,
             "to": self.to,
             "scenario": self.scenario.name,

@@ -24,6 +24,12 @@ Sandbox-only endpoints (for tests and the demo):
   to SECONDS, max 600, for the call to finish and its report to be written).
 * ``POST /sandbox/faults`` ``{"code": 502, "count": 1}`` -> the next ``count``
   make-call requests are refused with ``code`` (to test client retries).
+* ``POST /sandbox/inbound`` ``{"answer_url", "from", "to", "scenario", "headers"}``
+  -> a person calls in: the sandbox POSTs ``{"action":"inbound","from","to",
+  "time","cmiuuid"}`` to ``answer_url`` (as the platform does), runs the PCMO
+  list of the reply (its ``stream`` dialed like an outbound call's) and answers
+  ``{"request_id", "answer_status", "pcmo"}``; 502 when the answer URL refuses,
+  fails or returns no valid PCMO.
 * ``GET /healthz``.
 
 ``extra_params.scenario`` picks the scripted caller of a call (bundled name or
@@ -39,6 +45,9 @@ import logging
 import re
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -64,6 +73,8 @@ MAX_BODY = 1024 * 1024
 #: Finished calls kept in memory; older ones are answered from their timeline.json.
 KEEP_FINISHED = 500
 CALL_ACTIONS = ("hangup", "hold", "unhold", "holdToggle")
+#: How long the platform waits for the app's answer URL (s).
+ANSWER_TIMEOUT_S = 5.0
 
 
 class ApiError(Exception):
@@ -255,15 +266,24 @@ class Sandbox:
         if self._loop is None:
             raise ApiError(502, "sandbox is not running")
         request_id = str(uuid.uuid4())
-        call = SandboxCall(request_id, from_=from_, to=to, duration_s=float(duration), pcmo=pcmo,
+        self._start_call(request_id, from_=from_, to=to, duration_s=float(duration), pcmo=pcmo,
+                         scenario=scenario, extra_params=extra, endpoint=endpoint)
+        return {"code": 200, "status": "progress", "request_id": request_id,
+                "data": {"status": "progress", "request_id": request_id}}
+
+    def _start_call(self, request_id: str, *, from_: Any, to: Any, duration_s: float, pcmo: list[Any],
+                    scenario: Scenario, extra_params: dict[str, Any], endpoint: str,
+                    direction: str = "outbound") -> SandboxCall:
+        call = SandboxCall(request_id, from_=from_, to=to, duration_s=duration_s, pcmo=pcmo,
                            scenario=scenario, report_dir=self.report_dir, options=self.options,
-                           extra_params=extra, endpoint=endpoint)
+                           extra_params=extra_params, endpoint=endpoint, direction=direction)
         entry = _CallEntry(call)
         with self._lock:
             self._calls[request_id] = entry
             finished = [k for k, e in self._calls.items() if e.done.is_set()]
             for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
                 del self._calls[key]
+        assert self._loop is not None
         fut = asyncio.run_coroutine_threadsafe(call.run(), self._loop)
         def on_done(f) -> None:
             exc = None if f.cancelled() else f.exception()
@@ -274,9 +294,60 @@ class Sandbox:
             entry.done.set()
 
         fut.add_done_callback(on_done)
-        log.info("call %s placed: %s -> %s, scenario %s", request_id, from_, to, scenario.name)
-        return {"code": 200, "status": "progress", "request_id": request_id,
-                "data": {"status": "progress", "request_id": request_id}}
+        log.info("call %s placed (%s): %s -> %s, scenario %s", request_id, direction, from_, to,
+                 scenario.name)
+        return call
+
+    def place_inbound(self, answer_url: str, *, from_: Any = "919812345678", to: Any = "919000000000",
+                      scenario: str | None = None, timeout_s: float = ANSWER_TIMEOUT_S,
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """A person calls the app's Piopiy number: POST the inbound event to the app's
+        answer URL, then run the PCMO list of the reply (its ``stream`` is dialed like
+        an outbound call's). Returns ``{"request_id", "answer_status", "pcmo"}``.
+
+        Raises ``ApiError`` 422 for bad arguments, 502 when the answer URL fails,
+        refuses, times out or replies with something that is not a valid PCMO list.
+        """
+        if not isinstance(answer_url, str) or urlsplit(answer_url).scheme not in ("http", "https"):
+            raise ApiError(422, f"answer_url: must be an http(s) URL, got {answer_url!r}", "answer_url")
+        try:
+            from_n = check_number(from_, "from")
+            to_n = check_number(to, "to")
+        except PiopiyValidationError as exc:
+            raise ApiError(422, str(exc), exc.field) from None
+        chosen = self.default_scenario
+        if scenario is not None:
+            try:
+                chosen = load_scenario(str(scenario))
+            except ScenarioError as exc:
+                raise ApiError(422, f"scenario: {exc}", "scenario") from None
+        if self._loop is None:
+            raise ApiError(502, "sandbox is not running")
+        request_id = str(uuid.uuid4())
+        event = {"action": "inbound", "from": from_n, "to": to_n,
+                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cmiuuid": request_id}
+        req = urllib.request.Request(answer_url, data=json.dumps(event).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                status, raw = resp.status, resp.read(MAX_BODY + 1)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(2000).decode("utf-8", "replace")
+            raise ApiError(502, f"answer URL refused the call: HTTP {exc.code} {detail}") from None
+        except OSError as exc:
+            raise ApiError(502, f"answer URL unreachable: {exc}") from None
+        if len(raw) > MAX_BODY:
+            raise ApiError(502, f"answer URL replied with more than {MAX_BODY} bytes")
+        try:
+            pcmo = parse_pcmo(json.loads(raw))
+        except (ValueError, PiopiyValidationError) as exc:
+            raise ApiError(502, f"answer URL replied with no valid PCMO list: {exc}") from None
+        call = self._start_call(request_id, from_=from_n, to=to_n, duration_s=5400.0, pcmo=pcmo,
+                                scenario=chosen, extra_params={}, endpoint="inbound",
+                                direction="inbound")
+        call.event("api", "answer_url", url=answer_url.split("?")[0], status=status)
+        return {"code": 200, "status": "progress", "request_id": request_id, "answer_status": status,
+                "pcmo": [a.to_dict() for a in pcmo]}
 
     def call_action(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -356,6 +427,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, self.sandbox.make_call("global", body))
             elif path == "/v1/call/action":
                 self._reply(200, self.sandbox.call_action(body))
+            elif path == "/sandbox/inbound":
+                if not isinstance(body, dict) or not body.get("answer_url"):
+                    raise ApiError(422, "missing property: answer_url", "answer_url")
+                headers = body.get("headers") or {}
+                if not isinstance(headers, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+                    raise ApiError(422, "headers: must be an object of strings", "headers")
+                self._reply(200, self.sandbox.place_inbound(
+                    body["answer_url"], from_=body.get("from", "919812345678"),
+                    to=body.get("to", "919000000000"), scenario=body.get("scenario"),
+                    headers=headers))
             elif path == "/sandbox/faults":
                 if not isinstance(body, dict):
                     raise ApiError(422, "body must be a JSON object", "body")

@@ -10,7 +10,13 @@ contracts do not import ``requests``.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version as _version
 from typing import Any
+
+try:
+    __version__ = _version("piopiy-voice")
+except PackageNotFoundError:  # running from a tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "RestClient": "piopiy_voice.rest",
@@ -20,6 +26,8 @@ _LAZY = {
     "PiopiyValidationError": "piopiy_voice.errors",
     "PiopiyNetworkError": "piopiy_voice.errors",
     "PiopiyApiError": "piopiy_voice.errors",
+    "PiopiyConfigError": "piopiy_voice.errors",
+    "PiopiyProtocolError": "piopiy_voice.errors",
 }
 
 __all__ = sorted(_LAZY)

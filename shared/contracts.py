@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal, Mapping, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 PROTOCOL_VERSION = 1
-VOICE_RATES = (8000, 16000, 32000)
+from .audio.pcm import SUPPORTED_RATES as VOICE_RATES  # noqa: E402  (one constant for the stream rates)
 
 
 class UnknownMessage(ValueError):
@@ -189,6 +189,9 @@ class PlayAudio(_Command):
     utterance_id: str = Field(default_factory=_new_id)
     pcm: bytes
     rate: int = 8000
+    #: What the audio says, when the agent knows (synthesised replies): shown on
+    #: the timeline, the listen socket and the demo's transcript; never spoken.
+    text: str = ""
 
     @field_validator("rate")
     @classmethod
@@ -241,16 +244,24 @@ class Hangup(_Command):
     type: Literal["cmd.hangup"] = "cmd.hangup"
 
 
+from .pcmo_models import BRIDGE_DEFAULTS, BRIDGE_LIMITS, BRIDGE_RING_TYPES  # noqa: E402
+
+
 class Transfer(_Command):
     """Bridge the caller to a human; the stream stays up (monitoring)."""
 
     type: Literal["cmd.transfer"] = "cmd.transfer"
     to: list[str] = Field(min_length=1)
     caller_id: str
-    ring_type: str | None = None
-    duration: int = Field(5400, gt=0)
-    timeout: int = Field(40, gt=0)
-    loop: int = Field(1, gt=0)
+    # Defaults and limits of the PCMO bridge model (pcmo_models): what the
+    # worker accepts here the gateway can always send.
+    ring_type: Literal[BRIDGE_RING_TYPES] | None = None  # type: ignore[valid-type]
+    duration: int = Field(BRIDGE_DEFAULTS["duration"], strict=True, ge=BRIDGE_LIMITS["duration"][0],
+                          le=BRIDGE_LIMITS["duration"][1])
+    timeout: int = Field(BRIDGE_DEFAULTS["timeout"], strict=True, ge=BRIDGE_LIMITS["timeout"][0],
+                         le=BRIDGE_LIMITS["timeout"][1])
+    loop: int = Field(BRIDGE_DEFAULTS["loop"], strict=True, ge=BRIDGE_LIMITS["loop"][0],
+                      le=BRIDGE_LIMITS["loop"][1])
 
 
 class RawPcmo(_Command):
@@ -303,16 +314,34 @@ def encode(msg: BaseModel) -> dict[str, str | bytes]:
     return out
 
 
+#: The fields of an ``audio`` entry in the order they are written. The two that
+#: change with every frame come last, so a writer can build everything before
+#: them once per call (``audio_head``; the gateway's RESP writer does).
+AUDIO_FIELD_NAMES = ("type", "v", "call_id", "seq", "pcm")
+
+
 def audio_fields(call_id: str, seq: int, pcm: bytes) -> dict[str, str | bytes]:
     """Hot path: the fields of an ``audio`` entry without building a model."""
-    return {"type": "audio", "v": "1", "call_id": call_id, "seq": str(seq), "pcm": pcm}
+    return {"type": "audio", "v": _AUDIO_V, "call_id": call_id, "seq": str(seq), "pcm": pcm}
+
+
+def audio_head(call_id: str) -> dict[str, str]:
+    """The fields of a call's audio entries that are the same for every frame:
+    all of ``AUDIO_FIELD_NAMES`` before ``seq``, in order, with their values."""
+    fields = audio_fields(call_id, 0, b"")
+    return {name: fields[name] for name in AUDIO_FIELD_NAMES[:-2]}  # type: ignore[misc]
+
+
+_AUDIO_V = str(PROTOCOL_VERSION)
 
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-_AUDIO_KEYS = frozenset({"v", "call_id", "seq", "type", "pcm"})
+_AUDIO_KEYS = frozenset(AUDIO_FIELD_NAMES)
+_AUDIO_NFIELDS = len(AUDIO_FIELD_NAMES)
+_AUDIO_V_B = _AUDIO_V.encode()
 
 
 def _audio_frame(call_id: str, seq: int, pcm: bytes, v: int = PROTOCOL_VERSION) -> AudioFrame:
@@ -335,10 +364,10 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
     # Hot path: a well-formed audio entry as redis-py returns it (bytes keys and
     # values, exactly the five fields of ``audio_fields``); anything else,
     # including a malformed audio entry, takes the general path below.
-    if fields.get(b"type") == b"audio" and len(fields) == 5:  # type: ignore[call-overload]
+    if fields.get(b"type") == b"audio" and len(fields) == _AUDIO_NFIELDS:  # type: ignore[call-overload]
         pcm, seq, cid = fields.get(b"pcm"), fields.get(b"seq"), fields.get(b"call_id")  # type: ignore[call-overload]
         if (pcm.__class__ is bytes and not len(pcm) % 2 and seq is not None and seq.isdigit()
-                and cid is not None and fields.get(b"v") == b"1"):  # type: ignore[call-overload]
+                and cid is not None and fields.get(b"v") == _AUDIO_V_B):  # type: ignore[call-overload]
             return _audio_frame(cid.decode(), int(seq), pcm)
     f = {_s(k): v for k, v in fields.items()}
     try:

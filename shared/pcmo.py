@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 from .errors import PiopiyValidationError
 from .pcmo_models import (
+    BRIDGE_DEFAULTS,
     AUDIO_DATA_TYPES,
     CONTROL_ACTIONS,
     STREAM_AUDIO_RATES,
@@ -128,7 +129,8 @@ class PcmoBuilder:
     def call(self, to: Any, piopiy_number: Any, opt: Mapping[str, Any] | None = None) -> "PcmoBuilder":
         """Bridge the call to ``to`` (a number or a list of numbers, rung together
         with ``ring_type="group"``). Options: duration (s, default 5400), timeout
-        (ring seconds, default 40), loop (default 1), ring_type."""
+        (ring seconds, default 40), loop (default 1), ring_type — defaults and
+        limits from ``pcmo_models.BRIDGE_DEFAULTS``/``BRIDGE_LIMITS``."""
         opts = _options(opt, ("duration", "timeout", "loop", "ring_type"), "call")
         if isinstance(to, (list, tuple)):
             if not to:
@@ -140,9 +142,7 @@ class PcmoBuilder:
             "action": "bridge",
             "from": check_number(piopiy_number, "piopiy_number"),
             "connect": [{"type": "pstn", "number": n} for n in numbers],
-            "duration": opts.get("duration", 5400),
-            "timeout": opts.get("timeout", 40),
-            "loop": opts.get("loop", 1),
+            **{name: opts.get(name, default) for name, default in BRIDGE_DEFAULTS.items()},
         }
         if opts.get("ring_type") is not None:
             action["ring_type"] = opts["ring_type"]

@@ -19,13 +19,21 @@ that have one faithful conversion are normalised (``"8000"`` -> ``8000``,
 What we send on the live WebSocket (``parse_ws_message``): a ``streamAudio``
 object, a control object ``{"action": "pause"|"resume"|"stop"|"break"}``, or a
 PCMO list (returned as a list of action models).
+
+JSON text from outside is parsed with ``errors.load_json``: nesting deeper than
+``errors.MAX_JSON_DEPTH`` is refused before the parser recurses.
+
+The bridge (transfer to a human) defaults and limits live here once
+(``BRIDGE_DEFAULTS``, ``BRIDGE_LIMITS``, used by ``Bridge``):
+``contracts.Transfer``, the builders (``pcmo.Action.call``), the dialer's
+``CallRequest`` and the gateway take theirs from these, so a Transfer valid at
+the worker is never refused at the gateway.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Annotated, Any, Callable, Iterable, Literal, Union
 from urllib.parse import urlsplit
 
@@ -39,9 +47,11 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import PiopiyValidationError
+from .audio.pcm import SUPPORTED_RATES
+from .errors import PiopiyValidationError, load_json
 
-VOICE_QUALITIES = (8000, 16000, 32000)
+#: The platform's voice qualities are our stream rates (one constant: audio.pcm).
+VOICE_QUALITIES = SUPPORTED_RATES
 STREAM_AUDIO_RATES = (8000, 16000)
 LISTEN_MODES = ("caller", "callee", "both")
 AUDIO_DATA_TYPES = ("raw", "mp3", "wav", "ogg")
@@ -49,6 +59,11 @@ CONTROL_ACTIONS = ("pause", "resume", "stop", "break")
 MEDIA_URL_SCHEMES = ("http", "https", "ftp")
 #: E.164 allows at most 15 digits; below 5 is no routable number.
 NUMBER_MIN_DIGITS, NUMBER_MAX_DIGITS = 5, 15
+#: Bridge option -> default: call seconds, ring seconds, ring rounds.
+BRIDGE_DEFAULTS: dict[str, int] = {"duration": 5400, "timeout": 40, "loop": 1}
+#: Bridge option -> (minimum, maximum), inclusive.
+BRIDGE_LIMITS: dict[str, tuple[int, int]] = {"duration": (1, 86400), "timeout": (1, 3600), "loop": (1, 100)}
+BRIDGE_RING_TYPES = ("group",)
 
 # --------------------------------------------------------------------------
 # Value checks, shared with the builders (each names the field it checks)
@@ -248,15 +263,26 @@ class PstnTarget(_Model):
     number: Annotated[int, _check(check_number, "number")]
 
 
+def check_bridge_option(value: Any, field: str, *, name: str | None = None) -> int:
+    """``value`` as bridge option ``name`` (duration/timeout/loop; default: ``field``)
+    within ``BRIDGE_LIMITS``; the error names ``field``."""
+    low, high = BRIDGE_LIMITS[name or field]
+    return check_int(value, field, minimum=low, maximum=high)
+
+
+def _BridgeInt(name: str) -> Any:  # noqa: N802 (a type factory)
+    return Annotated[int, _check(check_bridge_option, name)]
+
+
 class Bridge(_Model):
     """Connect the call to one or more numbers (hand-off to a human)."""
 
     action: Literal["bridge"] = "bridge"
     from_: Annotated[int, _check(check_number, "from")] = Field(alias="from")
     connect: list[PstnTarget] = Field(min_length=1)
-    duration: Annotated[int, _check(check_int, "duration", minimum=1, maximum=86400)] = 5400
-    timeout: Annotated[int, _check(check_int, "timeout", minimum=1, maximum=3600)] = 40
-    loop: Annotated[int, _check(check_int, "loop", minimum=1, maximum=100)] = 1
+    duration: _BridgeInt("duration") = BRIDGE_DEFAULTS["duration"]
+    timeout: _BridgeInt("timeout") = BRIDGE_DEFAULTS["timeout"]
+    loop: _BridgeInt("loop") = BRIDGE_DEFAULTS["loop"]
     ring_type: Literal["group"] | None = None
 
 
@@ -393,10 +419,7 @@ def _convert(exc: ValidationError, prefix: str) -> PiopiyValidationError:
 
 
 def _load_json(text: str | bytes, field: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PiopiyValidationError(field, f"is not valid JSON ({exc})") from None
+    return load_json(text, field)
 
 
 def _as_action_list(obj: Any, field: str) -> list[Any]:

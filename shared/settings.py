@@ -4,6 +4,24 @@ Every field's alias is the environment variable that sets it. ``Settings.from_en
 reads them (unknown ``PV_*`` variables are reported, not ignored silently, so a
 typo in a compose file shows up in the log); ``Settings.env_names()`` is the
 list the deployment checks compare compose files against.
+
+Sources (pydantic-settings), highest first:
+
+1. ``Settings.from_env(**overrides)`` keyword overrides (field name or variable name);
+2. the process environment;
+3. a ``.env`` file in the working directory (local runs; same ``KEY=VALUE``
+   syntax as docker compose's);
+4. the field defaults below.
+
+``Settings.from_env(mapping)`` reads that mapping only (no environment, no
+``.env``): tests and the local stacks build exact settings that way.
+
+Secrets from files: ``PV_SIGNING_SECRET_FILE`` and ``PIOPIY_APP_TOKEN_FILE``
+name a file holding the secret (a Docker or Kubernetes secret mount such as
+``/run/secrets/pv_signing_secret``); surrounding whitespace is stripped.
+The file wins over the plain variable when that one holds a development
+placeholder (the defaults docker-compose.yml fills in); a real plain value
+*and* a file is an error, so two different secrets cannot silently disagree.
 """
 
 from __future__ import annotations
@@ -11,22 +29,40 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import PiopiyConfigError
 
 log = logging.getLogger(__name__)
 
 DEV_SECRET = "dev-only-insecure-signing-secret"
+#: The ``.env`` file read for local runs (relative to the working directory).
+ENV_FILE = ".env"
+#: Secret field -> the field naming a file that holds it.
+SECRET_FILES = {"signing_secret": "signing_secret_file", "piopiy_app_token": "piopiy_app_token_file"}
+#: Development values a secret file may replace (the compose defaults; the
+#: second is the sandbox's token, piopiy_voice.sandbox.server.DEV_APP_TOKEN).
+DEV_PLACEHOLDERS = frozenset({DEV_SECRET, "sandbox-dev-token"})
+
+# Set while ``from_env(mapping)`` builds: read that mapping only, no environment/.env.
+_EXPLICIT: ContextVar[bool] = ContextVar("pv_settings_explicit", default=False)
 
 
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        populate_by_name=True, extra="ignore", frozen=True,
+        env_file=ENV_FILE, env_file_encoding="utf-8", env_ignore_empty=True, case_sensitive=True,
+    )
 
     # --- Redis -----------------------------------------------------------
     redis_url: str | None = Field(None, alias="REDIS_URL")
@@ -38,7 +74,9 @@ class Settings(BaseModel):
     gateway_port: int = Field(8765, alias="PV_GATEWAY_PORT", ge=0, le=65535)
     #: What the platform dials: the public ws(s):// base of the gateway(s).
     gateway_public_url: str = Field("ws://127.0.0.1:8765", alias="PV_GATEWAY_PUBLIC_URL")
-    signing_secret: str = Field(DEV_SECRET, alias="PV_SIGNING_SECRET", min_length=8)
+    signing_secret: str = Field(DEV_SECRET, alias="PV_SIGNING_SECRET", min_length=8, repr=False)
+    #: File holding the signing secret (Docker/Kubernetes secret mount).
+    signing_secret_file: str | None = Field(None, alias="PV_SIGNING_SECRET_FILE")
     stream_url_ttl_s: int = Field(24 * 3600, alias="PV_STREAM_URL_TTL_S", gt=0)
     drain_grace_s: float = Field(30.0, alias="PV_DRAIN_GRACE_S", ge=0)
     max_calls: int = Field(2000, alias="PV_GATEWAY_MAX_CALLS", gt=0)
@@ -56,6 +94,10 @@ class Settings(BaseModel):
     agent: str = Field("piopiy_voice.workers.agent.default:DefaultAgent", alias="PV_AGENT")
     agent_webhook_url: str | None = Field(None, alias="PV_AGENT_WEBHOOK_URL")
     agent_webhook_timeout_s: float = Field(2.0, alias="PV_AGENT_WEBHOOK_TIMEOUT_S", gt=0)
+    #: POST the caller's partial transcripts too (``caller_partial``; replies ignored).
+    agent_webhook_partials: bool = Field(False, alias="PV_AGENT_WEBHOOK_PARTIALS")
+    #: At most this many agent works (model, webhook, synthesis...) run at once per worker.
+    agent_runtime_concurrency: int = Field(256, alias="PV_AGENT_RUNTIME_CONCURRENCY", gt=0)
     handoff_key: str = Field("0", alias="PV_HANDOFF_KEY", min_length=1, max_length=1)
     pause_key: str = Field("*", alias="PV_PAUSE_KEY", min_length=1, max_length=1)
     pause_resume_after_s: float = Field(20.0, alias="PV_PAUSE_RESUME_AFTER_S", gt=0)
@@ -67,7 +109,9 @@ class Settings(BaseModel):
 
     # --- Piopiy REST / dialer -------------------------------------------
     piopiy_app_id: int | None = Field(None, alias="PIOPIY_APP_ID")
-    piopiy_app_token: str | None = Field(None, alias="PIOPIY_APP_TOKEN")
+    piopiy_app_token: str | None = Field(None, alias="PIOPIY_APP_TOKEN", repr=False)
+    #: File holding the app token (Docker/Kubernetes secret mount).
+    piopiy_app_token_file: str | None = Field(None, alias="PIOPIY_APP_TOKEN_FILE")
     piopiy_base_url: str = Field("https://rest.telecmi.com", alias="PIOPIY_BASE_URL")
     piopiy_action_url: str = Field(
         "https://piopiy.telecmi.com/v1/call/action", alias="PIOPIY_ACTION_URL"
@@ -85,6 +129,46 @@ class Settings(BaseModel):
 
     # --- Common ----------------------------------------------------------
     log_level: str = Field("INFO", alias="PV_LOG_LEVEL")
+    #: ``text`` (one readable line) or ``json`` (one object per line, with
+    #: role, instance and call_id fields, for log pipelines).
+    log_format: Literal["text", "json"] = Field("text", alias="PV_LOG_FORMAT")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for secret, file_field in SECRET_FILES.items():
+            info, finfo = cls.model_fields[secret], cls.model_fields[file_field]
+            path = data.get(finfo.alias, data.get(file_field))
+            if not path:
+                continue
+            plain = data.get(info.alias) or data.get(secret)
+            if plain and plain not in DEV_PLACEHOLDERS:
+                raise ValueError(f"{info.alias} and {finfo.alias} are both set; keep one")
+            data.pop(secret, None)
+            try:
+                value = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{finfo.alias}: cannot read {path}: {exc.strerror or exc}") from None
+            if not value:
+                raise ValueError(f"{finfo.alias}: {path} is empty")
+            data[info.alias] = value
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _EXPLICIT.get():
+            return (init_settings,)
+        return (init_settings, env_settings, dotenv_settings)
 
     @field_validator("gateway_public_url")
     @classmethod
@@ -101,22 +185,51 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
-        env = os.environ if environ is None else environ
+        """Settings from the environment and ``.env`` (``environ`` None), or from
+        ``environ`` only; ``overrides`` (field or variable names) win.
+        ``PiopiyConfigError`` (a ValueError) names every bad variable."""
         names = cls.env_names()
-        values: dict[str, Any] = {k: v for k, v in env.items() if k in names and v != ""}
-        unknown = sorted(k for k in env if k.startswith("PV_") and k not in names)
+        if environ is None:
+            seen = set(os.environ) | set(_dotenv_names(ENV_FILE))
+            values: dict[str, Any] = {}
+        else:
+            seen = set(environ)
+            values = {k: v for k, v in environ.items() if k in names and v != ""}
+        unknown = sorted(k for k in seen if k.startswith("PV_") and k not in names)
         if unknown:
             log.warning("ignoring unknown settings: %s", ", ".join(unknown))
         values.update(overrides)
+        token = _EXPLICIT.set(environ is not None)
         try:
-            settings = cls.model_validate(values)
+            return cls(**values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{err['loc'][0] if err['loc'] else '?'}: {err['msg']}" for err in exc.errors()
-            )
-            raise ValueError(f"bad settings: {problems}") from None
-        return settings
+            problems = "; ".join(_describe(err) for err in exc.errors())
+            raise PiopiyConfigError(f"bad settings: {problems}") from None
+        finally:
+            _EXPLICIT.reset(token)
 
     @property
     def using_dev_secret(self) -> bool:
         return self.signing_secret == DEV_SECRET
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = err.get("loc") or ()
+    name = str(loc[0]) if loc else ""
+    field = Settings.model_fields.get(name)
+    if field is not None and field.alias:
+        name = field.alias
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{name}: {msg}" if name else msg
+
+
+def _dotenv_names(path: str) -> list[str]:
+    """Variable names in a ``.env`` file (for the unknown-name warning)."""
+    try:
+        from dotenv import dotenv_values  # installed with pydantic-settings
+    except ImportError:  # pragma: no cover
+        return []
+    try:
+        return list(dotenv_values(path)) if os.path.isfile(path) else []
+    except OSError:
+        return []

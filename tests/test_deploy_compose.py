@@ -25,8 +25,7 @@ from piopiy_voice.cli import COMMANDS, resolve
 from piopiy_voice.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy"))
-from compose_runner import ComposeFile, variables_used  # noqa: E402
+from piopiy_voice.compose import ComposeFile, variables_used
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -248,7 +247,7 @@ def test_health_checks_and_dependencies(compose):
             assert compose.healthcheck(dep), f"{name} waits for {dep}, which has no healthcheck"
     for name in role_services(compose):
         test = compose.healthcheck(name)
-        assert test[:3] == ["CMD", "python", "/usr/local/bin/pv-healthcheck"]
+        assert test[:3] == ["CMD", "piopiy-voice", "healthcheck"]
         assert test[3] == name
         assert compose.service(name).get("init") is True, f"{name}: needs init for signals"
 
@@ -300,8 +299,8 @@ def test_dockerfile():
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'pip install ".[fast]"' in text, "dependencies must come from the project metadata"
-    assert re.search(r"^HEALTHCHECK .*pv-healthcheck", text, re.M | re.S)
-    assert "COPY deploy/healthcheck.py /usr/local/bin/pv-healthcheck" in text
+    assert re.search(r'^HEALTHCHECK .*CMD \["piopiy-voice", "healthcheck"\]', text, re.M | re.S)
+    assert "pv-healthcheck" not in text, "the health check is a piopiy-voice command now"
     # Everything the package build needs is copied into the build stage.
     pyproject = (ROOT / "pyproject.toml").read_text()
     for pkg in re.findall(r'"(\w+)\*"', pyproject):
@@ -313,14 +312,19 @@ def test_deploy_doc_names_every_metric():
     from piopiy_voice.workers import metrics as wk_metrics
 
     doc = (ROOT / "docs" / "DEPLOY.md").read_text()
-    for name in gw_metrics._HELP:
-        assert f"_{name}_total`" in doc, f"pv_gateway_{name}_total not documented"
+    families = {spec.family for spec in gw_metrics.COUNTERS.values()}
+    families |= {spec.family for spec in wk_metrics.COUNTER_SPECS.values()}
+    for family in sorted(families):
+        assert f"`{family}`" in doc, f"{family} not documented"
     gauges = re.findall(r'metrics\.gauge\("(\w+)"', (ROOT / "gateway" / "server.py").read_text())
     assert gauges
     for name in gauges:
+        assert name in gw_metrics.GAUGE_HELP, f"gauge {name}: no HELP text in gateway/metrics.py"
         assert f"`pv_gateway_{name}`" in doc, f"gauge pv_gateway_{name} not documented"
-    for name in (*wk_metrics.COUNTERS, "calls_owned", "stream_lag_seconds"):
+    for name in ("calls_owned", "stream_lag_seconds", "loop_last_turn_seconds"):
         assert f"`pv_worker_{name}`" in doc, f"pv_worker_{name} not documented"
+    for label in ('outcome="applied"', 'event="started"', 'kind="crash"', 'reason="gateway_lost"'):
+        assert label in doc, f"label {label} not documented"
 
 
 def test_volumes_of_role_services_are_writable_by_the_image_user(compose):

@@ -24,8 +24,7 @@ import pytest
 from piopiy_voice import keys
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy"))
-from compose_runner import ComposeFile, LocalStack  # noqa: E402
+from piopiy_voice.compose import ComposeFile, LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

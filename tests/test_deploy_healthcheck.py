@@ -1,23 +1,17 @@
-"""deploy/healthcheck.py: the container health check of every role."""
+"""piopiy_voice.healthcheck (`piopiy-voice healthcheck`): the container health check of every role."""
 
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from piopiy_voice import healthcheck as hc
 from piopiy_voice import keys
 from piopiy_voice.redisconn import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("pv_healthcheck", ROOT / "deploy" / "healthcheck.py")
-hc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(hc)
 
 
 @pytest.fixture
@@ -61,7 +55,7 @@ def test_option_value():
 
 def test_find_role_argv_reads_proc(tmp_path):
     for pid, argv in {"1": ["/sbin/docker-init", "--", "piopiy-voice", "worker", "--metrics-port", "9101"],
-                      "7": ["python", "/usr/local/bin/pv-healthcheck"]}.items():
+                      "7": ["piopiy-voice", "healthcheck"]}.items():
         (tmp_path / pid).mkdir()
         (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (tmp_path / "self").mkdir()

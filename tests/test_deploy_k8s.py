@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ from piopiy_voice.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
-sys.path.insert(0, str(ROOT / "deploy"))
-from compose_runner import ComposeFile  # noqa: E402
+from piopiy_voice.compose import ComposeFile
 
 ROLES = ("gateway", "worker", "dialer")
 SECRET = "piopiy-voice-secrets"
@@ -114,7 +112,7 @@ def test_gateway_probes_service_and_grace(docs, compose):
 
 @pytest.mark.parametrize("role", ROLES)
 def test_grace_period_matches_compose(docs, compose, role):
-    from tests.test_deploy_compose import _duration_s
+    from test_deploy_compose import _duration_s  # tests/ is on the path (rootdir conftest)
 
     pod, _ = container(docs, role)
     assert pod["terminationGracePeriodSeconds"] == _duration_s(compose.service(role)["stop_grace_period"])

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy"))
-from compose_runner import (  # noqa: E402
+from piopiy_voice.compose import (
     ComposeError,
     ComposeFile,
     LocalStack,
@@ -151,14 +150,14 @@ def test_round_robin_proxy():
 
 
 def test_sigterm_stops_the_roles_it_started(subprocess_env):
-    # `timeout 60 compose_runner.py ...` or a supervisor sends SIGTERM, not Ctrl-C:
+    # `timeout 60 python -m piopiy_voice.compose ...` or a supervisor sends SIGTERM, not Ctrl-C:
     # the roles must not be left running as orphans.
     import re
     import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "compose_runner.py"), "sandbox"],
+    proc = subprocess.Popen([sys.executable, "-m", "piopiy_voice.compose", "sandbox"],
                             cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

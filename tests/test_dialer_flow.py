@@ -21,7 +21,7 @@ from rq.job import Job
 from piopiy_voice import keys
 from piopiy_voice.settings import Settings
 from piopiy_voice.signing import verify_stream_path
-from tests import workers_support
+import workers_support  # tests/ is on the path (rootdir conftest)
 from piopiy_voice.workers.dialer import enqueue_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]

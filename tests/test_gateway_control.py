@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from piopiy_voice.gateway import control
 from piopiy_voice.gateway.control import CallHandle, CallNotFound, CommandTimeout
 from piopiy_voice import callrecord, keys
-from tests.test_gateway_server import GW, run, running, until, url
+from test_gateway_server import GW, run, running, until, url
 
 pytestmark = pytest.mark.integration
 

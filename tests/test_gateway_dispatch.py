@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from piopiy_voice.gateway.dispatch import Dispatcher, LiveCall
+from piopiy_voice.gateway.dispatch import Dispatcher
+from piopiy_voice.gateway.handshake import Admission
 from piopiy_voice.gateway.metrics import Metrics
 from piopiy_voice.gateway.publisher import Publisher
-from piopiy_voice.gateway.session import CallSession
+from piopiy_voice.gateway.registry import Registry
+from piopiy_voice.settings import Settings
 from piopiy_voice import contracts as c
 
 
@@ -38,12 +40,16 @@ def _closed_port() -> int:
 
 
 def _setup():
-    pub = Publisher(f"redis://127.0.0.1:{_closed_port()}/0")  # never started: just buffers
+    """A registry holding two calls on fake sockets; the writer never connects
+    (it only buffers). Must run inside an event loop."""
+    pub = Publisher(f"redis://127.0.0.1:{_closed_port()}/0")
+    metrics = Metrics()
+    registry = Registry(gateway_id="gw", settings=Settings.from_env({}, signing_secret="x" * 16),
+                        publisher=pub, metrics=metrics)
     sessions = {}
     for cid, stall in (("call-slow", True), ("call-ok", False)):
-        sessions[cid] = LiveCall(CallSession(cid), FakeWs(stall), pub.audio_prefix(cid), None)
-    d = Dispatcher(sessions=sessions, publisher=pub, redis=None, metrics=Metrics(),
-                   gateway_id="gw")
+        sessions[cid] = registry.attach(FakeWs(stall), Admission(cid, 8000, "callee", None))
+    d = Dispatcher(registry=registry, redis=None, metrics=metrics)
     return d, sessions
 
 
@@ -101,19 +107,26 @@ def test_a_send_that_times_out_closes_the_socket_and_rejects_the_command(monkeyp
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
-def test_32k_audio_is_resampled_off_the_event_loop(monkeypatch):
+def test_32k_audio_is_resampled_inline_and_played_at_16k(monkeypatch):
+    # soxr made resampling cheap: no thread hop (the workaround is gone), the
+    # session resamples inline through the public resample function.
     import json
 
-    import piopiy_voice.gateway.dispatch as dispatch
+    import piopiy_voice.gateway.session as session_mod
 
     calls = []
-    real = asyncio.to_thread
+    real = session_mod.resample
 
-    async def spy(func, *args, **kw):
-        calls.append(func.__name__)
-        return await real(func, *args, **kw)
+    def spy(pcm, src, dst):
+        calls.append((len(pcm), src, dst))
+        return real(pcm, src, dst)
 
-    monkeypatch.setattr(dispatch.asyncio, "to_thread", spy)
+    monkeypatch.setattr(session_mod, "resample", spy)
+
+    def no_thread(*a, **kw):
+        raise AssertionError("resampling must not hop to a thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
 
     async def main():
         d, sessions = _setup()
@@ -123,7 +136,7 @@ def test_32k_audio_is_resampled_off_the_event_loop(monkeypatch):
         await d.close()
         first = json.loads(sessions["call-ok"].ws.sent[0])
         assert first["type"] == "streamAudio" and first["data"]["sampleRate"] == 16000
-        d.cancel_playout(sessions["call-ok"])
+        sessions["call-ok"].cut_playout()
 
     asyncio.run(asyncio.wait_for(main(), 10))
-    assert calls == ["resample"]
+    assert calls == [(6400, 32000, 16000)]

@@ -19,7 +19,7 @@ from piopiy_voice import contracts as c
 from piopiy_voice import keys
 from piopiy_voice.redisconn import EmbeddedRedis, connect as connect_sync
 from piopiy_voice.signing import sign_stream_url
-from tests.test_gateway_server import run
+from test_gateway_server import run
 
 pytestmark = pytest.mark.integration
 SECRET = "drain-test-secret"
@@ -129,7 +129,7 @@ def test_writer_buffers_through_a_redis_outage_and_counts_drops():
 
 
 def test_gateway_keeps_socket_through_outage_and_reports_gap():
-    from tests.test_gateway_server import running, url  # noqa: PLC0415
+    from test_gateway_server import running, url  # noqa: PLC0415
 
     server = EmbeddedRedis()
     port = server.port
@@ -166,6 +166,60 @@ def test_gateway_keeps_socket_through_outage_and_reports_gap():
         assert seqs == sorted(seqs)
         assert es[gap].seq - es[gap - 1].seq == 30 + 1  # the dropped frames' seqs are missing
         assert es[-1].type == "call.ended" and es[-1].frames_dropped == 30
+        client.close()
+    finally:
+        server.close()
+
+
+def test_socket_replacement_keeps_the_pending_gap_report():
+    # Review fix (issue 10): the gap counter lived on the per-socket object, so
+    # a platform reconnecting during a Redis outage (a socket replacement) lost
+    # the pending StreamGap: workers saw a hole in seq with no report. The count
+    # now lives in the call's session, which a replacement keeps.
+    from test_gateway_server import running, url  # noqa: PLC0415
+
+    server = EmbeddedRedis()
+    port = server.port
+
+    async def scenario():
+        nonlocal server
+        async with running(server.url, redis_buffer_frames=20) as (gw, _client):
+            first = await connect(url(gw, "call-rg"), compression=None)
+            for _ in range(10):
+                await first.send(bytes(320))
+            await _until(lambda: gw.metrics.c["frames_published"] >= 10)
+            server.close()
+            for i in range(50):  # 20 fit in the buffer, 30 are dropped
+                await first.send(i.to_bytes(2, "little") * 160)
+            await _until(lambda: gw.metrics.c["frames_in"] >= 60)
+            assert gw.metrics.c["frames_dropped"] == 30
+            # The platform reconnects with the same call while Redis is away.
+            second = await connect(url(gw, "call-rg"), compression=None)
+            await asyncio.wait_for(first.wait_closed(), 5)
+            assert first.close_code == 4000
+            server = EmbeddedRedis(port=port)
+            await _until(lambda: gw.publisher.connected and gw.publisher.frames == 0, 15)
+            for _ in range(5):
+                await second.send(b"\x07\x00" * 160)
+            await _until(lambda: gw.metrics.c["frames_published"] >= 35, 10)
+            await second.close()
+            await _until(lambda: gw.metrics.c["calls_ended"] == 1)
+
+    try:
+        run(scenario())
+        client = connect_sync(server.url)
+        es = [c.decode(f) for _, f in client.xrange(keys.call_stream("call-rg"))]
+        kinds = [e.type for e in es]
+        assert kinds.count("gap") == 1
+        gap = kinds.index("gap")
+        assert es[gap].frames == 30 and es[gap].reason == "redis_unavailable"
+        assert kinds[:gap] == ["audio"] * 20
+        assert [e.pcm[:2] for e in es[gap + 1:gap + 6]] == [b"\x07\x00"] * 5
+        # The report comes before the next frame, and accounts for the seq hole.
+        assert es[gap].seq - es[gap - 1].seq == 30 + 1
+        assert es[gap + 1].seq == es[gap].seq + 1
+        assert es[-1].type == "call.ended" and es[-1].frames_dropped == 30
+        assert es[-1].frames_in == 65 and es[-1].reason == "platform_closed"
         client.close()
     finally:
         server.close()

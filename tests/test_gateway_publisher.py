@@ -8,6 +8,8 @@ import socket
 
 import pytest
 
+from piopiy_voice import contracts as c
+from piopiy_voice import keys
 from piopiy_voice.gateway.publisher import Publisher
 
 
@@ -46,19 +48,61 @@ def test_close_reports_what_could_not_be_written(caplog):
 def test_platform_text_cannot_grow_the_outage_buffer_without_bound():
     # Review fix: text frames became entries that were "never refused", so
     # during a Redis outage a chatty platform grew the buffer without limit.
-    from piopiy_voice.gateway.dispatch import LiveCall  # noqa: PLC0415
+    from piopiy_voice.gateway.handshake import Admission  # noqa: PLC0415
     from piopiy_voice.gateway.server import Gateway  # noqa: PLC0415
-    from piopiy_voice.gateway.session import CallSession  # noqa: PLC0415
     from piopiy_voice.settings import Settings  # noqa: PLC0415
 
-    gw = Gateway(Settings.from_env({}, signing_secret="x" * 16, gateway_id="gw-u",
-                                   redis_buffer_frames=10),
-                 redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
-    gw.publisher.max_bytes = 50_000  # Redis is down: nothing drains the buffer
-    live = LiveCall(CallSession("call-u"), None, gw.publisher.audio_prefix("call-u"), None)
-    text = '{"event": "mark", "pad": "%s"}' % ("x" * 1000)
-    for _ in range(500):
-        gw._on_text(live, text)
-    assert len(gw.publisher._buf) < 50_000 + 2_000
-    assert gw.metrics.c["events_dropped"] > 400
-    assert gw.metrics.c["text_frames"] == 500
+    async def main():
+        gw = Gateway(Settings.from_env({}, signing_secret="x" * 16, gateway_id="gw-u",
+                                       redis_buffer_frames=10),
+                     redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+        gw.publisher.max_bytes = 50_000  # Redis is down: nothing drains the buffer
+        live = gw.registry.attach(None, Admission("call-u", 8000, "callee", None))
+        text = '{"event": "mark", "pad": "%s"}' % ("x" * 1000)
+        for _ in range(500):
+            live.on_text(text)
+        assert len(gw.publisher._buf) < 50_000 + 2_000
+        assert gw.metrics.c["events_dropped"] > 400
+        assert gw.metrics.c["text_frames"] == 500
+        await gw.redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+# ------------------------------------------------- one copy of the audio contract
+def _write(redis_url, frames):
+    async def main():
+        pub = Publisher(redis_url)
+        pub.start()
+        for cid, seq, pcm in frames:
+            assert pub.add_audio(pub.audio_prefix(cid), seq, pcm)
+        assert await pub.flush(5)
+        await pub.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_audio_entry_round_trips_through_redis_and_the_decoder(redis_url, r):
+    # Bytes the hand-written writer produces -> a real XADD -> XRANGE -> the
+    # contract's decoder: the same frame, with exactly the contract's fields.
+    pcm = bytes(range(256)) * 5  # 1280 bytes: a 20 ms frame at 32 kHz
+    _write(redis_url, [("call-rt", 7, pcm), ("call-rt", 8, pcm[:320])])
+    got = r.xrange(keys.call_stream("call-rt"))
+    assert len(got) == 2
+    fields = got[0][1]
+    assert list(fields) == [name.encode() for name in c.AUDIO_FIELD_NAMES]
+    want = c.audio_fields("call-rt", 7, pcm)
+    assert fields == {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in want.items()}
+    assert c.decode(fields) == c.AudioFrame(call_id="call-rt", seq=7, pcm=pcm)
+    assert c.decode(got[1][1]) == c.AudioFrame(call_id="call-rt", seq=8, pcm=pcm[:320])
+
+
+def test_writer_prefix_follows_the_contract_not_its_own_copy(redis_url, r, monkeypatch):
+    # If the contract's fixed fields change (a new version, one more field), the
+    # writer writes that, with a consistent field count, without being edited.
+    real = c.audio_head
+    monkeypatch.setattr(c, "audio_head", lambda cid: {**real(cid), "v": "9", "codec": "l16"})
+    _write(redis_url, [("call-v", 1, b"\x01\x00" * 160)])
+    [(_, fields)] = r.xrange(keys.call_stream("call-v"))
+    assert fields[b"v"] == b"9" and fields[b"codec"] == b"l16"
+    assert fields[b"seq"] == b"1" and fields[b"pcm"] == b"\x01\x00" * 160

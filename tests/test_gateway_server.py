@@ -178,7 +178,8 @@ def test_oversized_frame_closes_1009(redis_url, r):
 def _http(port, path):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode(), resp.headers.get("Content-Type")
+            # every Content-Type header, joined: there must be exactly one
+            return resp.status, resp.read().decode(), ",".join(resp.headers.get_all("Content-Type"))
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(), None
 
@@ -203,7 +204,7 @@ def test_handshake_refusals_and_health(redis_url, r):
             assert (await asyncio.to_thread(_http, gw.port, "/healthz"))[0] == 200
             assert (await asyncio.to_thread(_http, gw.port, "/readyz"))[0] == 200
             status, body, ctype = await asyncio.to_thread(_http, gw.port, "/metrics")
-            assert status == 200 and ctype.startswith("text/plain")
+            assert status == 200 and ctype.startswith("text/plain") and "," not in ctype
             assert "pv_gateway_handshakes_refused_total 5" in body
             gw.draining = True
             assert (await asyncio.to_thread(_http, gw.port, "/readyz"))[0] == 503

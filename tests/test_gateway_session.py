@@ -13,13 +13,13 @@ from piopiy_voice import contracts as c
 
 def _session(**kw):
     kw.setdefault("rate", 8000)
-    return CallSession("call-1", gateway_id="gw", **kw)
+    return CallSession("call-1", **kw)
 
 
 def test_twenty_ms_frames_pass_through_untouched():
     s = _session()
     frame = bytes(range(256)) + bytes(64)
-    out = s.feed_audio(frame)
+    out = s.frames_of(frame)
     assert list(out) == [frame] and out[0] is frame
     assert s.frames_in == 1
 
@@ -31,7 +31,7 @@ def test_reframes_any_sizes_without_loss():
     assert sum(sizes) == len(data)
     frames, pos = [], 0
     for n in sizes:
-        frames += s.feed_audio(data[pos:pos + n])
+        frames += s.frames_of(data[pos:pos + n])
         pos += n
     assert all(len(f) == 640 for f in frames)
     assert b"".join(frames) == data[: 640 * 5]
@@ -44,10 +44,10 @@ def test_reframes_any_sizes_without_loss():
 
 def test_odd_byte_carried_then_trailing_odd_byte_dropped():
     s = _session()
-    assert list(s.feed_audio(b"\x01" * 161)) == []
-    frames = s.feed_audio(b"\x02" * 159)
+    assert list(s.frames_of(b"\x01" * 161)) == []
+    frames = s.frames_of(b"\x02" * 159)
     assert frames == [b"\x01" * 161 + b"\x02" * 159]
-    s.feed_audio(b"\x03" * 3)
+    s.frames_of(b"\x03" * 3)
     tail, odd = s.tail()
     assert odd == 1 and tail == b"\x03\x03" + bytes(318)
 
@@ -204,3 +204,39 @@ def test_32k_audio_too_short_to_resample_is_rejected_not_wedging_playout():
     assert ok.status == "applied"
     msgs, entries, _ = s.pump(0.0)
     assert len(msgs) == 1 and [e.utterance_id for e in entries] == ["next"]
+
+
+def test_dropped_frames_are_counted_and_reported_once_before_the_next_frame():
+    s = _session(resume_seq=41)  # the stream of a call that moved here had reached 41
+    assert s.started_entry("gw").seq == 42
+    assert s.gap_entry() is None
+    for _ in range(3):
+        s.next_seq()  # each dropped frame keeps its seq: the hole is the gap
+        s.frame_dropped()
+    gap = s.gap_entry()
+    assert (gap.frames, gap.seq, gap.reason) == (3, 46, "redis_unavailable")
+    assert s.gap_entry() is None and s.frames_dropped == 3
+    s.next_seq()
+    s.frame_dropped()
+    entries = s.end("platform_closed", 0.0)  # a report still pending goes out first
+    assert [e.type for e in entries] == ["gap", "call.ended"]
+    assert entries[0].frames == 1 and entries[1].frames_dropped == 4
+
+
+@pytest.mark.parametrize("model,cut,close", [
+    (c.Interrupt, True, False), (c.StopStream, True, True), (c.Hangup, True, True),
+    (c.Pause, False, False), (c.Speak, False, False),
+])
+def test_outcome_tells_the_shell_what_to_do(model, cut, close):
+    kw = {"text": "hi"} if model is c.Speak else {}
+    out = _session().apply(_cmd(model, **kw), now=0.0)
+    assert out.status == "applied"
+    assert (out.cut_playout, out.close_after, out.wake_playout) == (cut, close, False)
+
+
+def test_unknown_command_type_is_rejected_by_the_one_switch():
+    class Odd:
+        type = "cmd.teleport"
+
+    out = _session().apply(Odd(), now=0.0)
+    assert out.status == "rejected" and "cmd.teleport" in out.reason

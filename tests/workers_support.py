@@ -79,3 +79,46 @@ def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def think(seconds, tag):
+    """A slow service (a model, a webhook): answers ``tag`` after ``seconds``."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return tag
+
+
+class ThinkingAgent(Agent):
+    """Asks a slow work (``think_s`` call param, default 1 s) at the start when
+    ``ask`` is set and on a ``platform.event`` "ask", speaks its answer; answers a
+    marked audio frame (first bytes 0x7f 0x7f) at once with "heard:<seq>".
+    A lost work is asked again (``attempts`` counts the asks)."""
+
+    _FIELDS = ("attempts",)
+
+    def __init__(self, call, settings):
+        super().__init__(call, settings)
+        self.attempts = 0
+
+    def _ask(self):
+        self.attempts += 1
+        return self.work("think", think, float(self.call.params.get("think_s", "1")),
+                         f"{self.call.call_id}#{self.attempts}", timeout_s=30)
+
+    def on_event(self, event, now):
+        if isinstance(event, c.CallStarted):
+            return [self._ask()] if self.call.params.get("ask") else []
+        if isinstance(event, c.AudioFrame):
+            if event.pcm[:2] == b"\x7f\x7f":
+                return [self.command(c.Speak, text=f"heard:{event.seq}")]
+            return []
+        if isinstance(event, c.PlatformEvent) and event.event == "ask":
+            return [self._ask()]
+        if isinstance(event, c.WorkDone):
+            if event.ok:
+                return [self.command(c.Speak, text=f"answer:{event.value}")]
+            if event.error == "lost":
+                return [self._ask()]
+            return [self.command(c.Speak, text=f"failed:{event.error}")]
+        return []

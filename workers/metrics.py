@@ -1,13 +1,24 @@
 """Worker metrics: counters, a lag histogram, Prometheus text, optional HTTP.
 
-Exposed names (all prefixed ``pv_worker_``): ``calls_owned`` (gauge),
-``decisions_total`` (commands published), ``entries_total``,
-``claims_after_crash_total``, ``handbacks_total``, ``dead_letters_total``,
-``frames_skipped_total`` (trimmed or lost before processing),
-``leases_lost_total``, ``calls_finished_total``, ``calls_gateway_lost_total``
-(calls ended by their worker because their gateway died for good) and
-``stream_lag_seconds`` (histogram of now minus the
-entry id's time when the entry is processed).
+The decision loop increments plain ints (``counters[key] += n``) and sets
+``calls_owned`` once per loop turn; ``render()`` turns them into Prometheus
+families at scrape time through ``piopiy_voice.observability`` (HELP on every
+family, ``outcome``/``kind`` labels, ``process_*`` metrics). ``COUNTER_SPECS``
+maps each key to its family:
+
+``pv_worker_calls_owned`` (gauge), ``pv_worker_decisions_total`` (commands
+published), ``pv_worker_entries_total``, ``pv_worker_takeovers_total{kind=
+"crash"|"handback"}`` (calls taken over from a dead worker / handed back at a
+shutdown), ``pv_worker_dead_letters_total``, ``pv_worker_frames_skipped_total``
+(trimmed or lost before processing), ``pv_worker_leases_lost_total``,
+``pv_worker_calls_finished_total{reason="ended"|"gateway_lost"}`` (the latter:
+ended by the worker because the gateway died for good),
+``pv_worker_stream_lag_seconds`` (histogram of now minus the entry id's time
+when the entry is processed) and ``pv_worker_loop_last_turn_seconds`` (seconds
+since the loop last turned).
+
+HTTP (``serve``): ``/metrics``, ``/lag`` (exact recent quantiles, JSON) and
+``/healthz`` (200 while the decision loop turned within ``HEALTHY_TURN_S``).
 """
 
 from __future__ import annotations
@@ -19,6 +30,16 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from piopiy_voice.observability import (
+    CONTENT_TYPE,
+    CounterSpec,
+    Exporter,
+    check_name,
+    counter_families,
+    gauge_family,
+    histogram_family,
+)
+
 LAG_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 #: Recent lag samples kept for exact quantiles (GET /lag); bounded memory.
 LAG_SAMPLES = 500_000
@@ -27,17 +48,60 @@ COUNTERS = (
     "dead_letters_total", "frames_skipped_total", "leases_lost_total", "calls_finished_total",
     "calls_gateway_lost_total",
 )
+P = "pv_worker_"
+COUNTER_SPECS: dict[str, CounterSpec] = {
+    "decisions_total": CounterSpec(P + "decisions_total", "commands published to gateways"),
+    "entries_total": CounterSpec(P + "entries_total", "stream entries processed"),
+    "claims_after_crash_total": CounterSpec(P + "takeovers_total", "calls this worker took over, by kind",
+                                            {"kind": "crash"}),
+    "handbacks_total": CounterSpec(P + "takeovers_total", "calls this worker took over, by kind",
+                                   {"kind": "handback"}),
+    "dead_letters_total": CounterSpec(P + "dead_letters_total", "entries sent to the dead-letter stream"),
+    "frames_skipped_total": CounterSpec(P + "frames_skipped_total", "frames trimmed or lost before processing"),
+    "leases_lost_total": CounterSpec(P + "leases_lost_total", "leases lost (another worker took the call)"),
+    "calls_finished_total": CounterSpec(P + "calls_finished_total", "calls this worker saw end, by reason",
+                                        {"reason": "ended"}),
+    "calls_gateway_lost_total": CounterSpec(P + "calls_finished_total", "calls this worker saw end, by reason",
+                                            {"reason": "gateway_lost"}),
+}
+for _spec in COUNTER_SPECS.values():
+    check_name(_spec.family, "counter")
+#: /healthz fails when the decision loop has not turned for this long.
+HEALTHY_TURN_S = 30.0
 
 
 class Metrics:
+    content_type = CONTENT_TYPE
+
     def __init__(self) -> None:
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.calls_owned = 0
+        self._calls_owned = 0
+        #: monotonic time of the last loop turn (the runner sets calls_owned once per turn)
+        self.last_turn: float | None = None
+        self._exporter: Exporter | None = None
         self._lag_counts = [0] * (len(LAG_BUCKETS_S) + 1)
         self._lag_sum = 0.0
         self._lag_n = 0
         self.lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)
         self._started = time.monotonic()
+
+    @property
+    def calls_owned(self) -> int:
+        return self._calls_owned
+
+    @calls_owned.setter
+    def calls_owned(self, n: int) -> None:
+        self._calls_owned = n
+        self.last_turn = time.monotonic()
+
+    def healthy(self, now: float | None = None) -> tuple[bool, str]:
+        """The decision loop turned within ``HEALTHY_TURN_S`` (the HTTP thread alone proves nothing)."""
+        if self.last_turn is None:
+            return False, "decision loop not started"
+        age = (time.monotonic() if now is None else now) - self.last_turn
+        if age > HEALTHY_TURN_S:
+            return False, f"decision loop stuck for {age:.0f}s"
+        return True, f"decision loop turned {age:.1f}s ago"
 
     def inc(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -71,20 +135,21 @@ class Metrics:
                 return LAG_BUCKETS_S[i] if i < len(LAG_BUCKETS_S) else float("inf")
         return float("inf")
 
+    def collect(self):
+        yield gauge_family(P + "calls_owned", "calls this worker holds the lease of", self._calls_owned)
+        yield from counter_families(self.counters, COUNTER_SPECS)
+        yield histogram_family(P + "stream_lag_seconds",
+                               "time from an entry's arrival in Redis to its processing",
+                               LAG_BUCKETS_S, self._lag_counts, self._lag_sum)
+        if self.last_turn is not None:
+            yield gauge_family(P + "loop_last_turn_seconds", "seconds since the decision loop last turned",
+                               time.monotonic() - self.last_turn)
+
     def render(self) -> str:
-        p = "pv_worker_"
-        lines = [f"# TYPE {p}calls_owned gauge", f"{p}calls_owned {self.calls_owned}"]
-        for name, value in self.counters.items():
-            lines += [f"# TYPE {p}{name} counter", f"{p}{name} {value}"]
-        lines.append(f"# TYPE {p}stream_lag_seconds histogram")
-        acc = 0
-        for bound, c in zip(LAG_BUCKETS_S, self._lag_counts):
-            acc += c
-            lines.append(f'{p}stream_lag_seconds_bucket{{le="{bound}"}} {acc}')
-        lines.append(f'{p}stream_lag_seconds_bucket{{le="+Inf"}} {self._lag_n}')
-        lines.append(f"{p}stream_lag_seconds_sum {self._lag_sum:.6f}")
-        lines.append(f"{p}stream_lag_seconds_count {self._lag_n}")
-        return "\n".join(lines) + "\n"
+        """Prometheus text (send it with ``content_type``)."""
+        if self._exporter is None:
+            self._exporter = Exporter(self.collect)
+        return self._exporter.render().decode()
 
     def summary(self) -> str:
         up = max(time.monotonic() - self._started, 1e-9)
@@ -98,21 +163,25 @@ class Metrics:
 
 
 def serve(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` (and ``/lag``: exact recent lag quantiles as JSON,
+    """Serve ``/metrics``, ``/healthz`` and ``/lag`` (exact recent lag quantiles as JSON,
     ``?reset=1`` to start a new window) in a daemon thread; returns the server (``.server_port``)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             path, _, query = self.path.partition("?")
+            code = 200
             if path == "/metrics":
-                body, ctype = metrics.render().encode(), "text/plain; version=0.0.4"
+                body, ctype = metrics.render().encode(), metrics.content_type
+            elif path == "/healthz":
+                ok, why = metrics.healthy()
+                code, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain; charset=utf-8"
             elif path == "/lag":
                 body = json.dumps(metrics.recent_lag(reset="reset=1" in query)).encode()
                 ctype = "application/json"
             else:
                 self.send_error(404)
                 return
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

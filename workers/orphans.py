@@ -23,15 +23,14 @@ from typing import Any
 
 from piopiy_voice import keys
 
+from .driver import id_ms
+
+__all__ = ["GATEWAY_LOST_S", "find", "id_ms"]
+
 #: A call whose gateway's heartbeat key is gone and whose stream has had no new
 #: entry for this long is ended by its owner (the gateway died for good, so no
 #: ``call.ended`` will ever come). Well above the gateway's heartbeat TTL (10 s).
 GATEWAY_LOST_S = 30.0
-
-
-def id_ms(entry_id: str) -> int:
-    """The millisecond time part of a stream entry id."""
-    return int(entry_id.split("-", 1)[0])
 
 
 def find(r: Any, calls: list[Any]) -> list[tuple[Any, bytes | None, bytes | None]]:

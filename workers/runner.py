@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-One thread, one loop. Each turn of the loop:
+One thread, one loop; the decisions of each call are made by its
+``CallDriver`` (``piopiy_voice.workers.driver``: pure, no I/O), which returns
+an ``Outcome``; this module only executes outcomes. Each turn of the loop:
 
 1. renews leases (every lease/3) and drops at once any call whose lease is lost;
 2. scans for calls to take over (every min(lease/4, 1 s)): start entries idle
@@ -10,13 +12,22 @@ One thread, one loop. Each turn of the loop:
 3. takes new calls from the calls stream (consumer group; blocking when idle,
    polled every 100 ms while busy);
 4. ONE blocking ``XREAD`` (block <= 200 ms while owning calls) over the
-   streams of all owned calls, each from its own last processed id, and feeds
-   each call's entries to its agent strictly in order;
-5. fires agent timers (``Tick``) for calls that are not behind;
-6. commits: the commands a call's batch produced are published atomically with
-   the checkpoint at the batch's last entry (``piopiy_voice.workers.checkpoint``); calls that
-   produced no commands are checkpointed about once a second. All of a turn's
-   commits go out in one pipelined round trip (each call's script is atomic).
+   streams of all owned calls, each from its own last processed id; each
+   call's entries go to its driver strictly in order;
+5. timers: a ``Tick`` for calls whose agent asked for one and that are not
+   behind; for calls just taken over and now read to the stream's end, the
+   works lost with the previous owner (``CallDriver.caught_up``);
+6. ONE pipelined round trip: dead letters and timeline notes, then per call
+   the commands its outcomes produced, published atomically with its checkpoint
+   (``piopiy_voice.workers.checkpoint``: a Lua script fenced by the lease);
+   calls with no commands are checkpointed about once a second. Then works are
+   handed to the agent runtime and cancels sent (calls whose commit found the
+   lease gone start nothing).
+
+Slow agent work runs in the agent runtime (``piopiy_voice.workers.runtime``): an
+asyncio loop on a background thread, started on the first work, whose results
+come back as ``work.done`` entries in the call's own stream. So a slow model or
+webhook never delays other calls' frames, barge-in or DTMF.
 
 Entries are deduplicated by the gateway's per-call ``seq``; a jump in ``seq``
 means entries were trimmed or lost before we read them: they are counted
@@ -30,9 +41,6 @@ ends it itself, with every renewal (see ``piopiy_voice.workers.orphans``).
 Redis Cluster: the one XREAD spans many calls' slots and the commit script
 touches the gateway's command stream, so workers need a single Redis (or
 Sentinel); see ``piopiy_voice.workers.checkpoint``.
-
-The agent is called synchronously: a slow agent (e.g. a webhook) delays the
-other calls of this worker, so keep webhook timeouts short and run more workers.
 """
 
 from __future__ import annotations
@@ -42,45 +50,60 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from piopiy_voice import callrecord, keys
-from piopiy_voice.contracts import CallEnded, CallStarted, decode
+from piopiy_voice.contracts import CallStarted, decode
 from piopiy_voice.redisconn import connect, resolve_redis_url
 from piopiy_voice.settings import Settings
 
 from . import orphans
-from .agent.base import Agent, Tick, load_agent_class
+from .agent.base import Agent, load_agent_class
 from .checkpoint import Checkpoint, Committer, LeaseLost, load
+from .driver import CallDriver, Outcome
 from .metrics import Metrics, serve
-from .orphans import id_ms
 from .ownership import Ownership
+from .runtime import DEFAULT_CONCURRENCY, AgentRuntime, RedisPublisher
 
 log = logging.getLogger("piopiy_voice.workers.runner")
 
-AGENT_ATTEMPTS = 3
 READ_COUNT = 50
 CHECKPOINT_EVERY_S = 1.0
 IDLE_BLOCK_MS = 1000
 BUSY_BLOCK_MS = 200
 NEW_CALLS_POLL_S = 0.1
+#: On a graceful stop, works still running (e.g. a ``call_ended`` webhook) get this long.
+RUNTIME_STOP_GRACE_S = 1.0
+#: ``WorkDone.error`` -> counter of final results that failed that way.
+_WORK_FAILURES = {"timeout": "works_timed_out_total", "cancelled": "works_cancelled_total",
+                  "lost": "works_lost_total"}
 
-@dataclass
+
 class OwnedCall:
-    call: CallStarted
-    start_entry: str
-    agent: Agent
-    ckpt: Checkpoint
-    pending: list[Any] = field(default_factory=list)
-    dirty: bool = False
-    last_commit: float = 0.0
-    tick_quiet_until: float = 0.0
-    ended: bool = False
-    #: Wall time this worker took the call (the "quiet since" floor of ``orphans.find``).
-    since: float = field(default_factory=time.time)
+    """A call this worker owns: its driver plus the runner's I/O bookkeeping."""
+
+    __slots__ = ("driver", "start_entry", "last_commit", "since")
+
+    def __init__(self, driver: CallDriver, start_entry: str, last_commit: float = 0.0) -> None:
+        self.driver = driver
+        self.start_entry = start_entry
+        self.last_commit = last_commit
+        #: Wall time this worker took the call (the "quiet since" floor of ``orphans.find``).
+        self.since = time.time()
+
+    @property
+    def call(self) -> CallStarted:
+        return self.driver.call
+
+    @property
+    def ckpt(self) -> Checkpoint:
+        return self.driver.ckpt
+
+    @property
+    def ended(self) -> bool:
+        return self.driver.ended
 
 
 class Worker:
@@ -107,6 +130,8 @@ class Worker:
         self.own = Ownership(self.r, self.worker_id, self.lease_ms)
         self.committer = Committer(self.r, self.worker_id, self.lease_ms)
         self.calls: dict[str, OwnedCall] = {}
+        #: Started on the first work (agents that never ask for one cost nothing).
+        self.runtime: AgentRuntime | None = None
         self._stopping = False
         self._next_renew = 0.0
         self._next_scan = 0.0
@@ -116,6 +141,11 @@ class Worker:
         self._xread_ms = 0.0
         #: Calls whose last read hit READ_COUNT (more entries waiting): no Tick for them.
         self._behind: set[str] = set()
+        #: This turn's side effects (dead letters, timeline notes, record fields),
+        #: sent in the commit round trip.
+        self._io = self.r.pipeline(transaction=False)
+        self._starts: list[tuple[str, Any]] = []
+        self._cancels: list[str] = []
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -143,6 +173,9 @@ class Worker:
             except redis.RedisError as exc:
                 log.error("worker %s: hand-back failed (%s); calls will be claimed after "
                           "their leases expire", self.worker_id, exc)
+            finally:
+                if self.runtime is not None:
+                    self.runtime.stop(RUNTIME_STOP_GRACE_S)
 
     def step(self) -> None:
         now = time.monotonic()
@@ -169,11 +202,14 @@ class Worker:
             self._read_calls(self._block_ms(BUSY_BLOCK_MS))
         t2 = time.monotonic()
         self._timers()
+        self._commit_due()
         self.metrics.calls_owned = len(self.calls)
+        if self.runtime is not None:
+            self.metrics.works_in_flight = self.runtime.in_flight
         t3 = time.monotonic()
         if t3 - t1 > 0.25 + self._xread_ms / 1000:
-            log.warning("worker %s: slow loop turn %.0f ms (ownership %.0f, read+decide+commit "
-                        "%.0f [xread %.0f], timers %.0f)", self.worker_id, (t3 - now) * 1000,
+            log.warning("worker %s: slow loop turn %.0f ms (ownership %.0f, read+decide "
+                        "%.0f [xread %.0f], timers+commit %.0f)", self.worker_id, (t3 - now) * 1000,
                         (t1 - now) * 1000, (t2 - t1) * 1000, self._xread_ms, (t3 - t2) * 1000)
         if now >= self._next_log:
             log.info("worker %s: %s", self.worker_id, self.metrics.summary())
@@ -181,7 +217,7 @@ class Worker:
 
     def _block_ms(self, cap: int) -> int:
         until = min(self._next_renew, self._next_scan) - time.monotonic()
-        wake = [w for w in (c.agent.next_wakeup() for c in self.calls.values()) if w is not None]
+        wake = [w for w in (c.driver.next_wakeup() for c in self.calls.values()) if w is not None]
         if wake:
             until = min(until, min(wake) - time.time())
         return max(1, min(cap, int(until * 1000)))
@@ -193,26 +229,29 @@ class Worker:
         self._next_renew = t + self.lease_ms / 3000.0  # not on error: retried next turn
         for cid in lost:
             log.warning("call %s: lease lost; dropping it", cid)
-            self.metrics.inc("leases_lost_total")
-            self.calls.pop(cid, None)
+            self._drop(cid)
+
+    def _drop(self, cid: str) -> None:
+        """The call's lease is gone: forget it; its works' results would be fenced."""
+        self.metrics.inc("leases_lost_total")
+        self.calls.pop(cid, None)
+        if self.runtime is not None:
+            self.runtime.cancel_call(cid)
 
     def _end_orphans(self) -> None:
         """End the calls whose gateway died for good (see ``piopiy_voice.workers.orphans``)."""
         ended = []
+        wall = time.time()
         for oc, state, campaign in orphans.find(self.r, [oc for oc in self.calls.values()
                                                         if not oc.ended]):
-            cid = oc.call.call_id
             log.warning("call %s: gateway %s is gone and the call has been silent for %.0fs; "
-                        "ending it", cid, oc.call.gateway_id, orphans.GATEWAY_LOST_S)
-            ev = CallEnded(call_id=cid, seq=0, reason="gateway_lost")
-            self._call_agent(oc, ev, time.time(), oc.ckpt.last_id)
-            oc.pending = []  # nobody left to send them to
-            oc.ended = True
+                        "ending it", oc.call.call_id, oc.call.gateway_id, orphans.GATEWAY_LOST_S)
+            self._apply(oc, oc.driver.end_orphan(wall))
             self.metrics.inc("calls_gateway_lost_total")
             ended.append((oc, state, campaign))
         if not ended:
             return
-        self._commit_many([oc for oc, _, _ in ended])
+        self._flush([oc for oc, _, _ in ended])
         pipe = self.r.pipeline(transaction=False)
         for oc, state, campaign in ended:
             cid = oc.call.call_id
@@ -232,7 +271,8 @@ class Worker:
         try:
             started = decode(fields)
         except Exception as exc:  # noqa: BLE001 (poison entry: any failure)
-            self._dead_letter("", eid, keys.CALLS_STREAM, f"decode failed: {exc}", fields)
+            self._dead_letter("", eid, keys.CALLS_STREAM, f"decode failed: {exc}",
+                              _type_of(fields))
             self.own.ack(eid)
             return
         if not isinstance(started, CallStarted):
@@ -245,7 +285,7 @@ class Worker:
             if eid != owned.start_entry:
                 # A repeated announcement of a call we own: ACK it, or it stays
                 # pending for ever (only the start entry is renewed and ACKed).
-                self._follow_gateway(owned, started.gateway_id)
+                owned.driver._follow_gateway(started.gateway_id)
                 self.own.ack(eid)
             return
         if not self.own.acquire(cid):
@@ -269,52 +309,38 @@ class Worker:
             oc = self._start_call(eid, started, ckpt)
         except Exception as exc:  # noqa: BLE001 (agent constructors are user code)
             log.exception("call %s: agent could not be started", cid)
-            self._dead_letter(cid, eid, keys.CALLS_STREAM, f"agent start failed: {exc!r}", fields)
+            self._dead_letter(cid, eid, keys.CALLS_STREAM, f"agent start failed: {exc!r}",
+                              _type_of(fields))
             self.own.release(cid)
             self.own.ack(eid)
             return
         self.calls[cid] = oc
-        if oc.pending:
-            self._commit(oc)  # the greeting, atomically with the first checkpoint
-
-    def _follow_gateway(self, oc: OwnedCall, gateway_id: str) -> None:
-        """Send the call's commands to ``gateway_id`` from now on (the socket moved)."""
-        if gateway_id and gateway_id != oc.call.gateway_id:
-            log.warning("call %s: socket moved from gateway %s to %s; commands follow it",
-                        oc.call.call_id, oc.call.gateway_id, gateway_id)
-            oc.call = oc.call.model_copy(update={"gateway_id": gateway_id})
+        if oc.driver.pending:
+            self._flush([oc])  # the greeting, atomically with the first checkpoint
 
     def _start_call(self, eid: str, started: CallStarted, ckpt: Checkpoint | None) -> OwnedCall:
         cid = started.call_id
-        if ckpt is not None:
+        observe = self.metrics.observe_lag
+        if ckpt is None:
+            drv, out = CallDriver.start(self.agent_cls, self.settings, started, self.worker_id,
+                                        observe, entry_id=eid)
+            oc = OwnedCall(drv, eid)
+            log.info("call %s: owned by %s", cid, self.worker_id)
+        else:
             # Taking over: the socket may have moved since the start entry; the
             # record names the gateway holding it now.
             holder = self.r.hget(keys.call_meta(cid), "gateway_id")
             if holder and holder.decode() != started.gateway_id:
                 started = started.model_copy(update={"gateway_id": holder.decode()})
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.call_meta(cid), "owner", self.worker_id)
-        if ckpt is None:
-            agent = self.agent_cls(started, self.settings)  # may raise: see _adopt
-            ckpt = Checkpoint(call_id=cid, runtime={"seq": started.seq, "skipped": 0})
-            oc = OwnedCall(started, eid, agent, ckpt)
-            cmds = self._call_agent(oc, started, started.started_at, eid)
-            self._stamp(oc, cmds)
-            oc.dirty = True
-            callrecord.timeline(pipe, cid, "worker.owned", worker=self.worker_id)
-            log.info("call %s: owned by %s", cid, self.worker_id)
-            pipe.execute()
-            return oc
-        agent = self.agent_cls.from_state(started, self.settings, ckpt.state or {})
-        oc = OwnedCall(started, eid, agent, ckpt, last_commit=time.monotonic())
-        kind = "handback" if ckpt.runtime.get("handed_back") else "crash"
-        ckpt.runtime.pop("handed_back", None)
-        self.metrics.inc("handbacks_total" if kind == "handback" else "claims_after_crash_total")
-        callrecord.timeline(pipe, cid, "worker.claimed", worker=self.worker_id, previous=ckpt.owner,
-                            after=kind, resume_from=ckpt.last_id)
-        pipe.execute()
-        log.info("call %s: claimed by %s after %s of %s, resuming after %s",
-                 cid, self.worker_id, kind, ckpt.owner or "?", ckpt.last_id)
+            drv, out, kind = CallDriver.resume(self.agent_cls, self.settings, started, ckpt,
+                                               self.worker_id, observe)
+            oc = OwnedCall(drv, eid, last_commit=time.monotonic())
+            self.metrics.inc("handbacks_total" if kind == "handback" else "claims_after_crash_total")
+            log.info("call %s: claimed by %s after %s of %s, resuming after %s (%d work(s) in "
+                     "flight)", cid, self.worker_id, kind, ckpt.owner or "?", ckpt.last_id,
+                     len(drv.suspects))
+        self._io.hset(keys.call_meta(cid), "owner", self.worker_id)
+        self._apply(oc, out)
         return oc
 
     # ------------------------------------------------------------ the audio
@@ -324,168 +350,117 @@ class Worker:
         resp = self.r.xread(streams, count=READ_COUNT, block=block_ms)
         self._xread_ms = (time.monotonic() - t) * 1000
         behind: set[str] = set()
+        wall = time.time()
         for stream, entries in resp or ():
-            skey = stream.decode() if isinstance(stream, bytes) else stream
-            cid = skey[skey.index("{") + 1: skey.rindex("}")]
+            cid = keys.call_id_of(stream)
             oc = self.calls.get(cid)
             if oc is None:
                 continue
             if len(entries) >= READ_COUNT:
                 behind.add(cid)
-            self._process(oc, entries)
-            if time.monotonic() >= self._next_renew:
-                # A slow agent (webhook) must not let this worker's leases lapse.
-                self._renew()
+            self._apply(oc, oc.driver.feed(entries, wall))
         self._behind = behind
-        now = time.monotonic()
-        self._commit_many([
-            oc for oc in self.calls.values()
-            if oc.pending or oc.ended or (oc.dirty and now - oc.last_commit >= CHECKPOINT_EVERY_S)
-        ])
-
-    def _process(self, oc: OwnedCall, entries: list) -> None:
-        rt = oc.ckpt.runtime
-        cid = oc.call.call_id
-        wall = time.time()
-        observe = self.metrics.observe_lag
-        ckpt = oc.ckpt
-        oc.dirty = True  # XREAD never returns a stream with no entries
-        n = 0
-        try:
-            for raw_id, fields in entries:
-                n += 1
-                eid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                t = id_ms(eid) / 1000.0
-                observe(max(0.0, wall - t))
-                ckpt.last_id = eid
-                try:
-                    ev = decode(fields)
-                except Exception as exc:  # noqa: BLE001
-                    self._dead_letter(cid, eid, keys.call_stream(cid), f"decode failed: {exc}", fields)
-                    raw_seq = fields.get(b"seq", b"")
-                    if raw_seq.isdigit() and int(raw_seq) > rt.get("seq", 0):
-                        rt["seq"] = int(raw_seq)  # a poison entry is not a gap
-                    continue
-                seq = ev.seq
-                if seq > 0:
-                    last = rt.get("seq", 0)
-                    if seq <= last:
-                        continue  # duplicate (gateway resent after a reconnect)
-                    if seq > last + 1 and last > 0:
-                        self._skipped(oc, seq - last - 1, eid)
-                    rt["seq"] = seq
-                if ev.type == "call.started":
-                    # Given to the agent from the calls stream already; a later one means
-                    # the platform reconnected to another gateway: follow the socket.
-                    self._follow_gateway(oc, ev.gateway_id)
-                    continue
-                cmds = self._call_agent(oc, ev, t, eid)
-                if cmds:
-                    self._stamp(oc, cmds)
-                if isinstance(ev, CallEnded):
-                    oc.ended = True
-                    break
-        finally:
-            self.metrics.counters["entries_total"] += n
-
-    def _skipped(self, oc: OwnedCall, n: int, eid: str) -> None:
-        oc.ckpt.runtime["skipped"] = oc.ckpt.runtime.get("skipped", 0) + n
-        self.metrics.inc("frames_skipped_total", n)
-        log.warning("call %s: %d entries missing before %s (trimmed or lost)", oc.call.call_id, n, eid)
-        pipe = self.r.pipeline(transaction=False)
-        callrecord.timeline(pipe, oc.call.call_id, "worker.skipped", entries=n, before=eid)
-        pipe.execute()
-
-    def _call_agent(self, oc: OwnedCall, ev: Any, now: float, eid: str) -> list[Any]:
-        err: Exception | None = None
-        for _ in range(AGENT_ATTEMPTS):
-            try:
-                cmds = oc.agent.on_event(ev, now)
-                # Most calls return a (fresh, usually empty) list: no copy per frame.
-                return cmds if cmds.__class__ is list else list(cmds or ())
-            except Exception as exc:  # noqa: BLE001 (agents are user code)
-                err = exc
-        cid = oc.call.call_id
-        log.error("call %s: agent raised %d times on %s: %r", cid, AGENT_ATTEMPTS, eid, err)
-        self._dead_letter(cid, eid, keys.call_stream(cid), f"agent raised: {err!r}", None,
-                          etype=getattr(ev, "type", ""))
-        return []
-
-    def _stamp(self, oc: OwnedCall, cmds: list[Any]) -> None:
-        for cmd in cmds:
-            oc.ckpt.cmd_seq += 1
-            cmd.call_id = oc.call.call_id
-            cmd.seq = oc.ckpt.cmd_seq
-            cmd.command_id = f"{oc.call.call_id}:{oc.ckpt.cmd_seq}"
-            cmd.issued_by = f"worker:{self.worker_id}"
-            oc.pending.append(cmd)
 
     def _timers(self) -> None:
         behind = self._behind
         wall = time.time()
-        mono = time.monotonic()
         for cid, oc in list(self.calls.items()):
-            if cid in behind or oc.ended or mono < oc.tick_quiet_until:
+            if cid in behind:
                 continue
-            wake = oc.agent.next_wakeup()
-            if wake is None or wall < wake:
-                continue
-            try:
-                cmds = list(oc.agent.on_event(Tick(), wall) or ())
-            except Exception as exc:  # noqa: BLE001
-                log.error("call %s: agent raised on tick: %r", cid, exc)
-                oc.tick_quiet_until = mono + 1.0
-                continue
-            oc.dirty = True
-            if cmds:
-                self._stamp(oc, cmds)
-                self._commit(oc)
+            drv = oc.driver
+            if drv.suspects:
+                out = drv.caught_up(wall)
+                if out is not None:
+                    self._apply(oc, out)
+            out = drv.tick(wall)
+            if out is not None:
+                self._apply(oc, out)
+
+    def _apply(self, oc: OwnedCall, out: Outcome) -> None:
+        """Queue what an outcome asks for (the commands stay with the driver
+        until they are committed)."""
+        cid = oc.call.call_id
+        m = self.metrics
+        if out.entries:
+            m.counters["entries_total"] += out.entries
+        if out.skipped:
+            m.inc("frames_skipped_total", out.skipped)
+        for dl in out.dead_letters:
+            self._dead_letter(cid, dl.entry_id, dl.stream, dl.reason, dl.type)
+        for event, detail in out.notes:
+            callrecord.timeline(self._io, cid, event, **detail)
+        for work in out.works:
+            self._starts.append((cid, work))
+        if out.cancels:
+            self._cancels += out.cancels
+        for done in out.finished:
+            if not done.ok:
+                self._count(_WORK_FAILURES.get(done.error, "works_failed_total"))
+        if out.ignored:
+            self._count("work_results_ignored_total", out.ignored)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        try:
+            self.metrics.inc(name, n)
+        except KeyError:  # a Metrics that predates the agent runtime's counters
+            self.metrics.counters[name] = self.metrics.counters.get(name, 0) + n
 
     # -------------------------------------------------------------- commits
-    def _commit(self, oc: OwnedCall, *, handback: bool = False) -> bool:
-        return self._commit_many([oc], handback=handback)[0]
+    def _commit_due(self) -> None:
+        now = time.monotonic()
+        due = [oc for oc in self.calls.values()
+               if oc.driver.pending or oc.ended
+               or (oc.driver.dirty and now - oc.last_commit >= CHECKPOINT_EVERY_S)]
+        if due or len(self._io) or self._starts or self._cancels:
+            self._flush(due)
 
-    def _commit_many(self, ocs: list[OwnedCall], *, handback: bool = False) -> list[bool]:
-        """Commit several calls in one round trip (each call's script is atomic)."""
-        if not ocs:
-            return []
-        pipe = self.r.pipeline(transaction=False)
+    def _flush(self, ocs: list[OwnedCall], *, handback: bool = False) -> list[bool]:
+        """One round trip: this turn's side effects, then each call's commands
+        with its checkpoint (each call's script is atomic). Then start works."""
+        pipe, self._io = self._io, self.r.pipeline(transaction=False)
+        n_side = len(pipe)
         for oc in ocs:
-            ckpt = oc.ckpt
-            ckpt.state = oc.agent.to_state()
-            ckpt.done = oc.ended
-            if handback:
-                ckpt.runtime["handed_back"] = True
+            drv = oc.driver
             self.committer.commit(
-                ckpt, oc.call.gateway_id, oc.pending, release=oc.ended or handback,
-                ttl_s=keys.CALL_KEY_TTL_AFTER_END if oc.ended else 0, pipe=pipe,
+                drv.checkpoint(handback=handback), drv.call.gateway_id, drv.pending,
+                release=drv.ended or handback,
+                ttl_s=keys.CALL_KEY_TTL_AFTER_END if drv.ended else 0, pipe=pipe,
             )
-            ckpt.runtime.pop("handed_back", None)
-        replies = pipe.execute(raise_on_error=False)
+        if not len(pipe):
+            self._start_works(set())
+            return []
+        try:
+            replies = pipe.execute(raise_on_error=False)[n_side:]
+        except Exception:
+            for oc in ocs:
+                oc.driver.uncommitted()
+            raise
         ok: list[bool] = []
+        dropped: set[str] = set()
         after = self.r.pipeline(transaction=False)
         mono = time.monotonic()
         for oc, reply in zip(ocs, replies):
-            cid = oc.call.call_id
+            drv = oc.driver
+            cid = drv.call.call_id
             try:
                 sent = self.committer.check(cid, reply)
             except LeaseLost:
                 log.warning("call %s: lease lost at commit; dropping it", cid)
-                self.metrics.inc("leases_lost_total")
-                self.calls.pop(cid, None)
+                drv.uncommitted()
+                self._drop(cid)
+                dropped.add(cid)
                 ok.append(False)
                 continue
             ok.append(True)
-            if oc.pending:
+            if drv.pending:
                 self.metrics.inc("decisions_total", sent)
-                for cmd in oc.pending:
+                for cmd in drv.pending:
                     callrecord.timeline(after, cid, "worker.command", command=cmd.type,
                                         command_id=cmd.command_id, worker=self.worker_id)
-                log.info("call %s: sent %s", cid, ", ".join(c.type for c in oc.pending))
-            oc.pending = []
-            oc.dirty = False
+                log.info("call %s: sent %s", cid, ", ".join(c.type for c in drv.pending))
+            drv.committed()
             oc.last_commit = mono
-            if oc.ended:
+            if drv.ended:
                 after.xack(keys.CALLS_STREAM, keys.WORKERS_GROUP, oc.start_entry)
                 self.calls.pop(cid, None)
                 self.metrics.inc("calls_finished_total")
@@ -494,14 +469,41 @@ class Worker:
                 log.info("call %s: ended; released by %s", cid, self.worker_id)
         if len(after):
             after.execute()
+        self._start_works(dropped)
         return ok
+
+    def _start_works(self, dropped: set[str]) -> None:
+        """Hand this turn's works to the runtime (after the commit: a call
+        found lost starts nothing) and send its cancels."""
+        if self._starts:
+            starts, self._starts = self._starts, []
+            for cid, work in starts:
+                if cid in dropped:
+                    continue
+                if self.runtime is None:
+                    self.runtime = self._make_runtime()
+                self.runtime.submit(cid, work)
+                self._count("works_started_total")
+        if self._cancels:
+            cancels, self._cancels = self._cancels, []
+            if self.runtime is not None:
+                for work_id in cancels:
+                    self.runtime.cancel(work_id)
+
+    def _make_runtime(self) -> AgentRuntime:
+        publisher = RedisPublisher(self.r.connection_pool.connection_kwargs, self.worker_id)
+        concurrency = getattr(self.settings, "agent_runtime_concurrency", DEFAULT_CONCURRENCY)
+        log.info("worker %s: agent runtime up (at most %d works at once)", self.worker_id,
+                 concurrency)
+        return AgentRuntime(publisher, concurrency=concurrency, name=f"agent-runtime-{self.worker_id}",
+                            on_close=publisher.close)
 
     def hand_back_all(self) -> None:
         """Graceful stop: final checkpoints, leases deleted, start entries
         made claimable at once."""
         live = [oc for oc in self.calls.values() if not oc.ended]
-        self._commit_many([oc for oc in self.calls.values() if oc.ended])
-        done = self._commit_many(live, handback=True)
+        self._flush([oc for oc in self.calls.values() if oc.ended])
+        done = self._flush(live, handback=True)
         entries = [oc.start_entry for oc, ok in zip(live, done) if ok]
         pipe = self.r.pipeline(transaction=False)
         for oc, ok in zip(live, done):
@@ -513,17 +515,18 @@ class Worker:
         self.own.leave_group()
         log.info("worker %s stopped; handed back %d call(s)", self.worker_id, len(entries))
 
-    def _dead_letter(self, cid: str, eid: str, stream: str, reason: str, fields: dict | None,
-                     etype: str = "") -> None:
-        if not etype and fields:
-            t = fields.get(b"type", fields.get("type", b""))
-            etype = t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
+    def _dead_letter(self, cid: str, eid: str, stream: str, reason: str, etype: str = "") -> None:
         self.metrics.inc("dead_letters_total")
         log.error("call %s: entry %s dead-lettered: %s", cid or "?", eid, reason)
-        self.r.xadd(keys.DEAD_LETTER_STREAM, {
+        self._io.xadd(keys.DEAD_LETTER_STREAM, {
             "call_id": cid, "entry_id": eid, "stream": stream, "reason": reason[:500],
             "type": etype, "worker": self.worker_id, "t": f"{time.time():.3f}",
         }, maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
+
+
+def _type_of(fields: Any) -> str:
+    t = fields.get(b"type", fields.get("type", b"")) if hasattr(fields, "get") else b""
+    return t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
 
 
 # ------------------------------------------------------------------- CLI

@@ -28,6 +28,25 @@ Contract
   second per call and with every batch of commands). Plain JSON-able
   attributes need no code: list their names in ``_FIELDS`` and the base
   class saves and restores them; override both methods for anything else.
+- Slow work (a model, a speech service, a webhook) never runs inside
+  ``on_event``: return ``self.work(name, fn, *args, timeout_s=..., **kw)`` in the
+  same list as commands, and the worker's agent runtime (``piopiy_voice.workers.runtime``)
+  runs it concurrently. ``fn`` is an async function (awaited), an async generator
+  function (each item yielded arrives as ``WorkDone(final=False, index=i)``, then
+  ``WorkDone(final=True, value=None)``) or a plain function (run in a thread).
+  Its result comes back as a ``contracts.WorkDone`` event, in order with the
+  call's other events: JSON-able values in ``value``, ``bytes`` in ``pcm``, a
+  tuple ``(json_value, bytes)`` in both; failures as ``ok=False`` with ``error``
+  ``"timeout"``, ``"cancelled"``, ``"lost"`` or the exception text.
+  ``Work.id`` is deterministic (``"<call_id>:w<n>"``, ``n`` checkpointed with
+  the agent's state by this base class), so a replay asks for the same ids.
+  ``self.cancel(work_id)`` (returned in the list too) cancels one.
+  A takeover mid-reply re-asks: the function and its arguments are not
+  checkpointed, so after a worker crash the new owner delivers
+  ``WorkDone(ok=False, error="lost", final=True)`` for every work that was in
+  flight and has no final result in the stream; the agent asks again.
+- ``on_event`` also receives ``Transcript`` (what the caller said, from the
+  transcriber role) and ``WorkDone`` events.
 - Raising from ``on_event`` is treated as a poison entry: the runtime retries
   the same entry up to 3 times, then dead-letters it and moves on. State
   changes made before the exception stay, so mutate state after the checks
@@ -59,11 +78,31 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from piopiy_voice.contracts import CallStarted
 from piopiy_voice.settings import Settings
+
+
+@dataclass(eq=False)
+class Work:
+    """Slow work an agent asks the runtime to run (made by ``Agent.work``)."""
+
+    id: str
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Cancel a work in flight (made by ``Agent.cancel``); it then ends with
+    ``WorkDone(ok=False, error="cancelled")`` unless it finished first."""
+
+    work_id: str
 
 
 @dataclass(frozen=True)
@@ -81,6 +120,8 @@ class Agent:
             raise TypeError(f"call must be a CallStarted, got {type(call).__name__}")
         self.call = call
         self.settings = settings
+        #: Works asked so far (ids ``<call_id>:w<n>``); checkpointed by ``to_state``.
+        self._work_n = 0
 
     # -- decisions -----------------------------------------------------
     def on_event(self, event: Any, now: float) -> list[Any]:
@@ -95,7 +136,11 @@ class Agent:
     _FIELDS: tuple[str, ...] = ()
 
     def to_state(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._FIELDS}
+        state = {name: getattr(self, name) for name in self._FIELDS}
+        n = getattr(self, "_work_n", 0)
+        if n:  # agents that never ask for work keep the state they always had
+            state["_work_n"] = n
+        return state
 
     @classmethod
     def from_state(cls, call: CallStarted, settings: Settings, data: dict[str, Any]) -> "Agent":
@@ -103,12 +148,29 @@ class Agent:
         for name in cls._FIELDS:
             if name in data:
                 setattr(agent, name, data[name])
+        agent._work_n = int(data.get("_work_n", 0) or 0)
         return agent
 
     # -- helpers -------------------------------------------------------
     def command(self, model: type, **fields: Any) -> Any:
         """A command model for this call (``seq``/``command_id`` set by the runtime)."""
         return model(call_id=self.call.call_id, **fields)
+
+    def work(self, name: str, fn: Callable[..., Any], *args: Any, timeout_s: float = 10.0,
+             **kwargs: Any) -> Work:
+        """Slow work for the runtime (see the module docstring); return it with
+        your commands. Its results arrive later as ``WorkDone`` events."""
+        if not callable(fn):
+            raise TypeError(f"work {name!r}: fn must be callable, got {type(fn).__name__}")
+        if not timeout_s > 0:
+            raise ValueError(f"work {name!r}: timeout_s must be > 0, got {timeout_s!r}")
+        self._work_n = getattr(self, "_work_n", 0) + 1
+        return Work(id=f"{self.call.call_id}:w{self._work_n}", name=str(name), fn=fn,
+                    args=args, kwargs=kwargs, timeout_s=float(timeout_s))
+
+    def cancel(self, work_id: str) -> Cancel:
+        """Cancel a work in flight; return it with your commands."""
+        return Cancel(work_id=work_id)
 
 
 def load_agent_class(spec: str) -> type[Agent]:

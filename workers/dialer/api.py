@@ -30,6 +30,8 @@ from rq import Callback, Queue
 from piopiy_voice import callrecord, keys
 from piopiy_voice.errors import PiopiyValidationError
 from piopiy_voice.pcmo_models import (
+    BRIDGE_DEFAULTS,
+    check_bridge_option,
     LISTEN_MODES,
     VOICE_QUALITIES,
     check_bool,
@@ -44,7 +46,7 @@ from piopiy_voice.settings import Settings
 #: How long an idempotency key keeps answering with its call id.
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 #: Default make-call duration cap (seconds), as in the platform's API.
-DEFAULT_DURATION_S = 5400
+DEFAULT_DURATION_S = BRIDGE_DEFAULTS["duration"]
 #: Retry schedule (seconds) for retryable failures (network before send, 429, 5xx).
 DEFAULT_BACKOFF_S = (2, 10, 30, 60)
 DEFAULT_MAX_ATTEMPTS = 5
@@ -139,17 +141,17 @@ class CallRequest(BaseModel):
     @field_validator("duration", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> int:
-        return check_int(v, "duration", minimum=1, maximum=24 * 3600)
+        return check_bridge_option(v, "duration")
 
     @field_validator("loop", mode="before")
     @classmethod
     def _loop(cls, v: Any) -> int | None:
-        return None if v is None else check_int(v, "loop", minimum=1, maximum=100)
+        return None if v is None else check_bridge_option(v, "loop")
 
     @field_validator("timeout", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> int | None:
-        return None if v is None else check_int(v, "timeout", minimum=1, maximum=600)
+        return None if v is None else check_bridge_option(v, "timeout")
 
     @field_validator("extra_params", mode="before")
     @classmethod

@@ -1,22 +1,48 @@
 """``piopiy-voice dialer | call | campaign | status``.
 
-Exit codes: 0 ok, 1 not found / partial failure, 2 bad input.
+Exit codes: 0 ok, 1 not found / partial failure, 2 bad input or configuration
+(``REDIS_URL`` not set, bad settings). Bad input is reported in one line naming
+the option or field, never as a traceback or a pydantic dump.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
+import math
 import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from piopiy_voice import callrecord, keys
-from piopiy_voice.redisconn import connect, resolve_redis_url
+from piopiy_voice.errors import PiopiyConfigError, PiopiyValidationError, load_json
+from piopiy_voice.observability import setup_logging
+from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url
 from piopiy_voice.settings import Settings
 
 log = logging.getLogger("piopiy_voice.dialer")
+
+#: Furthest ``--in`` accepted: a year (a schedule beyond is a typo, and
+#: ``inf`` / ``nan`` are not times at all).
+MAX_START_DELAY_S = 366 * 24 * 3600.0
+
+
+def _config_errors_exit_2(prog: str) -> Callable:
+    """A missing REDIS_URL or bad settings: one line on stderr, exit 2."""
+
+    def wrap(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+        @functools.wraps(fn)
+        def run(argv: list[str]) -> int:
+            try:
+                return fn(argv)
+            except PiopiyConfigError as exc:
+                print(f"piopiy-voice {prog}: {exc}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
 
 
 def _settings() -> Settings:
@@ -27,14 +53,10 @@ def _redis():
     return connect(resolve_redis_url())
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-
 # -- dialer worker ---------------------------------------------------------------
 
 
+@_config_errors_exit_2("dialer")
 def worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="piopiy-voice dialer",
                                 description="Run an RQ worker (with scheduler) that places queued calls.")
@@ -43,15 +65,17 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     args = p.parse_args(argv)
     settings = _settings()
-    _setup_logging(settings.log_level)
+    setup_logging("dialer", level=settings.log_level, fmt=settings.log_format)
     from rq import Queue, Worker
 
-    conn = _redis()
+    url = resolve_redis_url(settings.redis_url)  # production role: REDIS_URL or exit 2
+    conn = connect(url, socket_timeout=settings.redis_socket_timeout_s)
     queue = Queue(args.queue or settings.dial_queue, connection=conn)
     if settings.using_dev_secret:
         log.warning("PV_SIGNING_SECRET is the development default: stream URLs are forgeable")
-    log.info("dialer on queue %s: %.2f calls/s, %d live calls per campaign, REST %s",
-             queue.name, settings.dial_rate_per_s, settings.campaign_max_live, settings.piopiy_base_url)
+    log.info("dialer on queue %s (redis %s): %.2f calls/s, %d live calls per campaign, REST %s",
+             queue.name, redact_url(url), settings.dial_rate_per_s, settings.campaign_max_live,
+             redact_url(settings.piopiy_base_url))
     from .jobs import on_horse_killed
 
     worker = Worker([queue], connection=conn, name=args.name,
@@ -69,8 +93,9 @@ def _when(args) -> datetime | None:
     if args.at:
         return args.at
     if args.in_s is not None:
-        if args.in_s < 0:
-            raise ValueError(f"--in must be >= 0 seconds, got {args.in_s}")
+        if not math.isfinite(args.in_s) or not 0 <= args.in_s <= MAX_START_DELAY_S:
+            raise PiopiyValidationError(
+                "--in", f"must be a number of seconds from 0 to {MAX_START_DELAY_S:.0f} (a year), got {args.in_s}")
         from .api import in_seconds
 
         return in_seconds(args.in_s)
@@ -115,10 +140,7 @@ def _iso(text: str) -> datetime:
 def _options(args) -> dict[str, Any]:
     extra: list[dict[str, Any]] = []
     if args.then_json:
-        try:
-            parsed = json.loads(args.then_json)
-        except ValueError as exc:
-            raise ValueError(f"--then: not JSON ({exc})") from None
+        parsed = load_json(args.then_json, "--then")
         extra += parsed if isinstance(parsed, list) else [parsed]
     if args.then_play:
         from piopiy_voice.pcmo import Action
@@ -141,6 +163,7 @@ def _options(args) -> dict[str, Any]:
     )
 
 
+@_config_errors_exit_2("call")
 def call_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="piopiy-voice call",
                                 description="Enqueue one outbound call; prints its call id.")
@@ -182,6 +205,8 @@ def _lookup(prog: str, fetch, missing: str, *, as_json: bool) -> tuple[Any, int]
         print(f"piopiy-voice {prog}: {missing}", file=sys.stderr)
         return None, 1
     if as_json:
+        import json  # noqa: PLC0415
+
         print(json.dumps(found))
     return found, 0
 
@@ -213,6 +238,7 @@ class _Bar:
         self.stream.flush()
 
 
+@_config_errors_exit_2("campaign")
 def campaign_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="piopiy-voice campaign", description="Enqueue a CSV of contacts / show progress.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -284,6 +310,7 @@ def call_status(conn, call_id: str) -> dict[str, Any] | None:
     return {"call_id": call_id, "record": meta, "timeline": timeline, "job": job}
 
 
+@_config_errors_exit_2("status")
 def status_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="piopiy-voice status", description="Show the whole life of one call.")
     p.add_argument("call_id")

@@ -1,10 +1,13 @@
 """Regenerate the default agent's prompt WAVs (8 kHz mono 16-bit).
 
-Run once at build time: ``python -m piopiy_voice.workers.media.make_prompts``. Uses
-``espeak-ng`` (real speech, 22050 Hz output, converted here to 8 kHz) when it
-is installed, else falls back to ``piopiy_voice.audio.synth.speech_like`` so the
-project still ships usable prompts. The generated files are committed; the
-worker never runs this.
+Run once at build time: ``python -m piopiy_voice.workers.media.make_prompts [name...]``.
+Uses the ``espeak-ng`` program (real speech, 22050 Hz output, converted here to
+8 kHz) when it is installed, else libespeak-ng from the ``espeakng-loader``
+wheel (``piopiy_voice.speech.tts``), else falls back to
+``piopiy_voice.audio.synth.speech_like`` so the project still ships usable
+prompts. The generated files are committed; the worker never runs this.
+``sorry`` and ``trouble`` are the agents' fallbacks: shipped audio, because the
+synthesizer may be what failed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ PROMPTS = {
     "reprompt": "Are you still there?",
     "goodbye": "Thank you for calling. Goodbye.",
     "hold": "Please hold while I connect you to a person.",
+    "sorry": "Sorry, I didn't catch that. Could you say it again?",
+    "trouble": "Sorry, I'm having trouble answering right now. Could you say that again?",
 }
 MAX_BYTES = 100_000
 
@@ -57,14 +62,21 @@ def make(name: str, text: str) -> Path:
             pcm, rate = read_wav(raw)
         pcm = _to_8k(pcm, rate)
     else:
-        pcm = speech_like(300 + 60 * len(text.split()), rate=RATE, seed=len(name))
+        try:
+            from piopiy_voice.speech.tts import EspeakSynthesizer
+            pcm, rate = EspeakSynthesizer().synthesize_sync(text, 16000), 16000
+            pcm = _to_8k(pcm, rate)
+        except Exception:  # no engine at all: placeholder audio of about the right length
+            pcm = speech_like(300 + 60 * len(text.split()), rate=RATE, seed=len(name))
     pcm = pcm[: MAX_BYTES - 100]
     write_wav(out, pcm, RATE)
     return out
 
 
-def main() -> int:
-    for name, text in PROMPTS.items():
+def main(argv: list[str] | None = None) -> int:
+    names = (sys.argv[1:] if argv is None else argv) or list(PROMPTS)
+    for name in names:
+        text = PROMPTS[name]
         path = make(name, text)
         print(f"{path.name}: {path.stat().st_size} bytes")
     return 0

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Container health check for every ``piopiy-voice`` role: ``healthcheck.py [ROLE] [--port N]``.
+"""Container health check for every role: ``piopiy-voice healthcheck [ROLE] [--port N]``.
 
 Exit 0 = healthy, 1 = unhealthy (the Docker HEALTHCHECK contract). One line
 on stdout says why, so ``docker inspect`` shows something useful.
@@ -7,16 +6,18 @@ on stdout says why, so ``docker inspect`` shows something useful.
 Checks, per role:
   gateway  GET /healthz on PV_GATEWAY_PORT (the process serves and its loop turns).
   sandbox  GET /sandbox/calls on PV_SANDBOX_PORT.
-  worker   GET /metrics on the worker's ``--metrics-port``, and a fresh heartbeat
-           of this host's worker in Redis (the loop turns, not just the HTTP thread).
+  worker   GET /healthz on the worker's ``--metrics-port`` (200 while its decision
+           loop turns), and a fresh heartbeat of this host's worker in Redis
+           (the loop reaches Redis, not just the HTTP thread answering).
   dialer   Redis answers and an RQ worker of *this host* is registered; RQ lets
            the registration expire when heartbeats stop, so a wedged dialer
            turns unhealthy on its own.
 
 With no ROLE (the image's default HEALTHCHECK) the role and its options are
 read from the running ``piopiy-voice`` process's command line, so one image
-serves every role without per-role images. Standard library only, except the
-Redis checks, which use the redis client the image already has.
+serves every role without per-role images. Imports nothing of the project but
+the key names (no settings parsing, no role code): a check must stay cheap.
+The Redis checks need ``REDIS_URL`` (never a guessed server).
 """
 
 from __future__ import annotations
@@ -24,16 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
 
+from piopiy_voice.keys import WORKERS_ZSET
+
 ROLES = ("gateway", "worker", "dialer", "sandbox")
 #: Docker kills a check after its own timeout; stay under the usual 5 s.
 TIMEOUT_S = 3.0
-#: piopiy_voice.keys.WORKERS_ZSET (not imported: this script must run without the project on the path).
-WORKERS_ZSET = "pv:workers"
 
 
 def find_role_argv(proc_root: str = "/proc") -> list[str] | None:
@@ -101,7 +101,9 @@ def check_dialer() -> tuple[bool, str]:
 def _redis():
     import redis  # the image installs it with the project
 
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        raise redis.ConnectionError("REDIS_URL is not set")
     return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
 
 
@@ -144,7 +146,7 @@ def check(role: str, argv: list[str], port: int | None = None) -> tuple[bool, st
         if port is None and option_value(argv, "--metrics-port") is None:
             return False, "worker runs without --metrics-port: nothing to probe"
         p = _port(port, argv, "--metrics-port", "", 0)
-        ok, why = http_ok(f"http://127.0.0.1:{p}/metrics")
+        ok, why = http_ok(f"http://127.0.0.1:{p}/healthz")
         if not ok:
             return ok, why
         # The HTTP thread answers even when the main loop is stuck; the
@@ -156,7 +158,8 @@ def check(role: str, argv: list[str], port: int | None = None) -> tuple[bool, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="health check for a piopiy-voice container")
+    parser = argparse.ArgumentParser(prog="piopiy-voice healthcheck",
+                                     description="health check of a piopiy-voice role (exit 0 healthy, 1 not)")
     parser.add_argument("role", nargs="?", choices=ROLES, help="default: detected from the running process")
     parser.add_argument("--port", type=int, help="port to probe (default: from the process / env)")
     args = parser.parse_args(argv)
@@ -174,6 +177,3 @@ def main(argv: list[str] | None = None) -> int:
     print(("healthy: " if ok else "unhealthy: ") + why)
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

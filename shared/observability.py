@@ -1,0 +1,239 @@
+"""Metrics and logs for every role: one abstraction over ``prometheus_client``, one log setup.
+
+Metrics — theory of operation
+-----------------------------
+The hot paths (20 ms frames, one event loop; the worker's decision loop) must
+not pay for a metrics library per increment. So each role keeps its counters
+as plain ints in a dict (``counters[key] += 1``, no lock: one writer thread,
+and a torn read at scrape time is at worst one increment stale), and declares
+once, in a table, which Prometheus family and labels each key is exported as
+(``CounterSpec``). At scrape time a custom collector (``Exporter.collect``)
+turns the dict into families; ``prometheus_client`` renders them with HELP and
+TYPE lines, escapes labels, and adds the standard ``process_*``,
+``python_info`` and ``python_gc_*`` families. Several keys may feed one family
+under different labels (``commands_total{outcome="applied"}`` and
+``{outcome="rejected"}``): labels instead of one name per outcome.
+
+Naming rules (checked by ``check_name``): every family starts with ``pv_<role>_``,
+counters end in ``_total``, and a family with a unit ends in it
+(``_seconds``, ``_bytes``) before ``_total``.
+
+``Exporter.render()`` gives the body, ``CONTENT_TYPE`` the one header to send.
+
+Logs
+----
+``setup_logging(role)`` is the one log setup of every role (``piopiy-voice``
+calls it before dispatching). ``PV_LOG_FORMAT=text`` (default) prints one
+readable line; ``json`` prints one JSON object per line with ``ts``, ``level``,
+``logger``, ``message``, ``role``, ``instance`` and, when known, ``call_id``.
+The call id comes from ``extra={"call_id": ...}``, from ``call_context(cid)``
+(a context variable, so asyncio tasks keep theirs), or from the project's own
+``"call %s: ..."`` message convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+#: The text exposition format every Prometheus 2.x/3.x scrapes.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+UNITS = ("seconds", "bytes")
+_NAME = re.compile(r"^pv_[a-z]+_[a-z0-9_]+$")
+
+
+# --------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CounterSpec:
+    """How one internal counter key is exported: family (with ``_total``), help, labels."""
+
+    family: str
+    help: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GaugeSpec:
+    family: str
+    help: str
+
+
+def check_name(family: str, kind: str) -> str:
+    """Refuse names that break the conventions above (a programming error: ValueError)."""
+    if not _NAME.match(family):
+        raise ValueError(f"metric {family!r}: must match {_NAME.pattern}")
+    if kind == "counter" and not family.endswith("_total"):
+        raise ValueError(f"counter {family!r}: must end in _total")
+    if kind != "counter" and family.endswith("_total"):
+        raise ValueError(f"{kind} {family!r}: only counters end in _total")
+    return family
+
+
+def counter_families(values: Mapping[str, float], specs: Mapping[str, CounterSpec]) -> list[Metric]:
+    """Families for ``values`` (key -> count) as declared in ``specs`` (key -> spec)."""
+    families: dict[str, CounterMetricFamily] = {}
+    for key, spec in specs.items():
+        fam = families.get(spec.family)
+        if fam is None:
+            fam = families[spec.family] = CounterMetricFamily(
+                spec.family, spec.help, labels=list(spec.labels))
+        fam.add_metric(list(spec.labels.values()), values.get(key, 0))
+    return list(families.values())
+
+
+def gauge_family(family: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(family, help_text, value=float(value))
+
+
+def histogram_family(family: str, help_text: str, bounds: Sequence[float], counts: Sequence[int],
+                     total: float) -> HistogramMetricFamily:
+    """A histogram from per-bucket (non-cumulative) ``counts``; the last count is +Inf."""
+    buckets, acc = [], 0
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts):
+        acc += n
+        buckets.append((bound, acc))
+    return HistogramMetricFamily(family, help_text, buckets=buckets, sum_value=total)
+
+
+class Exporter:
+    """One registry per role: the standard process collectors plus ``collect``
+    callables returning families at scrape time."""
+
+    def __init__(self, *collect: Callable[[], Iterable[Metric]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self._sources = list(collect)
+        self.registry.register(self)
+
+    def add(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._sources.append(collect)
+
+    def collect(self) -> Iterator[Metric]:  # the prometheus_client Collector protocol
+        for source in self._sources:
+            yield from source()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------
+
+_call_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("pv_call_id", default=None)
+#: Env var holding each role's instance id (others: hostname-pid).
+INSTANCE_ENV = {"gateway": "PV_GATEWAY_ID", "worker": "PV_WORKER_ID"}
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def call_context(call_id: str) -> Iterator[None]:
+    """Log lines inside carry ``call_id`` (JSON format)."""
+    token = _call_id.set(call_id)
+    try:
+        yield
+    finally:
+        _call_id.reset(token)
+
+
+def _record_call_id(record: logging.LogRecord) -> str | None:
+    cid = getattr(record, "call_id", None) or _call_id.get()
+    if cid:
+        return str(cid)
+    # The project's convention: log.info("call %s: ...", cid, ...)
+    if isinstance(record.msg, str) and record.msg.startswith("call %s") and record.args:
+        first = record.args[0] if isinstance(record.args, tuple) else None
+        if isinstance(first, str):
+            return first
+    return None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, role, instance, call_id, exc."""
+
+    def __init__(self, role: str, instance: str) -> None:
+        super().__init__()
+        self.role = role
+        self.instance = instance
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                  + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "role": self.role,
+            "instance": self.instance,
+        }
+        cid = _record_call_id(record)
+        if cid:
+            out["call_id"] = cid
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def _env_value(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value:
+        return value
+    try:
+        from dotenv import dotenv_values  # noqa: PLC0415  (with pydantic-settings)
+
+        from .settings import ENV_FILE  # noqa: PLC0415
+
+        return dotenv_values(ENV_FILE).get(name) or None if os.path.isfile(ENV_FILE) else None
+    except (ImportError, OSError):
+        return None
+
+
+def setup_logging(role: str, *, level: str | None = None, fmt: str | None = None,
+                  instance: str | None = None, stream=None) -> logging.Handler:
+    """Configure the root logger for ``role`` (replacing earlier handlers).
+
+    ``level``/``fmt`` default to ``PV_LOG_LEVEL``/``PV_LOG_FORMAT`` (environment,
+    then ``.env``); ``instance`` to the role's id variable, else hostname-pid.
+    """
+    level = (level or _env_value("PV_LOG_LEVEL") or "INFO").upper()
+    fmt = (fmt or _env_value("PV_LOG_FORMAT") or "text").lower()
+    if fmt not in ("text", "json"):
+        fmt = "text"  # Settings reports the bad value; logging must still work
+    if instance is None:
+        env = INSTANCE_ENV.get(role)
+        instance = (_env_value(env) if env else None) or f"{socket.gethostname()}-{os.getpid()}"
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(role, instance) if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    try:
+        root.setLevel(level)
+    except ValueError:
+        root.setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,392 @@
+"""An OpenAI-compatible chat-completions client: streamed text and tool calls.
+
+Theory of operation
+-------------------
+``ChatClient.stream(messages, tools)`` POSTs ``/chat/completions`` with
+``"stream": true`` and turns the server-sent events into ``Delta`` items:
+
+* each ``data: {...}`` line is one chunk; ``choices[0].delta.content`` pieces
+  come out at once as ``Delta(text=...)`` so the caller can start speaking the
+  first sentence while the model is still writing the rest;
+* tool calls arrive in fragments keyed by ``index`` (the ``id`` and function
+  ``name`` usually in the first fragment, ``arguments`` as a JSON string cut
+  anywhere). They are assembled and, once the stream ends, come out together
+  in one final ``Delta(tool_calls=..., finish_reason=...)``, each checked:
+  the name must be one of the tools offered and the arguments a JSON object;
+* ``data: [DONE]`` (or a ``finish_reason`` followed by the end of the body)
+  ends the stream. A body that stops before either was cut: an error, never a
+  silently short answer.
+
+Deadlines are what keep a phone call from going silent. ``first_token_s``
+bounds the time from the request to the first content or tool-call fragment
+(headers, queueing, prompt processing: a server that accepts the request and
+then thinks for ever hits it); ``timeout_s`` bounds the whole exchange.
+Every read waits at most for the nearer of the two, so a server that trickles
+keep-alive bytes cannot stretch either.
+
+Errors are ``LlmError`` subclasses (under ``PiopiyError``), one per way to
+fail, because the agent reacts to each alike (fallback) but the timeline must
+say which: ``LlmTimeout`` (``phase`` "first_token" | "total"),
+``LlmHttpError`` (non-2xx; ``status``), ``LlmConnectionError`` (refused,
+reset, cut mid-stream), ``LlmProtocolError`` (not SSE/JSON, an in-stream
+error object, an unknown tool, tool arguments that are not a JSON object).
+
+Any compatible server works: hosted APIs, vLLM, llama.cpp's server, Ollama
+(``/v1``). The ``httpx.AsyncClient`` is made lazily in the running event loop
+(and remade if the loop changes) so one ``ChatClient`` can be shared by every
+call of a worker's agent runtime and keep its connections warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import httpx
+
+from piopiy_voice.errors import PiopiyError
+
+#: A reply larger than this is not a spoken answer: refuse it.
+MAX_REPLY_BYTES = 1_000_000
+MAX_TOOL_CALLS = 8
+
+
+class LlmError(PiopiyError):
+    """Base of every chat-completions failure. ``kind`` is a short stable tag."""
+
+    kind = "error"
+
+
+class LlmTimeout(LlmError):
+    kind = "timeout"
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        self.phase = phase
+        self.seconds = seconds
+        what = "no first token" if phase == "first_token" else "reply not complete"
+        super().__init__(f"{what} within {seconds:g}s")
+
+
+class LlmHttpError(LlmError):
+    kind = "http"
+
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        self.body = body
+        super().__init__(f"HTTP {status}: {body[:200]}")
+
+
+class LlmConnectionError(LlmError):
+    kind = "connection"
+
+
+class LlmProtocolError(LlmError):
+    kind = "protocol"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One step of a streamed reply: a text piece, or (last) the tool calls."""
+
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise LlmError(f"{name} must be a number, got {raw!r}") from None
+    if not lo <= v <= hi:
+        raise LlmError(f"{name} must be in [{lo:g}, {hi:g}], got {v:g}")
+    return v
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """The client's knobs (``PV_LLM_*``); per-call overrides via ``with_params``."""
+
+    base_url: str = "http://127.0.0.1:11434/v1"   # PV_LLM_BASE_URL (Ollama's default)
+    api_key: str = ""                             # PV_LLM_API_KEY (sent as Bearer when set)
+    model: str = "llama3.2"                       # PV_LLM_MODEL
+    temperature: float = 0.4                      # PV_LLM_TEMPERATURE
+    max_tokens: int = 200                         # PV_LLM_MAX_TOKENS (spoken replies are short)
+    timeout_s: float = 8.0                        # PV_LLM_TIMEOUT_S: whole reply
+    first_token_s: float = 3.0                    # PV_LLM_FIRST_TOKEN_S
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise LlmError(f"LLM base URL must be http(s)://, got {self.base_url!r}")
+        if not self.model:
+            raise LlmError("LLM model must not be empty")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise LlmError(f"temperature must be in [0, 2], got {self.temperature:g}")
+        if not 1 <= self.max_tokens <= 32_000:
+            raise LlmError(f"max_tokens must be in [1, 32000], got {self.max_tokens}")
+        if not (0 < self.first_token_s <= self.timeout_s):
+            raise LlmError(f"need 0 < first_token_s ({self.first_token_s:g}) <= timeout_s "
+                           f"({self.timeout_s:g})")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "LlmConfig":
+        e = os.environ if env is None else env
+        timeout = _env_number(e, "PV_LLM_TIMEOUT_S", cls.timeout_s, 0.1, 600)
+        return cls(
+            base_url=e.get("PV_LLM_BASE_URL", "").strip().rstrip("/") or cls.base_url,
+            api_key=e.get("PV_LLM_API_KEY", "").strip(),
+            model=e.get("PV_LLM_MODEL", "").strip() or cls.model,
+            temperature=_env_number(e, "PV_LLM_TEMPERATURE", cls.temperature, 0, 2),
+            max_tokens=int(_env_number(e, "PV_LLM_MAX_TOKENS", cls.max_tokens, 1, 32_000)),
+            timeout_s=timeout,
+            first_token_s=min(timeout, _env_number(e, "PV_LLM_FIRST_TOKEN_S", cls.first_token_s,
+                                                   0.05, 600)),
+        )
+
+    def with_params(self, params: Mapping[str, str]) -> "LlmConfig":
+        """Per-call ``model`` / ``temperature`` / ``max_tokens`` from the dial job's
+        params. The server and key are deliberately NOT overridable from a call's
+        params: they come from the operator's environment only."""
+        changes: dict[str, Any] = {}
+        if params.get("model"):
+            changes["model"] = str(params["model"]).strip()
+        for name, conv in (("temperature", float), ("max_tokens", int)):
+            if params.get(name) not in (None, ""):
+                try:
+                    changes[name] = conv(params[name])
+                except (TypeError, ValueError):
+                    raise LlmError(f"call param {name} must be a number, got {params[name]!r}") from None
+        return replace(self, **changes) if changes else self
+
+
+@dataclass
+class _PartialCall:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class ChatClient:
+    """Streams chat completions from one OpenAI-compatible server (see module doc)."""
+
+    def __init__(self, config: LlmConfig | None = None, **overrides: Any) -> None:
+        self.config = replace(config or LlmConfig(), **overrides) if overrides else (config or LlmConfig())
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        return self.config.base_url.rstrip("/") + "/chat/completions"
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._loop is not loop or self._http.is_closed:
+            # A client is bound to the loop that made it; tests and restarts make new loops.
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout_s),
+                                           limits=httpx.Limits(max_keepalive_connections=50))
+            self._loop = loop
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None and not self._http.is_closed:
+            await self._http.aclose()
+        self._http = None
+
+    def request_body(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None = None,
+                     config: LlmConfig | None = None) -> dict[str, Any]:
+        cfg = config or self.config
+        body: dict[str, Any] = {"model": cfg.model, "messages": list(messages), "stream": True,
+                                "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        if tools:
+            body["tools"] = list(tools)
+            body["tool_choice"] = "auto"
+        return body
+
+    async def stream(self, messages: Sequence[Mapping[str, Any]],
+                     tools: Sequence[Mapping[str, Any]] | None = None,
+                     config: LlmConfig | None = None) -> AsyncIterator[Delta]:
+        """Yield the reply as it arrives (see the module docstring).
+
+        ``config`` overrides the client's model/parameters/deadlines for this
+        request (per-call settings); the server and key stay the client's."""
+        cfg = config or self.config
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first_deadline = start + cfg.first_token_s
+        total_deadline = start + cfg.timeout_s
+        got_token = False
+        offered = {t.get("function", {}).get("name") for t in (tools or [])}
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        body = self.request_body(messages, tools, cfg)
+
+        def budget() -> tuple[float, str]:
+            now = loop.time()
+            if not got_token and first_deadline < total_deadline:
+                return first_deadline - now, "first_token"
+            return total_deadline - now, "total"
+
+        async def bounded(aw):
+            left, phase = budget()
+            if left <= 0:
+                raise LlmTimeout(phase, cfg.first_token_s if phase == "first_token" else cfg.timeout_s)
+            try:
+                return await asyncio.wait_for(aw, left)
+            except asyncio.TimeoutError:
+                raise LlmTimeout(phase, cfg.first_token_s if phase == "first_token"
+                                 else cfg.timeout_s) from None
+
+        http = self._client()
+        request = http.build_request("POST", self.url, json=body, headers=headers)
+        try:
+            response = await bounded(http.send(request, stream=True))
+        except LlmError:
+            raise
+        except httpx.HTTPError as exc:
+            raise LlmConnectionError(f"cannot reach {self.url}: {exc!r}") from None
+        try:
+            if response.status_code // 100 != 2:
+                raw = await bounded(response.aread())
+                raise LlmHttpError(response.status_code, raw[:500].decode("utf-8", "replace"))
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # A server that ignored "stream": one JSON completion.
+                raw = await bounded(response.aread())
+                async for d in self._whole(raw, offered):
+                    yield d
+                return
+            calls: dict[int, _PartialCall] = {}
+            finish: str | None = None
+            done = False
+            size = 0
+            lines = response.aiter_lines()
+            while True:
+                try:
+                    line = await bounded(lines.__anext__())
+                except StopAsyncIteration:
+                    break
+                except httpx.HTTPError as exc:
+                    raise LlmConnectionError(f"stream cut: {exc!r}") from None
+                size += len(line)
+                if size > MAX_REPLY_BYTES:
+                    raise LlmProtocolError(f"reply larger than {MAX_REPLY_BYTES} bytes")
+                if not line.startswith("data:"):
+                    continue  # blank separators, ": keep-alive" comments, "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = _json(data)
+                if "error" in chunk:
+                    raise LlmProtocolError(f"server error in stream: {str(chunk['error'])[:200]}")
+                choices = chunk.get("choices") or []
+                if not isinstance(choices, list):
+                    raise LlmProtocolError("'choices' is not a list")
+                for choice in choices[:1]:
+                    if not isinstance(choice, dict):
+                        raise LlmProtocolError("a choice is not an object")
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if isinstance(text, str) and text:
+                        got_token = True
+                        yield Delta(text=text)
+                    for frag in delta.get("tool_calls") or []:
+                        got_token = True
+                        _merge(calls, frag)
+                    if choice.get("finish_reason"):
+                        finish = str(choice["finish_reason"])
+            if not done and finish is None:
+                raise LlmConnectionError("stream ended before [DONE]")
+            tool_calls = _finish_calls(calls, offered)
+            if tool_calls or finish:
+                yield Delta(tool_calls=tool_calls, finish_reason=finish or "stop")
+        finally:
+            await response.aclose()
+
+    async def _whole(self, raw: bytes, offered: set) -> AsyncIterator[Delta]:
+        data = _json(raw.decode("utf-8", "replace"))
+        try:
+            msg = data["choices"][0]["message"]
+        except (KeyError, IndexError, TypeError):
+            raise LlmProtocolError("completion has no choices[0].message") from None
+        if isinstance(msg.get("content"), str) and msg["content"]:
+            yield Delta(text=msg["content"])
+        calls: dict[int, _PartialCall] = {}
+        for i, tc in enumerate(msg.get("tool_calls") or []):
+            _merge(calls, {"index": i, **tc} if isinstance(tc, dict) else tc)
+        yield Delta(tool_calls=_finish_calls(calls, offered),
+                    finish_reason=str(data["choices"][0].get("finish_reason") or "stop"))
+
+    async def complete(self, messages, tools=None, config=None) -> tuple[str, tuple[ToolCall, ...]]:
+        """The whole reply: (text, tool calls). Same deadlines as ``stream``."""
+        text, calls = [], ()
+        async for d in self.stream(messages, tools, config):
+            text.append(d.text)
+            calls = d.tool_calls or calls
+        return "".join(text), calls
+
+
+def _json(data: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, RecursionError):
+        raise LlmProtocolError(f"chunk is not JSON: {data[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise LlmProtocolError(f"chunk is not a JSON object: {data[:80]!r}")
+    return obj
+
+
+def _merge(calls: dict[int, _PartialCall], frag: Any) -> None:
+    """Fold one streamed tool-call fragment into the call it belongs to."""
+    if not isinstance(frag, dict):
+        raise LlmProtocolError("a tool-call fragment is not an object")
+    index = frag.get("index", 0)
+    if not isinstance(index, int) or not 0 <= index < MAX_TOOL_CALLS:
+        raise LlmProtocolError(f"tool-call index {index!r} out of range")
+    call = calls.setdefault(index, _PartialCall())
+    if frag.get("id"):
+        call.id = str(frag["id"])
+    fn = frag.get("function") or {}
+    if not isinstance(fn, dict):
+        raise LlmProtocolError("tool-call 'function' is not an object")
+    if fn.get("name"):
+        name = str(fn["name"])
+        if name != call.name:  # some servers repeat the whole name in every fragment
+            call.name += name
+    if isinstance(fn.get("arguments"), str):
+        call.arguments.append(fn["arguments"])
+    elif isinstance(fn.get("arguments"), dict):  # some servers send an object already
+        call.arguments.append(json.dumps(fn["arguments"]))
+
+
+def _finish_calls(calls: dict[int, _PartialCall], offered: set) -> tuple[ToolCall, ...]:
+    out = []
+    for index in sorted(calls):
+        call = calls[index]
+        if not call.name:
+            raise LlmProtocolError(f"tool call #{index} has no function name")
+        if offered and call.name not in offered:
+            raise LlmProtocolError(f"unknown tool {call.name!r} (offered: {', '.join(sorted(offered))})")
+        raw = "".join(call.arguments).strip() or "{}"
+        try:
+            args = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
+            raise LlmProtocolError(f"tool {call.name!r}: arguments are not JSON: {raw[:80]!r}") from None
+        if not isinstance(args, dict):
+            raise LlmProtocolError(f"tool {call.name!r}: arguments must be a JSON object")
+        out.append(ToolCall(id=call.id or f"call_{index}", name=call.name, arguments=args))
+    return tuple(out)

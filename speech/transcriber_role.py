@@ -1,0 +1,367 @@
+"""``piopiy-voice transcriber``: own calls' recognition, append Transcript entries.
+
+Theory of operation
+-------------------
+A stateless process, one thread (recognition is CPU-bound and holds the GIL:
+scale by running more processes). It owns calls exactly like a worker does
+(``workers.ownership.Ownership``) but under its own consumer group
+``keys.TRANSCRIBERS_GROUP``, lease keys ``keys.call_asr_lease`` and heartbeat
+set ``keys.TRANSCRIBERS_ZSET``: every call is owned once by a worker and once
+by a transcriber. Each turn of the loop:
+
+1. renews its leases every lease/3 (a lost lease drops the call at once) and
+   scans for calls to take over (dead owner, handed back);
+2. takes new calls from ``pv:calls``;
+3. ONE blocking ``XREAD`` over the streams of all owned calls, each from its
+   own position, feeds each call's entries to its ``CallTranscriber``;
+4. commits per call: the Transcript entries produced are XADDed to the call's
+   own stream *atomically* with the transcriber checkpoint
+   (``keys.call_asr_checkpoint``: the safe resume point), by a Lua script that
+   first checks the asr lease is still ours (fencing: a paused owner that lost
+   its call cannot append). Calls with no output are checkpointed about once
+   a second.
+
+Our own Transcript entries come back in the next XREAD of that stream and are
+skipped like any entry the core does not use. On ``call.ended`` the call's last
+segment is finished, the checkpoint is marked done (and expires with the
+call's keys), the start entry ACKed and the lease released. A call whose
+gateway died (record state ``ended`` and its stream silent for 5 s) is ended
+the same way. SIGTERM: checkpoints, leases released, start entries handed back
+for another transcriber to claim at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from piopiy_voice import keys
+from piopiy_voice.contracts import CallEnded, CallStarted, decode, encode
+from piopiy_voice.errors import PiopiyError
+from piopiy_voice.redisconn import connect, resolve_redis_url
+from piopiy_voice.workers.ownership import Ownership
+
+from .asr import Recognizer, make_recognizer
+from .config import SpeechConfig
+from .errors import SpeechError
+from .transcriber import CallTranscriber
+
+log = logging.getLogger("piopiy_voice.speech.transcriber")
+
+READ_COUNT = 100
+BUSY_BLOCK_MS = 200
+IDLE_BLOCK_MS = 1000
+CHECKPOINT_EVERY_S = 1.0
+ORPHAN_QUIET_S = 5.0
+
+_COMMIT_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local n = tonumber(ARGV[6])
+local i = 7
+for _ = 1, n do
+  local nf = tonumber(ARGV[i]); i = i + 1
+  local args = {KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+  for j = 0, nf * 2 - 1 do args[#args + 1] = ARGV[i + j] end
+  i = i + nf * 2
+  redis.call('XADD', unpack(args))
+end
+redis.call('HSET', KEYS[3], 'state', ARGV[3], 'done', ARGV[4], 'owner', ARGV[1])
+if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
+return n
+"""
+
+
+@dataclass
+class OwnedCall:
+    call: CallStarted
+    start_entry: str
+    core: CallTranscriber
+    read_from: str
+    pending: list = field(default_factory=list)
+    dirty: bool = False
+    last_commit: float = 0.0
+    last_entry: float = field(default_factory=time.monotonic)
+    meta_ended: bool = False
+
+
+class Transcriber:
+    def __init__(self, r: Any, transcriber_id: str, lease_ms: int, recognizer: Recognizer,
+                 config: SpeechConfig | None = None) -> None:
+        self.r = r
+        self.id = transcriber_id
+        self.lease_ms = int(lease_ms)
+        self.recognizer = recognizer
+        self.config = config or SpeechConfig()
+        self.own = Ownership(r, transcriber_id, self.lease_ms, group=keys.TRANSCRIBERS_GROUP,
+                             lease_key=keys.call_asr_lease, members=keys.TRANSCRIBERS_ZSET)
+        self._commit_script = r.register_script(_COMMIT_LUA)
+        self.calls: dict[str, OwnedCall] = {}
+        self._stopping = False
+        self._next_renew = 0.0
+        self._next_scan = 0.0
+        self._adopted_restart = False
+        self.transcripts_total = 0
+
+    # ------------------------------------------------------------------ loop
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self, max_seconds: float | None = None) -> None:
+        log.info("transcriber %s up: asr=%s vad=%s lease=%dms", self.id, self.recognizer.name,
+                 self.config.vad, self.lease_ms)
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        backoff = 0.1
+        try:
+            while not self._stopping and (deadline is None or time.monotonic() < deadline):
+                try:
+                    self.step()
+                    backoff = 0.1
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("transcriber %s: redis unavailable (%s); retrying", self.id, exc)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            try:
+                self.hand_back_all()
+            except redis.RedisError as exc:
+                log.error("transcriber %s: hand-back failed (%s)", self.id, exc)
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if not self._adopted_restart:
+            self._adopted_restart = True
+            for eid in self.own.my_pending():
+                self._adopt(eid, self.own.fetch(eid), claimed=True)
+        if now >= self._next_renew:
+            self._renew()
+        if now >= self._next_scan:
+            for eid, fields in self.own.claim_stale():
+                self._adopt(eid, fields, claimed=True)
+            self._next_scan = now + min(self.lease_ms / 4000.0, 1.0)
+        block = None if self.calls else min(IDLE_BLOCK_MS, max(1, int((self._next_scan - now) * 1000)))
+        for eid, fields in self.own.read_new(count=20, block_ms=block):
+            self._adopt(eid, fields, claimed=False)
+        if self.calls:
+            self._read_calls()
+
+    # ------------------------------------------------------------ ownership
+    def _renew(self) -> None:
+        t = time.monotonic()
+        lost = self.own.renew({cid: c.start_entry for cid, c in self.calls.items()})
+        self._next_renew = t + self.lease_ms / 3000.0
+        for cid in lost:
+            log.warning("call %s: asr lease lost; dropping it", cid)
+            oc = self.calls.pop(cid, None)
+            if oc:
+                oc.core.close()
+        if self.calls:
+            pipe = self.r.pipeline(transaction=False)
+            cids = list(self.calls)
+            for cid in cids:
+                pipe.hget(keys.call_meta(cid), "state")
+            for cid, state in zip(cids, pipe.execute()):
+                self.calls[cid].meta_ended = state == b"ended"
+
+    def _adopt(self, eid: str, fields: dict | None, *, claimed: bool) -> None:
+        if fields is None:
+            self.own.ack(eid)
+            return
+        try:
+            started = decode(fields)
+        except Exception as exc:  # noqa: BLE001 (poison entry)
+            log.error("calls entry %s undecodable (%s); skipped", eid, exc)
+            self.own.ack(eid)
+            return
+        if not isinstance(started, CallStarted):
+            self.own.ack(eid)
+            return
+        cid = started.call_id
+        owned = self.calls.get(cid)
+        if owned is not None:
+            if eid != owned.start_entry:
+                self.own.ack(eid)
+            return
+        if not self.own.acquire(cid):
+            holder = self.own.holder(cid)
+            if holder != self.id:
+                if not claimed:
+                    self.own.ack(eid)
+                elif holder:
+                    self.r.xclaim(keys.CALLS_STREAM, keys.TRANSCRIBERS_GROUP, holder, 0, [eid], justid=True)
+                return
+        # Read the checkpoint only once the lease is ours (see workers.runner).
+        raw = self.r.hgetall(keys.call_asr_checkpoint(cid))
+        state: dict[str, Any] = {}
+        if raw:
+            if raw.get(b"done") == b"1":
+                self.own.release(cid)
+                self.own.ack(eid)
+                return
+            try:
+                state = json.loads(raw.get(b"state", b"{}"))
+            except ValueError:
+                log.error("call %s: unreadable asr checkpoint; starting from the stream's start", cid)
+        c = self.config
+        try:
+            core = CallTranscriber(cid, started.rate, self.recognizer, vad=c.vad, onset_ms=c.turn_onset_ms,
+                                   hangover_ms=c.turn_hangover_ms, preroll_ms=c.asr_preroll_ms,
+                                   state=state)
+        except (SpeechError, ValueError) as exc:
+            log.error("call %s: cannot transcribe (%s); leaving it", cid, exc)
+            self.own.release(cid)
+            self.own.ack(eid)
+            return
+        read_from = state.get("last_id", "0-0")
+        self.calls[cid] = OwnedCall(started, eid, core, read_from, last_commit=time.monotonic())
+        log.info("call %s: transcribed by %s (%s from %s)", cid, self.id,
+                 "resuming" if state else "new", read_from)
+
+    # ------------------------------------------------------------ the audio
+    def _read_calls(self) -> None:
+        streams = {keys.call_stream(cid): oc.read_from for cid, oc in self.calls.items()}
+        resp = self.r.xread(streams, count=READ_COUNT, block=BUSY_BLOCK_MS)
+        now = time.monotonic()
+        for stream, entries in resp or ():
+            cid = keys.call_id_of(stream)
+            oc = self.calls.get(cid)
+            if oc is None:
+                continue
+            oc.last_entry = now
+            for raw_id, fields in entries:
+                eid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                oc.read_from = eid
+                t = fields.get(b"type")
+                if t in (b"transcript", b"work.done", b"playout", b"platform.event"):
+                    continue  # cheap skip of entries the core never uses
+                try:
+                    msg = decode(fields)
+                except Exception:  # noqa: BLE001 (the worker dead-letters it)
+                    continue
+                oc.pending += oc.core.handle(eid, msg)
+                oc.dirty = True
+                if oc.core.ended:
+                    break
+            if time.monotonic() >= self._next_renew:
+                self._renew()  # a long decode must not let the leases lapse
+        for cid, oc in list(self.calls.items()):
+            if oc.meta_ended and not oc.core.ended and now - oc.last_entry >= ORPHAN_QUIET_S:
+                log.warning("call %s: record says ended and the stream is silent; ending", cid)
+                oc.pending += oc.core.handle(oc.read_from, CallEnded(call_id=cid, reason="gateway_lost"))
+                oc.dirty = True
+        self._commit_many([oc for oc in self.calls.values()
+                           if oc.pending or oc.core.ended
+                           or (oc.dirty and now - oc.last_commit >= CHECKPOINT_EVERY_S)])
+
+    # -------------------------------------------------------------- commits
+    def _commit_many(self, ocs: list[OwnedCall], *, handback: bool = False) -> list[bool]:
+        if not ocs:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for oc in ocs:
+            cid = oc.call.call_id
+            args: list[Any] = [self.id, keys.CALL_STREAM_MAXLEN, json.dumps(oc.core.checkpoint()),
+                               "1" if oc.core.ended else "0",
+                               keys.CALL_KEY_TTL_AFTER_END if oc.core.ended else 0, len(oc.pending)]
+            for t in oc.pending:
+                f = encode(t)
+                args.append(len(f))
+                for k, v in f.items():
+                    args += [k, v]
+            self._commit_script(keys=[keys.call_asr_lease(cid), keys.call_stream(cid),
+                                      keys.call_asr_checkpoint(cid)], args=args, client=pipe)
+        replies = pipe.execute(raise_on_error=False)
+        ok = []
+        after = self.r.pipeline(transaction=False)
+        for oc, reply in zip(ocs, replies):
+            cid = oc.call.call_id
+            if isinstance(reply, Exception) or reply == -1:
+                log.warning("call %s: asr commit refused (%s); dropping the call", cid,
+                            reply if isinstance(reply, Exception) else "lease lost")
+                oc.core.close()
+                self.calls.pop(cid, None)
+                ok.append(False)
+                continue
+            ok.append(True)
+            self.transcripts_total += len(oc.pending)
+            for t in oc.pending:
+                if t.final:
+                    log.info("call %s: [%s #%d %d-%d ms] %r", cid, t.channel, t.segment,
+                             t.start_ms, t.end_ms, t.text)
+            oc.pending = []
+            oc.dirty = False
+            oc.last_commit = time.monotonic()
+            if oc.core.ended:
+                after.xack(keys.CALLS_STREAM, keys.TRANSCRIBERS_GROUP, oc.start_entry)
+                self.calls.pop(cid, None)
+                log.info("call %s: transcription done; released by %s", cid, self.id)
+        if len(after):
+            after.execute()
+        for oc, good in zip(ocs, ok):
+            if good and oc.core.ended:
+                self.own.release(oc.call.call_id)
+        return ok
+
+    def hand_back_all(self) -> None:
+        live = list(self.calls.values())
+        done = self._commit_many(live)
+        entries = []
+        for oc, good in zip(live, done):
+            oc.core.close()
+            if good and not oc.core.ended:
+                self.own.release(oc.call.call_id)
+                entries.append(oc.start_entry)
+        self.calls.clear()
+        self.own.hand_back(entries)
+        self.own.leave_group()
+        log.info("transcriber %s stopped; handed back %d call(s)", self.id, len(entries))
+
+
+# ------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="piopiy-voice transcriber",
+                                description="Speech recognition role: own calls, append transcripts.")
+    p.add_argument("--id", help="consumer name / lease value (default: PV_TRANSCRIBER_ID or host-pid)")
+    p.add_argument("--lease-ms", type=int, help="asr lease in ms (default: PV_TRANSCRIBER_LEASE_MS)")
+    p.add_argument("--max-seconds", type=float, help="stop (gracefully) after this long")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PV_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = SpeechConfig.from_env()
+        lease_ms = args.lease_ms if args.lease_ms is not None else config.transcriber_lease_ms
+        if lease_ms <= 100:
+            raise SpeechError(f"--lease-ms must be > 100, got {lease_ms}")
+        tid = args.id or os.environ.get("PV_TRANSCRIBER_ID") or f"asr-{socket.gethostname()}-{os.getpid()}"
+        recognizer = make_recognizer(config.asr, **config.recognizer_opts())
+        r = connect(resolve_redis_url(os.environ.get("REDIS_URL")))
+        transcriber = Transcriber(r, tid, lease_ms, recognizer, config)
+    except (PiopiyError, ValueError) as exc:
+        print(f"piopiy-voice transcriber: {exc}", file=sys.stderr)
+        return 2
+
+    def _graceful(signum, _frame):
+        log.info("transcriber %s: signal %d, handing calls back", transcriber.id, signum)
+        transcriber.stop()
+
+    signal.signal(signal.SIGTERM, _graceful)
+    signal.signal(signal.SIGINT, _graceful)
+    transcriber.run(max_seconds=args.max_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

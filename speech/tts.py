@@ -1,0 +1,332 @@
+"""Speech synthesis: text in, 16-bit mono PCM at the call's rate out.
+
+Theory of operation
+-------------------
+A ``Synthesizer`` has one coroutine, ``synthesize(text, rate)``. Agents call it
+from the worker's agent runtime (an asyncio loop on a background thread), one
+sentence at a time (see ``speech.text``), so the first sentence plays while the
+model is still writing the next.
+
+Engines (``make_synthesizer(name, **opts)``):
+
+- ``espeak`` (default, offline): libespeak-ng from the ``espeakng-loader``
+  wheel, driven with ctypes in synchronous mode (``espeak_Synth`` returns when
+  the whole text is rendered; a callback collects the samples). The library
+  keeps global state and is not thread-safe: every call holds one process-wide
+  lock and runs in a thread (``asyncio.to_thread``) so the loop never waits on
+  it. espeak renders at 22050 Hz; that is converted to 16 kHz by a windowed-sinc
+  interpolator here, then to the call rate by ``piopiy_voice.audio.resample``.
+- ``platform``: returns ``b""``: the agent sends a ``Speak`` command instead and
+  the platform's own ``speak`` PCMO action talks.
+- ``http``: an OpenAI-compatible ``POST /v1/audio/speech`` (JSON ``model``,
+  ``input``, ``voice``, ``response_format``), answering WAV (any rate, 16-bit
+  mono or stereo) or raw PCM (``pcm``: 24 kHz 16-bit mono, OpenAI's format).
+  The whole request, headers and body included, has one total deadline
+  (``timeout_s``): a server that trickles its answer cannot hold a call.
+
+Every failure raises ``SynthesisError`` (a ``PiopiyError``) with a clear message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import io
+import struct
+import threading
+import wave
+from typing import Any, Protocol
+
+import numpy as np
+
+from piopiy_voice.audio import resample
+from piopiy_voice.audio.pcm import check_rate
+
+from .errors import EngineUnavailable, SpeechError, SynthesisError
+
+ESPEAK_RATE = 22050
+#: OpenAI's ``pcm`` response format.
+OPENAI_PCM_RATE = 24000
+MAX_TEXT_CHARS = 5000
+
+
+class Synthesizer(Protocol):
+    name: str
+
+    async def synthesize(self, text: str, rate: int) -> bytes:
+        """16-bit little-endian mono PCM of ``text`` at ``rate`` (8000/16000/32000)."""
+        ...
+
+
+def _check_text(text: Any) -> str:
+    if not isinstance(text, str):
+        raise SynthesisError(f"text must be a str, got {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise SynthesisError(f"text is {len(text)} characters; synthesize at most {MAX_TEXT_CHARS} "
+                             "at a time (split with speech.text)")
+    return text.strip()
+
+
+def _check_rate(rate: Any) -> int:
+    try:
+        return check_rate(rate)
+    except ValueError as exc:
+        raise SynthesisError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------
+# Any rate -> a voice rate
+# --------------------------------------------------------------------------
+
+_SINC_HALF = 16        # taps each side of the interpolation point
+_SINC_BETA = 8.0       # Kaiser window: ~80 dB side lobes
+_SINC_BLOCK = 8192     # output samples per vectorised block (bounds memory)
+
+
+def _sinc_resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """Band-limited interpolation of float samples ``x`` from ``src`` to ``dst`` Hz."""
+    n_out = int(x.size * dst // src)
+    if n_out == 0:
+        return np.zeros(0)
+    step = src / dst
+    fc = 0.45 * min(src, dst) / src            # cut-off, cycles per input sample
+    offs = np.arange(-_SINC_HALF + 1, _SINC_HALF + 1)
+    xp = np.concatenate((np.zeros(_SINC_HALF), x, np.zeros(_SINC_HALF + 1)))
+    out = np.empty(n_out)
+    norm = np.i0(_SINC_BETA)
+    for b in range(0, n_out, _SINC_BLOCK):
+        t = np.arange(b, min(n_out, b + _SINC_BLOCK)) * step
+        base = np.floor(t).astype(np.int64)
+        idx = base[:, None] + offs[None, :]
+        d = t[:, None] - idx
+        win = np.i0(_SINC_BETA * np.sqrt(np.clip(1 - (d / _SINC_HALF) ** 2, 0, None))) / norm
+        w = 2 * fc * np.sinc(2 * fc * d) * win
+        out[b:b + t.size] = (xp[idx + _SINC_HALF] * w).sum(axis=1)
+    return out
+
+
+def to_voice_rate(pcm: bytes, src: int, rate: int) -> bytes:
+    """16-bit mono PCM at any ``src`` rate -> ``rate`` (8000/16000/32000)."""
+    rate = _check_rate(rate)
+    if src in (8000, 16000, 32000):
+        return resample(pcm, src, rate)
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    y = _sinc_resample(x, src, 16000)
+    pcm16 = np.clip(np.rint(y), -32768, 32767).astype("<i2").tobytes()
+    return resample(pcm16, 16000, rate)
+
+
+# --------------------------------------------------------------------------
+# espeak-ng through ctypes
+# --------------------------------------------------------------------------
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INIT_DONT_EXIT = 0x8000
+_CHARS_UTF8 = 1
+_POS_CHARACTER = 1
+_PARAM_RATE, _PARAM_PITCH = 1, 3
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class _Espeak:
+    """The process's one libespeak-ng; every use holds ``lock``."""
+
+    lock = threading.Lock()
+    _instance: "_Espeak | None" = None
+
+    def __init__(self) -> None:
+        try:
+            import espeakng_loader
+        except ImportError:
+            raise EngineUnavailable("the espeak synthesizer needs the espeakng-loader package") from None
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0,
+                                     espeakng_loader.get_data_path().encode(), _INIT_DONT_EXIT)
+        if rate <= 0:
+            raise EngineUnavailable(f"espeak-ng failed to initialise (code {rate})")
+        self.rate = rate
+        self.lib = lib
+        self._chunks: list[bytes] = []
+        self._cb = _CALLBACK(self._collect)  # keep a reference: C holds the pointer
+        lib.espeak_SetSynthCallback(self._cb)
+
+    def _collect(self, wav, n, _events) -> int:
+        if n > 0 and wav:
+            self._chunks.append(ctypes.string_at(wav, n * 2))
+        return 0
+
+    @classmethod
+    def get(cls) -> "_Espeak":
+        with cls.lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def render(self, text: str, voice: str, wpm: int, pitch: int) -> tuple[bytes, int]:
+        data = text.encode("utf-8")
+        with self.lock:
+            if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise SynthesisError(f"espeak has no voice {voice!r} (try en-us, en, en-gb-scotland, en-us+f3)")
+            self.lib.espeak_SetParameter(_PARAM_RATE, int(wpm), 0)
+            self.lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
+            self._chunks = []
+            rc = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            pcm, self._chunks = b"".join(self._chunks), []
+        if rc != 0:
+            raise SynthesisError(f"espeak_Synth failed with code {rc}")
+        return pcm, self.rate
+
+
+class EspeakSynthesizer:
+    """Offline synthesis with libespeak-ng (see the module docstring)."""
+
+    name = "espeak"
+
+    def __init__(self, voice: str = "en-us", wpm: int = 165, pitch: int = 50) -> None:
+        if not 80 <= int(wpm) <= 450:
+            raise SpeechError(f"wpm must be in [80, 450], got {wpm}")
+        if not 0 <= int(pitch) <= 100:
+            raise SpeechError(f"pitch must be in [0, 100], got {pitch}")
+        self.voice = voice or "en-us"
+        self.wpm = int(wpm)
+        self.pitch = int(pitch)
+        self._lib = _Espeak.get()
+
+    def synthesize_sync(self, text: str, rate: int) -> bytes:
+        """Blocking form (benches, build-time prompt generation); holds the espeak lock."""
+        text = _check_text(text)
+        rate = _check_rate(rate)
+        if not text:
+            return b""
+        pcm, src = self._lib.render(text, self.voice, self.wpm, self.pitch)
+        return to_voice_rate(pcm, src, rate)
+
+    async def synthesize(self, text: str, rate: int) -> bytes:
+        return await asyncio.to_thread(self.synthesize_sync, text, rate)
+
+
+class PlatformSynthesizer:
+    """No local audio: the agent sends ``Speak(text)`` and the platform talks."""
+
+    name = "platform"
+
+    async def synthesize(self, text: str, rate: int) -> bytes:
+        _check_text(text)
+        _check_rate(rate)
+        return b""
+
+
+# --------------------------------------------------------------------------
+# A network engine: OpenAI-compatible /v1/audio/speech
+# --------------------------------------------------------------------------
+
+
+def decode_wav(body: bytes) -> tuple[bytes, int]:
+    """16-bit PCM WAV -> (mono PCM, rate); ``SynthesisError`` for anything else."""
+    try:
+        with wave.open(io.BytesIO(body), "rb") as w:
+            if w.getsampwidth() != 2:
+                raise SynthesisError(f"WAV reply has {8 * w.getsampwidth()}-bit samples; need 16-bit")
+            rate, channels = w.getframerate(), w.getnchannels()
+            frames = w.readframes(w.getnframes())
+    except (wave.Error, EOFError, struct.error) as exc:
+        raise SynthesisError(f"reply is not a readable WAV file ({exc})") from None
+    if not 4000 <= rate <= 96000:
+        raise SynthesisError(f"WAV reply has an implausible sample rate {rate}")
+    x = np.frombuffer(frames[: len(frames) // (2 * channels) * 2 * channels], dtype="<i2")
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1).astype("<i2")
+    return x.tobytes(), rate
+
+
+class HttpSynthesizer:
+    """OpenAI-compatible speech endpoint, one POST per sentence (see the module docstring)."""
+
+    name = "http"
+
+    def __init__(self, url: str, voice: str = "alloy", model: str = "tts-1", api_key: str = "",
+                 timeout_s: float = 10.0, response_format: str = "wav",
+                 max_bytes: int = 20_000_000) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise SpeechError(f"the http synthesizer needs an http(s):// url (PV_TTS_URL), got {url!r}")
+        if response_format not in ("wav", "pcm"):
+            raise SpeechError(f"response_format must be 'wav' or 'pcm', got {response_format!r}")
+        if not 0 < timeout_s <= 300:
+            raise SpeechError(f"timeout_s must be in (0, 300], got {timeout_s}")
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/audio/speech") else (
+            url + ("/audio/speech" if url.endswith("/v1") else "/v1/audio/speech"))
+        self.voice, self.model, self.api_key = voice, model, api_key
+        self.timeout_s = float(timeout_s)
+        self.response_format = response_format
+        self.max_bytes = int(max_bytes)
+
+    async def synthesize(self, text: str, rate: int) -> bytes:
+        text = _check_text(text)
+        rate = _check_rate(rate)
+        if not text:
+            return b""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, ctype, body = await self._post(text)
+        except TimeoutError:
+            raise SynthesisError(f"speech server {self.url} gave no complete answer within "
+                                 f"{self.timeout_s:g}s") from None
+        if status != 200:
+            snippet = body[:200].decode("utf-8", "replace")
+            raise SynthesisError(f"speech server {self.url} answered HTTP {status}: {snippet}")
+        if body[:4] == b"RIFF":
+            pcm, src = decode_wav(body)
+        elif self.response_format == "pcm" or "audio/pcm" in ctype or "audio/l16" in ctype:
+            if len(body) % 2:
+                raise SynthesisError("raw PCM reply has an odd number of bytes")
+            src = OPENAI_PCM_RATE
+            if "rate=" in ctype:
+                try:
+                    src = int(ctype.split("rate=")[1].split(";")[0])
+                except ValueError:
+                    raise SynthesisError(f"bad rate in content-type {ctype!r}") from None
+            pcm = body
+        else:
+            raise SynthesisError(f"speech server {self.url} answered {ctype or 'no content-type'} "
+                                 f"({len(body)} bytes) that is neither WAV nor PCM")
+        return await asyncio.to_thread(to_voice_rate, pcm, src, rate)
+
+    async def _post(self, text: str) -> tuple[int, str, bytes]:
+        import httpx
+
+        headers = {"Accept": "audio/wav" if self.response_format == "wav" else "audio/pcm"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        payload = {"model": self.model, "input": text, "voice": self.voice,
+                   "response_format": self.response_format}
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s, trust_env=False) as client:
+                async with client.stream("POST", self.url, json=payload, headers=headers) as resp:
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > self.max_bytes:
+                            raise SynthesisError(f"speech reply exceeds {self.max_bytes} bytes")
+                    return resp.status_code, resp.headers.get("content-type", "").lower(), bytes(body)
+        except httpx.HTTPError as exc:
+            raise SynthesisError(f"speech server {self.url} unreachable or broke the "
+                                 f"connection: {exc!r}") from None
+
+
+def make_synthesizer(name: str = "espeak", **opts: Any) -> Synthesizer:
+    """``espeak`` (default) | ``platform`` | ``http`` (see the module docstring)."""
+    name = (name or "espeak").lower()
+    if name == "espeak":
+        return EspeakSynthesizer(**opts)
+    if name == "platform":
+        return PlatformSynthesizer()
+    if name == "http":
+        return HttpSynthesizer(**opts)
+    raise SpeechError(f"unknown synthesizer {name!r}; choose espeak, platform or http")
