@@ -136,7 +136,9 @@ class Dispatcher:
         self._result(cmd, outcome.status, outcome.reason, on_call_stream=True, seq=s.next_seq())
         if outcome.status == "applied":
             self.metrics.inc("commands_applied")
-            detail = {"command_id": cmd.command_id, "issued_by": cmd.issued_by or None}
+            detail = {"command_id": cmd.command_id, "issued_by": cmd.issued_by or None,
+                      # What the agent said (PlayAudio/Speak text): the call's story in words.
+                      "text": getattr(cmd, "text", None) or None}
             callrecord.timeline(self.publisher, s.call_id, f"command.{cmd.type[4:]}", **detail)
             log.info("call %s: %s applied (%s)", s.call_id, cmd.type, cmd.command_id)
             if outcome.wake_playout:

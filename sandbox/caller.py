@@ -7,6 +7,10 @@ person says now, or ``None`` when the person hangs up. Nothing here sleeps or
 touches a socket, so the same player drives the caller and the simulated human
 (``piopiy_voice.sandbox.human``), and tests can step it by hand.
 
+A ``say`` with ``text`` is real speech (espeak-ng, ``piopiy_voice.sandbox.voice``),
+rendered when the player is built (the platform renders a call's sentences in
+a thread while the phone rings, so here they are cache hits), never per tick.
+
 ``wait_for`` steps are causal: they look only at what was heard up to the
 previous tick, as a person reacting to the line would.
 """
@@ -17,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from piopiy_voice.audio import FRAME_MS, dtmf_sequence, frame_bytes, read_wav, resample, silence, speech_like
 
+from . import voice
 from .scenario import DtmfStep, HangupStep, SayStep, SilenceStep, WaitForStep
 
 Emit = Callable[..., None]
@@ -56,6 +61,9 @@ class ScriptPlayer:
         self._quiet_ms = 0
         self.hung_up = False
         self.finished = False
+        # Errors surface as step_error when their step comes.
+        voice.prerender([(s.say.text, s.say.voice) for s in self._steps
+                         if isinstance(s, SayStep) and s.say.text is not None], rate)
         self._advance()
 
     # -- steps -----------------------------------------------------------
@@ -83,7 +91,12 @@ class ScriptPlayer:
     def _start(self, step: Any) -> bool:
         if isinstance(step, SayStep):
             spec = step.say
-            if spec.wav:
+            detail = {}
+            if spec.text is not None:
+                pcm = voice.render(spec.text, spec.voice, self.rate)
+                source = "text"
+                detail = {"text": spec.text, "voice": spec.voice}
+            elif spec.wav:
                 pcm, src_rate = read_wav(spec.wav)
                 if src_rate != self.rate:
                     pcm = resample(pcm, src_rate, self.rate)
@@ -93,7 +106,7 @@ class ScriptPlayer:
                 source = "speech_like"
             self._load(pcm)
             ms = self._buffer_ms()
-            self._emit("say_start", step=self._index, ms=ms, source=source)
+            self._emit("say_start", step=self._index, ms=ms, source=source, **detail)
             self._end_event = ("say_end", {"step": self._index, "ms": ms})
             return True
         if isinstance(step, SilenceStep):

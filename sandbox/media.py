@@ -33,6 +33,9 @@ class PlatformOptions:
     #: file name with an audio extension is known and played as synthesized music.
     strict_media: bool = False
     music_ms: int = 3000
+    #: espeak-ng voice of the ``speak`` action.
+    speak_voice: str = "en-us"
+    #: Length of the speech-like stand-in when ``speak`` cannot be synthesized.
     speak_ms_per_char: int = 60
     ws_max_size: int = 4 * 1024 * 1024
     #: Also send JSON text events on the socket ({"event": "start"|"dtmf"|"stop", ...}). The

@@ -21,7 +21,12 @@ Behaviour where the public platform docs are silent (the sandbox defines it):
   running; otherwise the platform hangs up (``pcmo_completed``, or
   ``stream_closed`` when the app closed the socket).
 * ``play``/``speak`` block their PCMO list until played or cut by ``break``.
+  ``speak`` is real speech: espeak-ng (voice ``PlatformOptions.speak_voice``)
+  renders the text in a thread before it is queued (speech-like noise of
+  ``speak_ms_per_char`` only if synthesis fails, logged ``speak_synth_error``).
   ``bridge`` blocks until the human leg ends.
+* The scripted caller's and human's ``say`` texts are rendered in a thread
+  when the call is created (while it rings), never on the clock.
 * ``{"action":"stop"}`` ends the audio for good (``resume`` is then ignored)
   but keeps the socket open for control messages; the call goes on.
 * A PCMO list received on the socket runs at once, replacing the unfinished
@@ -62,11 +67,12 @@ from piopiy_voice.pcmo_models import (
     StreamControl, parse_ws_message,
 )
 
+from . import voice
 from .caller import ScriptPlayer
 from .human import SimulatedHuman
 from .media import MediaLibrary, PlatformOptions, Playout, hold_tone, Segment
 from .report import Timeline, Tracks, write_report
-from .scenario import Scenario
+from .scenario import Scenario, say_texts
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +178,7 @@ class SandboxCall:
         self._human_done: asyncio.Event | None = None
         self._ended: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._voices: asyncio.Task | None = None
         self.finished = False
 
     # -- lifecycle -----------------------------------------------------------
@@ -194,6 +201,9 @@ class SandboxCall:
                    pcmo=[a.action for a in self.pcmo], scenario=self.scenario.name,
                    max_duration_s=self.max_duration_s)
         loop = asyncio.get_running_loop()
+        texts = say_texts(self.scenario)
+        if texts:  # the script's sentences, rendered off the clock while the phone rings
+            self._voices = loop.create_task(asyncio.to_thread(voice.prerender, texts, self.rate))
         self._tasks = [loop.create_task(self._clock()), loop.create_task(self._run_main())]
         timer = loop.call_later(self.max_duration_s, self.end, "max_duration")
         try:
@@ -375,6 +385,9 @@ class SandboxCall:
             if early is not None:
                 await self._start_stream(early, lane="main")
             await asyncio.sleep(self.options.ring_ms / 1000)
+            if self._voices is not None:  # rings on until the script's voice is ready
+                for error in await self._voices:
+                    self.event("platform", "say_render_error", error=error)
             if self.ended:
                 return
             self.state = "live"
@@ -411,8 +424,7 @@ class SandboxCall:
                 await self._play_media(file_name=act.file_name, file_url=act.file_url,
                                        label=f"play:{act.file_name or act.file_url}")
             elif isinstance(act, Speak):
-                ms = max(400, min(20_000, len(act.text) * self.options.speak_ms_per_char))
-                pcm = speech_like(ms, rate=self.rate, seed=zlib.crc32(act.text.encode()) & 0xFFFF)
+                pcm = await self._speak_audio(act.text)
                 await self._play(Segment("speak", pcm, label=f"speak:{act.text[:40]}"))
             elif isinstance(act, Bridge):
                 await self._bridge(act)
@@ -427,6 +439,15 @@ class SandboxCall:
                 self.event("platform", "input_unsupported", action=act.action, action_url=act.action_url)
             elif isinstance(act, Input):
                 self.event("platform", "input_unsupported", action=act.action, action_url=act.action_url)
+
+    async def _speak_audio(self, text: str) -> bytes:
+        """The platform's voice saying ``text``, rendered off the clock."""
+        try:
+            return await asyncio.to_thread(voice.render, text, self.options.speak_voice, self.rate)
+        except voice.SayRenderError as exc:
+            self.event("platform", "speak_synth_error", error=str(exc))
+            ms = max(400, min(20_000, len(text) * self.options.speak_ms_per_char))
+            return speech_like(ms, rate=self.rate, seed=zlib.crc32(text.encode()) & 0xFFFF)
 
     async def _play_media(self, *, file_name: str | None, file_url: str | None, label: str) -> None:
         pcm, source = self.media.audio(file_name=file_name, file_url=file_url, rate=self.rate)

@@ -4,18 +4,29 @@ A scenario is a JSON (or, when PyYAML is installed, YAML) document::
 
     {"name": "demo", "max_duration_s": 60,
      "steps": [{"wait_for": "agent_audio", "timeout_ms": 8000},
+               {"say": {"text": "What are your opening hours?", "voice": "en-us"}},
                {"say": {"ms": 1500}},
                {"silence": 400},
                {"dtmf": "0", "tone_ms": 120},
                {"hangup": true}],
      "after_steps": "hangup",
-     "human": {"answer_after_ms": 800, "steps": [{"say": {"ms": 2000}}]}}
+     "human": {"answer_after_ms": 800, "steps": [{"say": {"text": "How can I help you?"}}]},
+     "expect": {"heard": ["opening hours"], "said": ["open"]}}
 
 Each step is an object with exactly one action key (``say``, ``silence``,
 ``dtmf``, ``wait_for``, ``hangup``) plus that action's options. ``human`` is
 the script of the simulated human agent who answers a ``bridge``; it uses the
 same steps (for the human, "agent audio" means what the human hears: the
 caller).
+
+A ``say`` speaks one of: ``text`` (real speech synthesized by espeak-ng in
+``voice`` at the call's rate, rendered before the call is answered by
+``piopiy_voice.sandbox.voice``, never on the call's clock), ``ms`` of
+speech-like noise, or a ``wav`` file.
+
+``expect`` is not acted out: it says what the call must show, checked by
+whoever can see the app's side (``piopiy_voice.sandbox.expect``: the demo and
+the end-to-end tests read the app's transcripts and commands from Redis).
 
 Bundled scenarios live in ``sandbox/scenarios/<name>.json``; :func:`load_scenario`
 takes a bundled name or a path.
@@ -41,6 +52,9 @@ from pydantic import (
 from piopiy_voice.audio import DTMF_KEYS
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+#: The espeak-ng voice of a ``say`` with ``text`` and no ``voice``.
+DEFAULT_VOICE = "en-us"
+MAX_SAY_CHARS = 1000
 
 
 class _Strict(BaseModel):
@@ -48,8 +62,12 @@ class _Strict(BaseModel):
 
 
 class SaySpec(_Strict):
-    """Speech: generated speech-like audio of ``ms`` or the audio of a WAV file."""
+    """Speech: a sentence synthesized from ``text`` (espeak-ng ``voice``),
+    speech-like audio of ``ms``, or the audio of a WAV file."""
 
+    text: str | None = Field(None, min_length=1, max_length=MAX_SAY_CHARS)
+    #: espeak-ng voice of a ``text`` say (en-us, en, en-us+f3, en-gb-scotland...).
+    voice: str = Field(DEFAULT_VOICE, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-]+$")
     ms: int | None = Field(None, gt=0, le=600_000)
     wav: str | None = None
     seed: int = 0
@@ -57,8 +75,10 @@ class SaySpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "SaySpec":
-        if (self.ms is None) == (self.wav is None):
-            raise ValueError("say needs exactly one of 'ms' or 'wav'")
+        if sum(x is not None for x in (self.text, self.ms, self.wav)) != 1:
+            raise ValueError("say needs exactly one of 'text', 'ms' or 'wav'")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("say text is blank")
         return self
 
 
@@ -142,6 +162,30 @@ class HumanScript(_Strict):
     after_steps: Literal["stay", "hangup"] = "stay"
 
 
+class Expectations(_Strict):
+    """What the app must have heard and said on a call (case-insensitive
+    substrings of the joined texts; see ``piopiy_voice.sandbox.expect``)."""
+
+    #: In the final transcripts of the caller (channel ``caller``).
+    heard: list[str] = Field(default_factory=list)
+    #: In the text of what the agent sent (``PlayAudio``/``Speak`` texts).
+    said: list[str] = Field(default_factory=list)
+    #: In the final transcripts of the monitored conversation after a hand-off
+    #: (channel ``conversation``).
+    conversation: list[str] = Field(default_factory=list)
+
+    @field_validator("heard", "said", "conversation")
+    @classmethod
+    def _phrases(cls, v: list[str]) -> list[str]:
+        if any(not isinstance(p, str) or not p.strip() for p in v):
+            raise ValueError("expected phrases must be non-empty strings")
+        return [p.strip() for p in v]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.heard or self.said or self.conversation)
+
+
 class Scenario(_Strict):
     name: str = "unnamed"
     description: str = ""
@@ -154,6 +198,8 @@ class Scenario(_Strict):
     human: HumanScript = Field(default_factory=HumanScript)
     #: Energy (dBFS of a 20 ms frame) above which heard audio counts as "talking".
     talk_threshold_db: float = Field(-45.0, le=0)
+    #: What the app must have heard and said (checked by the demo and tests).
+    expect: Expectations = Field(default_factory=Expectations)
 
 
 class ScenarioError(ValueError):
@@ -237,3 +283,9 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     except Exception as exc:  # noqa: BLE001 - any parse error is the file's fault
         raise ScenarioError(f"{path}: not valid {path.suffix or 'JSON'}: {exc}", field="scenario") from None
     return parse_scenario(data, name=path.stem, base_dir=path.parent)
+
+
+def say_texts(scenario: Scenario) -> list[tuple[str, str]]:
+    """Every (text, voice) the caller and the human will speak, in script order."""
+    return [(s.say.text, s.say.voice) for s in (*scenario.steps, *scenario.human.steps)
+            if isinstance(s, SayStep) and s.say.text is not None]
