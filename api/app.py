@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket
 from piopiy_voice import keys
 from piopiy_voice.errors import PiopiyValidationError, load_json
 from piopiy_voice.gateway.control import CallNotFound, CommandTimeout
-from piopiy_voice.redisconn import connect
+from piopiy_voice.redisconn import connect, connect_async
 from piopiy_voice.settings import Settings
 
 from . import auth, calls, control, inbound, metrics
@@ -117,15 +117,7 @@ class Api:
     async def start(self) -> None:
         # A blocking pool: a burst of requests waits for a connection instead of
         # failing; each listened call's reader holds one while it blocks.
-        from redis.asyncio import BlockingConnectionPool, Redis  # noqa: PLC0415
-
-        from piopiy_voice.redisconn import _client_kwargs  # noqa: PLC0415 - the project's timeouts/retry
-
-        opts = _client_kwargs(10.0)
-        retry = opts.pop("retry")
-        pool = BlockingConnectionPool.from_url(self.redis_url, max_connections=REDIS_MAX_CONNECTIONS,
-                                               timeout=5.0, **opts)
-        self.ar = Redis(connection_pool=pool, retry=retry)
+        self.ar = connect_async(self.redis_url, blocking_pool=True, max_connections=REDIS_MAX_CONNECTIONS)
         self.r = connect(self.redis_url)
         self.listen = ListenService(self.ar, self.transcripts, queue=self.api.listen_queue,
                                     max_stall_s=self.api.listen_max_stall_s,

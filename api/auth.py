@@ -43,7 +43,6 @@ from piopiy_voice import keys
 from .metrics import AUTH_REFUSALS
 
 SCOPES = ("read", "listen", "control", "dial")
-API_KEYS_HASH = f"{keys.PREFIX}:api:keys"
 _KEY_PREFIX = "pvk_"
 
 
@@ -103,19 +102,19 @@ def create_key(r: Any, scopes: str | Iterable[str], name: str = "") -> tuple[str
     scope_set = parse_scopes(scopes)
     key_id, key = new_key()
     record = {"id": key_id, "name": name, "scopes": sorted(scope_set), "created": int(time.time())}
-    r.hset(API_KEYS_HASH, hash_key(key), json.dumps(record))
+    r.hset(keys.API_KEYS_HASH, hash_key(key), json.dumps(record))
     return key_id, key
 
 
 def list_keys(r: Any) -> list[dict[str, Any]]:
-    return sorted((json.loads(v) for v in r.hvals(API_KEYS_HASH)), key=lambda k: k["created"])
+    return sorted((json.loads(v) for v in r.hvals(keys.API_KEYS_HASH)), key=lambda k: k["created"])
 
 
 def revoke_key(r: Any, key_id: str) -> bool:
     """Delete the key with that id; False when there is none."""
-    for field, value in r.hgetall(API_KEYS_HASH).items():
+    for field, value in r.hgetall(keys.API_KEYS_HASH).items():
         if json.loads(value).get("id") == key_id:
-            r.hdel(API_KEYS_HASH, field)
+            r.hdel(keys.API_KEYS_HASH, field)
             return True
     return False
 
@@ -133,7 +132,7 @@ async def principal_for_key(ar: Any, key: str) -> Principal:
     """The principal of an API key (async Redis); 401 when unknown or revoked."""
     if not key.startswith(_KEY_PREFIX) or len(key) > 200:
         raise refuse(401, "not an API key of this service", "bad_key")
-    raw = await ar.hget(API_KEYS_HASH, hash_key(key))
+    raw = await ar.hget(keys.API_KEYS_HASH, hash_key(key))
     if raw is None:
         raise refuse(401, "unknown or revoked API key", "unknown_key")
     rec = json.loads(raw)

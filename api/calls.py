@@ -32,7 +32,6 @@ from piopiy_voice import callrecord, keys
 from piopiy_voice import contracts as c
 from piopiy_voice.audio import rms_dbfs
 
-API_CALLS_ZSET = f"{keys.PREFIX}:api:calls"
 INDEX_MAX = 5000
 INDEX_MAX_AGE_S = 24 * 3600
 LIFECYCLE_SCAN = 2000
@@ -52,9 +51,9 @@ _FIELDS = ("state", "direction", "to", "from", "caller_id", "rate", "voice_quali
 def index_call(pipe: Any, call_id: str, now: float | None = None) -> None:
     """Queue the index update for a call this API created (sync or async pipeline)."""
     now = time.time() if now is None else now
-    pipe.zadd(API_CALLS_ZSET, {call_id: now})
-    pipe.zremrangebyscore(API_CALLS_ZSET, "-inf", now - INDEX_MAX_AGE_S)
-    pipe.zremrangebyrank(API_CALLS_ZSET, 0, -INDEX_MAX - 1)
+    pipe.zadd(keys.API_CALLS_ZSET, {call_id: now})
+    pipe.zremrangebyscore(keys.API_CALLS_ZSET, "-inf", now - INDEX_MAX_AGE_S)
+    pipe.zremrangebyrank(keys.API_CALLS_ZSET, 0, -INDEX_MAX - 1)
 
 
 def _f(rec: dict[str, str], name: str) -> float | None:
@@ -107,7 +106,7 @@ async def list_calls(ar: Any, *, agent_talking: Callable[[str], bool | None] = l
                      limit: int = LIST_MAX, state: str | None = None) -> list[dict[str, Any]]:
     """Live calls first (newest first), then the recent ones."""
     ids: dict[str, None] = {}
-    for cid in await ar.zrevrange(API_CALLS_ZSET, 0, INDEX_MAX - 1):
+    for cid in await ar.zrevrange(keys.API_CALLS_ZSET, 0, INDEX_MAX - 1):
         ids[cid.decode()] = None
     for _eid, fields in await ar.xrevrange(keys.CALLS_STREAM, count=LIFECYCLE_SCAN):
         cid = fields.get(b"call_id")

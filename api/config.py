@@ -1,6 +1,9 @@
-"""Settings of the API role, read from the environment (one object, like
-``piopiy_voice.settings.Settings``, which holds what every role shares: Redis,
-the signing secret, the gateway's public URL, the caller id).
+"""Settings of the API role: a section of the project's settings
+(``piopiy_voice.settings.EnvSection``: each variable declared once here, read
+from the environment over ``.env``, ``PV_ANSWER_TOKEN`` also from
+``PV_ANSWER_TOKEN_FILE``; bad values raise ``PiopiyConfigError`` naming the
+variable). ``piopiy_voice.settings.Settings`` holds what every role shares:
+Redis, the signing secret, the gateway's public URL, the caller id.
 
 Answer URL authentication: the platform's inbound POST carries no signature of
 its own (its docs define none), so the answer URL is protected by what we
@@ -15,17 +18,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-from typing import Any, Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from piopiy_voice.errors import PiopiyConfigError
 from piopiy_voice.pcmo_models import LISTEN_MODES, VOICE_QUALITIES, parse_pcmo
+from piopiy_voice.settings import EnvSection
 
 
-class ApiSettings(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+class ApiSettings(EnvSection):
+    SECRETS = ("answer_token",)
 
     host: str = Field("127.0.0.1", alias="PV_API_HOST")
     port: int = Field(8780, alias="PV_API_PORT", ge=0, le=65535)
@@ -47,7 +49,7 @@ class ApiSettings(BaseModel):
     supervisor_number: str = Field("", alias="PV_SUPERVISOR_NUMBER")
 
     # --- inbound calls (answer URL) -----------------------------------------
-    answer_token: str = Field("", alias="PV_ANSWER_TOKEN")
+    answer_token: str = Field("", alias="PV_ANSWER_TOKEN", repr=False)
     answer_allow_ips: str = Field("", alias="PV_ANSWER_ALLOW_IPS")
     answer_listen_mode: str = Field("both", alias="PV_ANSWER_LISTEN_MODE")
     answer_voice_quality: int = Field(8000, alias="PV_ANSWER_VOICE_QUALITY")
@@ -100,23 +102,3 @@ class ApiSettings(BaseModel):
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
-
-    @classmethod
-    def env_names(cls) -> set[str]:
-        return {f.alias for f in cls.model_fields.values() if f.alias}
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ApiSettings":
-        env = os.environ if environ is None else environ
-        names = cls.env_names()
-        values: dict[str, Any] = {k: v for k, v in env.items() if k in names and v != ""}
-        values.update(overrides)
-        try:
-            return cls.model_validate(values)
-        except (ValidationError, ValueError) as exc:
-            errors = getattr(exc, "errors", None)
-            if callable(errors):
-                text = "; ".join(f"{e['loc'][0] if e['loc'] else '?'}: {e['msg']}" for e in errors())
-            else:
-                text = str(exc)
-            raise PiopiyConfigError(f"bad API settings: {text}") from None

@@ -16,7 +16,7 @@ from piopiy_voice.errors import PiopiyConfigError
 
 
 def _keys_main(argv: list[str]) -> int:
-    from piopiy_voice.redisconn import connect  # noqa: PLC0415
+    from piopiy_voice.redisconn import connect, resolve_redis_url  # noqa: PLC0415
     from piopiy_voice.settings import Settings  # noqa: PLC0415
 
     from . import auth  # noqa: PLC0415
@@ -31,7 +31,11 @@ def _keys_main(argv: list[str]) -> int:
     p = sub.add_parser("revoke", help="revoke a key by its id")
     p.add_argument("key_id")
     args = ap.parse_args(argv)
-    r = connect(args.redis_url or Settings.from_env().redis_url)
+    try:
+        r = connect(resolve_redis_url(args.redis_url or Settings.from_env().redis_url))
+    except PiopiyConfigError as exc:
+        print(f"piopiy-voice api keys: {exc}", file=sys.stderr)
+        return 2
     if args.cmd == "create":
         try:
             key_id, key = auth.create_key(r, args.scopes, args.name)
@@ -61,38 +65,40 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ApiSettings  # noqa: PLC0415
 
-    try:
-        settings = Settings.from_env()
-        api = ApiSettings.from_env()
-    except (ValueError, PiopiyConfigError) as exc:
-        print(f"piopiy-voice api: {exc}", file=sys.stderr)
-        return 2
     ap = argparse.ArgumentParser(prog="piopiy-voice api",
                                  description="HTTP API: list, listen to and steer calls; answer "
                                              "inbound calls; the supervisor console. "
                                              "'piopiy-voice api keys --help' manages API keys.")
-    ap.add_argument("--host", default=api.host)
-    ap.add_argument("--port", type=int, default=api.port)
-    ap.add_argument("--redis-url", default=None, help="Redis URL (REDIS_URL)")
+    ap.add_argument("--host", default=None, help="bind address (default: PV_API_HOST)")
+    ap.add_argument("--port", type=int, default=None, help="port (default: PV_API_PORT)")
+    ap.add_argument("--redis-url", default=None, help="Redis URL (default: REDIS_URL; required)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn  # noqa: PLC0415
+    from piopiy_voice.observability import setup_logging  # noqa: PLC0415
+    from piopiy_voice.redisconn import redact_url, resolve_redis_url  # noqa: PLC0415
 
-    from piopiy_voice.redisconn import resolve_redis_url  # noqa: PLC0415
+    try:
+        settings = Settings.from_env()
+        api = ApiSettings.from_env()
+        api = api.replace(host=args.host or api.host, port=api.port if args.port is None else args.port)
+        url = resolve_redis_url(args.redis_url or settings.redis_url)
+    except PiopiyConfigError as exc:
+        print(f"piopiy-voice api: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("api", level=settings.log_level, fmt=settings.log_format)
+    log = logging.getLogger(__name__)
+    import uvicorn  # noqa: PLC0415
 
     from .app import create_app  # noqa: PLC0415
 
-    api = api.model_copy(update={"host": args.host, "port": args.port})
     if settings.using_dev_secret:
-        logging.getLogger(__name__).warning("PV_SIGNING_SECRET is the insecure dev value: "
-                                            "signed listen/control URLs are forgeable")
-    app = create_app(settings, api, resolve_redis_url(args.redis_url or settings.redis_url))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+        log.warning("PV_SIGNING_SECRET is the insecure dev value: signed listen/control URLs are forgeable")
+    log.info("api: redis %s", redact_url(url))
+    app = create_app(settings, api, url)
+    config = uvicorn.Config(app, host=api.host, port=api.port, log_level="warning",
                             ws_max_size=64 * 1024, ws_ping_interval=20, ws_ping_timeout=20,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
-    print(f"api listening on http://{args.host}:{args.port} (console at /console)", flush=True)
+    print(f"api listening on http://{api.host}:{api.port} (console at /console)", flush=True)
     server.run()
     return 0
 

@@ -1,6 +1,7 @@
 """Worker benchmark: one worker process, N concurrent simulated calls in real time.
 
     .venv/bin/python bench/worker_bench.py [--calls 200] [--seconds 30] [--rate 8000]
+        [--agent SPEC] [--compare SPEC] [--profile FILE]
 
 Starts a private redis-server (or uses REDIS_URL), one ``piopiy-voice worker``
 process with the DefaultAgent (VAD + DTMF on every frame) and a feeder that
@@ -9,6 +10,11 @@ bursts, silence and the odd DTMF key. After a warm-up it measures, over the
 window, the stream lag (worker's clock at processing minus the entry id's
 time, exact quantiles from the worker's ``/lag``) and the worker's CPU time per
 frame (from /proc). Prints one summary; exits 1 if p99 >= 100 ms.
+
+``--compare SPEC`` runs a second worker (agent class SPEC, e.g.
+``bench.legacy_agent:BeforeAgent``: the per-frame path before the cost work)
+on its own private redis-server at the same time, fed the same frames in the
+same feeder turn: both see the same machine, so their CPU per frame compare.
 """
 
 from __future__ import annotations
@@ -50,6 +56,49 @@ def _lag(port: int, reset: bool = False) -> dict:
     return json.loads(urllib.request.urlopen(url, timeout=5).read())
 
 
+class Target:
+    """One system under test: a private redis-server and one worker process."""
+
+    def __init__(self, label: str, agent: str | None, profile: str | None, url: str | None) -> None:
+        self.label = label
+        self.server = None
+        if not url:
+            self.server = EmbeddedRedis()
+            url = self.server.url
+        self.url = url
+        self.r = connect(url)
+        self.port = free_port()
+        env = dict(os.environ, REDIS_URL=url, PV_LOG_LEVEL="WARNING",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   PV_SILENCE_TIMEOUT_S="30")
+        self.worker = subprocess.Popen(
+            [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
+             "-m", "piopiy_voice.workers.runner", "--worker-id", "bench-w1", "--metrics-port",
+             str(self.port), *(["--agent", agent] if agent else [])], env=env, cwd=ROOT,
+        )
+        self.pipe = self.r.pipeline(transaction=False)
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                _lag(self.port)
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.worker.poll() is not None:
+                    raise SystemExit(f"worker ({self.label}) did not start")
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.worker.terminate()
+        try:
+            self.worker.wait(15)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+        if self.server:
+            self.server.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=200)
@@ -57,59 +106,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--rate", type=int, default=8000, choices=(8000, 16000, 32000))
     ap.add_argument("--agent", help="agent class 'package.module:Class' (default: the worker's)")
+    ap.add_argument("--compare", metavar="AGENT",
+                    help="run a second worker with this agent class at the same time, on its own "
+                         "redis-server, fed the same frames (e.g. bench.legacy_agent:BeforeAgent)")
     ap.add_argument("--profile", metavar="FILE", help="run the worker under cProfile, stats to FILE")
     args = ap.parse_args(argv)
 
-    server = None
     url = os.environ.get("REDIS_URL")
-    if not url:
-        server = EmbeddedRedis()
-        url = server.url
-    r = connect(url)
-    if server is None:
+    if url and args.compare:
+        raise SystemExit("--compare needs private redis-servers: unset REDIS_URL")
+    if url:
         print(f"using REDIS_URL={url} (keys of pv:* are written)")
-    port = free_port()
-    env = dict(os.environ, REDIS_URL=url, PV_LOG_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               PV_SILENCE_TIMEOUT_S="30")
-    worker = subprocess.Popen(
-        [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
-         "-m", "piopiy_voice.workers.runner", "--worker-id", "bench-w1", "--metrics-port",
-         str(port), *(["--agent", args.agent] if args.agent else [])], env=env, cwd=ROOT,
-    )
+    targets = [Target(args.agent or "default agent", args.agent, args.profile, url)]
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                _lag(port)
-                break
-            except OSError:
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit("worker did not start")
-                time.sleep(0.1)
+        if args.compare:
+            targets.append(Target(args.compare, args.compare, None, None))
+        for t in targets:
+            t.wait_up()
         scripts = [_script(i, args.rate) for i in range(args.calls)]
         ids = [f"bench-{os.getpid()}-{i}" for i in range(args.calls)]
         seqs = [0] * args.calls
-        pipe = r.pipeline(transaction=False)
         for i, cid in enumerate(ids):
             seqs[i] += 1
             f = c.encode(c.CallStarted(call_id=cid, seq=seqs[i], gateway_id="bench-gw", rate=args.rate))
-            pipe.xadd(keys.call_stream(cid), f)
-            pipe.xadd(keys.CALLS_STREAM, f)
-        pipe.execute()
+            for t in targets:
+                t.pipe.xadd(keys.call_stream(cid), f)
+                t.pipe.xadd(keys.CALLS_STREAM, f)
+        for t in targets:
+            t.pipe.execute()
         streams = [keys.call_stream(cid) for cid in ids]
+        load0 = os.getloadavg()
         t0 = time.monotonic()
         total = args.warmup + args.seconds
         sent = 0
         tick = 0
         measuring = False
-        cpu0 = frames0 = 0.0
         late_ticks = 0
+        base: dict[str, tuple[float, float]] = {}
         while True:
             now = time.monotonic() - t0
             if not measuring and now >= args.warmup:
-                lag0 = _lag(port, reset=True)
-                cpu0, frames0, measuring = _cpu_s(worker.pid), lag0.get("entries_total", 0), True
+                for t in targets:
+                    lag0 = _lag(t.port, reset=True)
+                    base[t.label] = (_cpu_s(t.worker.pid), lag0.get("entries_total", 0))
+                measuring = True
                 tw0 = time.monotonic()
             if now >= total:
                 break
@@ -119,41 +159,48 @@ def main(argv: list[str] | None = None) -> int:
             while tick < due:
                 for i in range(args.calls):
                     seqs[i] += 1
-                    frame = scripts[i][tick % len(scripts[i])]
-                    pipe.xadd(streams[i], c.audio_fields(ids[i], seqs[i], frame),
-                              maxlen=keys.CALL_STREAM_MAXLEN, approximate=True)
-                pipe.execute()
+                    fields = c.audio_fields(ids[i], seqs[i], scripts[i][tick % len(scripts[i])])
+                    for t in targets:
+                        t.pipe.xadd(streams[i], fields, maxlen=keys.CALL_STREAM_MAXLEN, approximate=True)
+                for t in targets:
+                    t.pipe.execute()
                 sent += args.calls
                 tick += 1
             time.sleep(max(0.0, t0 + tick * 0.02 - time.monotonic()))
-        time.sleep(0.3)  # let the worker drain the last frames
+        time.sleep(0.3)  # let the workers drain the last frames
         window = time.monotonic() - tw0
-        lag = _lag(port)
-        cpu = _cpu_s(worker.pid) - cpu0
-        frames = lag["entries_total"] - frames0
-        owned = r.zcard(keys.WORKERS_ZSET)
-        cmds = r.xlen(keys.gateway_commands("bench-gw"))
         print(f"worker bench: {args.calls} calls @ {args.rate} Hz, {args.seconds:.0f} s window "
-              f"(+{args.warmup:.0f} s warm-up), 1 worker process")
-        print(f"  frames fed {sent}, processed in window {frames:.0f} "
-              f"({frames / window:.0f}/s), commands published {cmds}, workers alive {owned}")
-        print(f"  stream lag ms: p50 {lag['p50'] * 1000:.1f}  p90 {lag['p90'] * 1000:.1f}  "
-              f"p99 {lag['p99'] * 1000:.1f}  max {lag['max'] * 1000:.1f}  (n={lag['n']})")
-        print(f"  worker CPU: {cpu:.2f} s over {window:.1f} s = {100 * cpu / window:.0f}% of a core, "
-              f"{1e6 * cpu / max(frames, 1):.1f} us per frame")
+              f"(+{args.warmup:.0f} s warm-up), {len(targets)} worker process(es) fed the same "
+              f"frames at the same time; load average before {load0[0]:.2f}, "
+              f"after {os.getloadavg()[0]:.2f}")
+        ok = True
+        per_frame = {}
+        for t in targets:
+            lag = _lag(t.port)
+            cpu0, frames0 = base[t.label]
+            cpu = _cpu_s(t.worker.pid) - cpu0
+            frames = lag["entries_total"] - frames0
+            owned = t.r.zcard(keys.WORKERS_ZSET)
+            cmds = t.r.xlen(keys.gateway_commands("bench-gw"))
+            per_frame[t.label] = 1e6 * cpu / max(frames, 1)
+            print(f"[{t.label}]")
+            print(f"  frames fed {sent}, processed in window {frames:.0f} "
+                  f"({frames / window:.0f}/s), commands published {cmds}, workers alive {owned}")
+            print(f"  stream lag ms: p50 {lag['p50'] * 1000:.1f}  p90 {lag['p90'] * 1000:.1f}  "
+                  f"p99 {lag['p99'] * 1000:.1f}  max {lag['max'] * 1000:.1f}  (n={lag['n']})")
+            print(f"  worker CPU: {cpu:.2f} s over {window:.1f} s = {100 * cpu / window:.0f}% of a core, "
+                  f"{per_frame[t.label]:.1f} us per frame")
+            ok = ok and lag["p99"] < 0.100
+        if len(targets) == 2:
+            a, b = (per_frame[t.label] for t in targets)
+            print(f"  CPU per frame {targets[0].label} / {targets[1].label}: {a / b:.2f}x")
         if late_ticks:
             print(f"  note: the feeder itself fell behind real time on {late_ticks} ticks")
-        ok = lag["p99"] < 0.100
         print(f"  target p99 < 100 ms: {'PASS' if ok else 'FAIL'}")
         return 0 if ok else 1
     finally:
-        worker.terminate()
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        if server:
-            server.close()
+        for t in targets:
+            t.close()
 
 
 if __name__ == "__main__":

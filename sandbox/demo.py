@@ -1,13 +1,17 @@
 """piopiy-voice demo: the whole system, locally, one scripted call.
 
 Starts a private Redis (unless ``--redis-url``/``REDIS_URL`` names one), then
-the four roles as real processes: the sandbox (the platform), a gateway, a
-worker running the default agent, and a dialer (RQ worker). It places one call
-through the dialer and ``RestClient``; the sandbox's scripted caller (scenario
-``demo``) waits for the greeting, talks, interrupts the agent, presses the
-hand-off key and is bridged to a simulated human while the stream keeps
-running, then hangs up. The demo prints what happened, checks it, writes the
-recordings, stops every process and exits (0 when the call went as scripted).
+the five roles as real processes: the sandbox (the platform), a gateway, a
+worker running the default agent, a transcriber (speech recognition) and a
+dialer (RQ worker). It places one call through the dialer and ``RestClient``;
+the sandbox's scripted caller (scenario ``demo``) speaks real sentences
+(espeak-ng): it waits for the greeting, asks for the opening hours, interrupts
+the answer with another question, asks for a real person and is bridged to a
+simulated human while the stream keeps running (monitored and transcribed),
+then hangs up. The demo prints the call as it happens, both sides'
+words (the caller's from the transcripts, the agent's from what it sent), the
+scenario's expectations checked against them, and the recordings; it stops
+every process and exits 0 when the call went as scripted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from piopiy_voice.observability import setup_logging
 from piopiy_voice.redisconn import EmbeddedRedis, connect, free_port, redact_url
 from piopiy_voice.supervisor import Child, Supervisor, role_command
 
+from .expect import check_expectations, format_result, format_words, read_call_words, wait_transcribed
+from .scenario import load_scenario
 from .server import DEV_APP_ID, DEV_APP_TOKEN
 
 log = logging.getLogger("demo")
@@ -49,8 +55,12 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
+#: The stack's roles, in start order (stopped in reverse).
+ROLES = ("sandbox", "gateway", "worker", "transcriber", "dialer")
+
+
 class LocalSystem:
-    """The four roles as real local processes on free loopback ports.
+    """The five roles (``ROLES``) as real local processes on free loopback ports.
 
     Used by the demo and by the end-to-end tests: ``start()``, place calls with
     ``enqueue``, read ``r`` (Redis) and ``sandbox_report``, then ``stop()``.
@@ -78,6 +88,7 @@ class LocalSystem:
         self.worker_metrics_port = free_port()
         self.sandbox_url = f"http://127.0.0.1:{self.sandbox_port}"
         self.tag = secrets.token_hex(3)
+        self.transcriber_id = f"local-asr-{self.tag}"
         self.dial_queue = dial_queue or f"calls-{self.tag}"
         self.env = self._env(extra_env or {})
 
@@ -115,6 +126,7 @@ class LocalSystem:
             ("sandbox", ["sandbox", "--scenario", self.scenario, "--report-dir", str(self.out)]),
             ("gateway", ["gateway"]),
             ("worker", ["worker", "--metrics-port", str(self.worker_metrics_port)]),
+            ("transcriber", ["transcriber", "--id", self.transcriber_id]),
             ("dialer", ["dialer"]),
         ]
         for name, argv in specs:
@@ -125,10 +137,12 @@ class LocalSystem:
             "sandbox": lambda: _get(f"{self.sandbox_url}/healthz")[0] == 200,
             "gateway": lambda: _get(f"http://127.0.0.1:{self.gateway_port}/readyz")[0] == 200,
             "worker": lambda: _get(f"http://127.0.0.1:{self.worker_metrics_port}/metrics")[0] == 200,
+            # Its first loop turn heartbeats into the transcribers' set (after building its model).
+            "transcriber": lambda: self.r.zscore(keys.TRANSCRIBERS_ZSET, self.transcriber_id) is not None,
             "dialer": lambda: bool(self.r.smembers(f"rq:workers:{self.env['PV_DIAL_QUEUE']}")),
         }
         self.supervisor.wait_ready(checks, timeout, on_ready=lambda c: self.announce(
-            f"{c.name:<10} ready (pid {c.pid}, log {c.log_path.name})"))
+            f"{c.name:<11} ready (pid {c.pid}, log {c.log_path.name})"))
 
     def role(self, name: str) -> Child:
         return self.supervisor.child(name)
@@ -169,6 +183,13 @@ class LocalSystem:
             time.sleep(0.2)
         raise RuntimeError(f"call {call_id} did not end within {timeout}s (state {record.get('state')})")
 
+    def words(self, call_id: str, timeout: float = 15.0):
+        """Both sides' words (``expect.CallWords``), once the transcriber is done with the call."""
+        if not wait_transcribed(self.r, call_id, timeout):
+            self.announce(f"transcriber did not finish call {call_id} within {timeout:g}s; "
+                          "its last words may be missing")
+        return read_call_words(self.r, call_id)
+
     def sandbox_report(self, request_id: str, wait: float = 30.0) -> dict[str, Any]:
         status, body = _get(f"{self.sandbox_url}/sandbox/calls/{request_id}?wait={wait}", timeout=wait + 10)
         if status != 200:
@@ -207,6 +228,16 @@ def run_demo(args: argparse.Namespace) -> int:
         report = system.sandbox_report(record["request_id"])
         print_platform_view(report)
         problems = check_flow(report, record)
+        words = system.words(call_id)
+        say("\nthe conversation in words (caller: the transcriber's finals; agent: the text of "
+            "what it sent;\non the line: the monitored conversation after the hand-off):")
+        for line in format_words(words):
+            say(line)
+        result = check_expectations(load_scenario(system.scenario).expect, words)
+        say("\nexpectations of the scenario:")
+        for line in format_result(result):
+            say(line)
+        problems += [f"expected but not found: {m}" for m in result.missing]
         say("\nrecordings (what the platform sent us / what the caller heard / stereo: caller side | heard):")
         for name, path in sorted(report.get("recordings", {}).items()):
             say(f"  {name:<7} {path}")
@@ -214,7 +245,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if problems:
             say("\nDEMO FAILED:\n  - " + "\n  - ".join(problems))
             return 1
-        say("\ndemo OK: greeting, barge-in, hand-off to a human with the stream kept up, hang-up.")
+        say("\ndemo OK: greeting, a question answered, barge-in, hand-off to a human asked for in "
+            "words with the stream kept up and transcribed, hang-up.")
         return 0
     finally:
         for name, code in system.stop().items():
@@ -235,7 +267,7 @@ def _timeline_line(fields: dict[bytes, bytes]) -> str:
 
 
 _PERSON_EVENTS = {
-    "say_start": "speaks", "dtmf": "presses", "hangup": "hangs up", "human_ringing": "rings",
+    "say_start": "says", "dtmf": "presses", "hangup": "hangs up", "human_ringing": "rings",
     "human_answered": "answers", "human_say_start": "speaks", "human_left": "leaves",
 }
 _PLATFORM_EVENTS = {
@@ -263,7 +295,8 @@ def print_platform_view(report: dict[str, Any]) -> None:
                 audio_open = True
             continue
         if src in ("caller", "human") and name in _PERSON_EVENTS:
-            detail = ev.get("keys") or (f"{ev['ms']} ms" if "ms" in ev else "")
+            detail = (ev.get("keys") or (repr(ev["text"]) if ev.get("text") else "")
+                      or (f"{ev['ms']} ms" if "ms" in ev else ""))
             say(f"  {t}  {src:<8}             {_PERSON_EVENTS[name]} {detail}".rstrip())
             continue
         if src == "platform" and name in _PLATFORM_EVENTS:
@@ -280,13 +313,10 @@ def check_flow(report: dict[str, Any], record: dict[str, str]) -> list[str]:
     breaks = [e for e in received if e.get("kind") == "control" and e.get("action") == "break"]
     pcmo = [e for e in received if e.get("kind") == "pcmo"]
     bridges = [e for e in pcmo if "bridge" in (e.get("actions") or [])]
-    dtmf = [e for e in events if e.get("src") == "caller" and "dtmf" in str(e.get("event"))]
     if not audio:
         problems.append("the agent never spoke (no streamAudio received)")
     if not breaks:
         problems.append("no barge-in: the platform never received {'action': 'break'}")
-    if not dtmf:
-        problems.append("the caller never pressed the hand-off key")
     if not bridges:
         problems.append("no hand-off: no bridge PCMO reached the platform")
     else:
@@ -297,7 +327,7 @@ def check_flow(report: dict[str, Any], record: dict[str, str]) -> list[str]:
         last_frame_ms = max((run["end_ms"] for run in runs), default=0)
         if last_frame_ms <= t_bridge:
             problems.append("the stream did not keep running after the hand-off")
-        human = [e for e in events if e.get("src") == "human"]
+        human = [e for e in events if e.get("src") == "human" and e.get("event") == "human_answered"]
         if not human:
             problems.append("the simulated human never answered")
     if record.get("state") != "ended":
@@ -324,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------ up
 UP_DESCRIPTION = """Run a whole local stack until Ctrl-C: a private Redis, the sandbox (the
-platform), a gateway, a worker and a dialer, as child processes. Prints the
+platform), a gateway, a worker, a transcriber and a dialer, as child processes. Prints the
 export lines that make `piopiy-voice call`, `status` and `control` work from
 another terminal. Ctrl-C (or SIGTERM) stops every child: SIGTERM, then SIGKILL
 after --grace seconds."""

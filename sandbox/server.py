@@ -57,6 +57,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from piopiy_voice.errors import PiopiyValidationError
+from piopiy_voice.observability import setup_logging
 from piopiy_voice.pcmo_models import Play, PlayGetInput, check_number, parse_pcmo
 from piopiy_voice.settings import Settings
 
@@ -503,8 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-events", action="store_true",
                         help="also send JSON text events (start/dtmf/stop) on the media socket")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("sandbox", level=settings.log_level, fmt=settings.log_format)
     app_id, app_token = args.app_id, args.app_token
     if app_id in (None, "") or not app_token:
         app_id, app_token = DEV_APP_ID, DEV_APP_TOKEN

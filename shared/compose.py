@@ -2,7 +2,7 @@
 
 Used by the deployment tests, and by hand to try a scaled layout on one box::
 
-    python -m piopiy_voice.compose gateway=2 worker=2 dialer sandbox
+    python -m piopiy_voice.compose gateway=2 worker=2 transcriber dialer sandbox
     python deploy/compose_runner.py gateway=2 ...      (the same, from a checkout)
 
 How a compose service becomes local processes:

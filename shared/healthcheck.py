@@ -6,9 +6,13 @@ on stdout says why, so ``docker inspect`` shows something useful.
 Checks, per role:
   gateway  GET /healthz on PV_GATEWAY_PORT (the process serves and its loop turns).
   sandbox  GET /sandbox/calls on PV_SANDBOX_PORT.
+  api      GET /healthz on PV_API_PORT (``--port`` of the role wins).
   worker   GET /healthz on the worker's ``--metrics-port`` (200 while its decision
            loop turns), and a fresh heartbeat of this host's worker in Redis
            (the loop reaches Redis, not just the HTTP thread answering).
+  transcriber  like the worker: GET /healthz on its ``--metrics-port`` (200 while
+           its loop turns) and a fresh heartbeat of this host's transcriber in
+           ``pv:transcribers`` (PV_TRANSCRIBER_ID, else ``asr-HOSTNAME-*``).
   dialer   Redis answers and an RQ worker of *this host* is registered; RQ lets
            the registration expire when heartbeats stop, so a wedged dialer
            turns unhealthy on its own.
@@ -29,9 +33,9 @@ import time
 import urllib.error
 import urllib.request
 
-from piopiy_voice.keys import WORKERS_ZSET
+from piopiy_voice.keys import TRANSCRIBERS_ZSET, WORKERS_ZSET
 
-ROLES = ("gateway", "worker", "dialer", "sandbox")
+ROLES = ("gateway", "worker", "transcriber", "api", "dialer", "sandbox")
 #: Docker kills a check after its own timeout; stay under the usual 5 s.
 TIMEOUT_S = 3.0
 
@@ -113,45 +117,60 @@ def check_worker_heartbeat(now: float | None = None) -> tuple[bool, str]:
     Matches PV_WORKER_ID exactly when set, else the default ``HOSTNAME-PID``
     ids of this host. Fresh = within 3 lease periods (at least 15 s).
     """
+    return check_heartbeat("worker", WORKERS_ZSET, os.environ.get("PV_WORKER_ID"),
+                           socket.gethostname() + "-", float(os.environ.get("PV_LEASE_MS") or 5000), now)
+
+
+def check_transcriber_heartbeat(now: float | None = None) -> tuple[bool, str]:
+    """Like ``check_worker_heartbeat`` for ``pv:transcribers`` (ids ``asr-HOSTNAME-PID``)."""
+    return check_heartbeat("transcriber", TRANSCRIBERS_ZSET, os.environ.get("PV_TRANSCRIBER_ID"),
+                           f"asr-{socket.gethostname()}-",
+                           float(os.environ.get("PV_TRANSCRIBER_LEASE_MS") or 3000), now)
+
+
+def check_heartbeat(what: str, zset: str, wanted: str | None, prefix: str, lease_ms: float,
+                    now: float | None = None) -> tuple[bool, str]:
+    """The newest member of ``zset`` named ``wanted`` (else starting with ``prefix``)
+    renewed within 3 lease periods (at least 15 s)."""
     import redis
 
-    lease_s = float(os.environ.get("PV_LEASE_MS") or 5000) / 1000
-    max_age = max(15.0, 3 * lease_s)
-    wanted = os.environ.get("PV_WORKER_ID")
-    prefix = socket.gethostname() + "-"
+    max_age = max(15.0, 3 * lease_ms / 1000)
     now = time.time() if now is None else now
     try:
-        members = _redis().zrange(WORKERS_ZSET, 0, -1, withscores=True)
+        members = _redis().zrange(zset, 0, -1, withscores=True)
     except redis.RedisError as exc:
         return False, f"redis unreachable: {exc}"
-    # Newest first: a worker killed earlier on this host (another pid) leaves
+    # Newest first: a process killed earlier on this host (another pid) leaves
     # a stale entry that must not hide the live one.
     for member, score in sorted(members, key=lambda m: -m[1]):
         name = member.decode(errors="replace")
         if (name == wanted) if wanted else name.startswith(prefix):
             if now - score <= max_age:
-                return True, f"worker {name} heartbeat {now - score:.1f}s ago"
-            return False, f"worker {name} heartbeat stale ({now - score:.0f}s > {max_age:.0f}s)"
-    return False, f"no worker heartbeat for {wanted or prefix + '*'}"
+                return True, f"{what} {name} heartbeat {now - score:.1f}s ago"
+            return False, f"{what} {name} heartbeat stale ({now - score:.0f}s > {max_age:.0f}s)"
+    return False, f"no {what} heartbeat for {wanted or prefix + '*'}"
 
 
 def check(role: str, argv: list[str], port: int | None = None) -> tuple[bool, str]:
     if role == "gateway":
         p = _port(port, argv, "--port", "PV_GATEWAY_PORT", 8765)
         return http_ok(f"http://127.0.0.1:{p}/healthz")
+    if role == "api":
+        p = _port(port, argv, "--port", "PV_API_PORT", 8780)
+        return http_ok(f"http://127.0.0.1:{p}/healthz")
     if role == "sandbox":
         p = _port(port, argv, "--port", "PV_SANDBOX_PORT", 8766)
         return http_ok(f"http://127.0.0.1:{p}/sandbox/calls")
-    if role == "worker":
+    if role in ("worker", "transcriber"):
         if port is None and option_value(argv, "--metrics-port") is None:
-            return False, "worker runs without --metrics-port: nothing to probe"
+            return False, f"{role} runs without --metrics-port: nothing to probe"
         p = _port(port, argv, "--metrics-port", "", 0)
         ok, why = http_ok(f"http://127.0.0.1:{p}/healthz")
         if not ok:
             return ok, why
         # The HTTP thread answers even when the main loop is stuck; the
         # heartbeat proves the loop (lease renewals) still turns.
-        return check_worker_heartbeat()
+        return check_worker_heartbeat() if role == "worker" else check_transcriber_heartbeat()
     if role == "dialer":
         return check_dialer()
     raise ValueError(f"role: unknown {role!r}, expected one of {', '.join(ROLES)}")

@@ -134,3 +134,10 @@ def campaign_key(campaign: str, suffix: str) -> str:
 
 def dialer_key(suffix: str) -> str:
     return f"{PREFIX}:dialer:{suffix}"
+
+
+# --- the API role ------------------------------------------------------------
+#: Hash: SHA-256 of an API key -> its record (id, name, scopes); never the key.
+API_KEYS_HASH = f"{PREFIX}:api:keys"
+#: Sorted set: call id -> creation time, the API's index of recent calls.
+API_CALLS_ZSET = f"{PREFIX}:api:calls"

@@ -41,8 +41,10 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -140,13 +142,53 @@ class Exporter:
         return generate_latest(self.registry)
 
 
+#: An extra route of ``serve_http``: query string -> (body, content type).
+Route = Callable[[str], tuple[bytes, str]]
+
+
+def serve_http(render: Callable[[], bytes], healthy: Callable[[], tuple[bool, str]], host: str,
+               port: int, routes: Mapping[str, Route] | None = None) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` (``render()``, Prometheus text), ``/healthz`` (200 when
+    ``healthy()`` says so, else 503, with its reason) and ``routes`` from a daemon
+    thread; returns the server (``.server_port``: the port when 0 was asked)."""
+    extra = dict(routes or {})
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            path, _, query = self.path.partition("?")
+            code = 200
+            if path == "/metrics":
+                body, ctype = render(), CONTENT_TYPE
+            elif path == "/healthz":
+                ok, why = healthy()
+                code, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain; charset=utf-8"
+            elif path in extra:
+                body, ctype = extra[path](query)
+            else:
+                self.send_error(404)
+                return
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # keep scrapes out of the log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
 # --------------------------------------------------------------------------
 # Logs
 # --------------------------------------------------------------------------
 
 _call_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("pv_call_id", default=None)
 #: Env var holding each role's instance id (others: hostname-pid).
-INSTANCE_ENV = {"gateway": "PV_GATEWAY_ID", "worker": "PV_WORKER_ID"}
+INSTANCE_ENV = {"gateway": "PV_GATEWAY_ID", "worker": "PV_WORKER_ID", "transcriber": "PV_TRANSCRIBER_ID"}
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -89,11 +89,25 @@ def connect(url: str | None = None, *, socket_timeout: float = 10.0, **kw) -> re
     return redis.Redis.from_url(url or resolve_redis_url(), **opts)
 
 
-def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, **kw) -> aioredis.Redis:
-    """An asyncio client (bytes responses) with our timeouts and retry."""
+def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, blocking_pool: bool = False,
+                  max_connections: int | None = None, pool_timeout_s: float = 5.0, **kw) -> aioredis.Redis:
+    """An asyncio client (bytes responses) with our timeouts and retry.
+
+    ``blocking_pool``: at most ``max_connections``; a caller beyond waits up to
+    ``pool_timeout_s`` for a free connection instead of failing at once (a
+    server whose burst of requests must queue, not error).
+    """
     opts = _client_kwargs(socket_timeout)
     opts.update(kw)
-    return aioredis.Redis.from_url(url or resolve_redis_url(), **opts)
+    url = url or resolve_redis_url()
+    if not blocking_pool:
+        if max_connections is not None:
+            opts["max_connections"] = max_connections
+        return aioredis.Redis.from_url(url, **opts)
+    retry = opts.pop("retry")
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections or 50,
+                                                    timeout=pool_timeout_s, **opts)
+    return aioredis.Redis(connection_pool=pool, retry=retry)
 
 
 def _ping(host: str, port: int, timeout: float = 0.3) -> bool:

@@ -16,6 +16,17 @@ Sources (pydantic-settings), highest first:
 ``Settings.from_env(mapping)`` reads that mapping only (no environment, no
 ``.env``): tests and the local stacks build exact settings that way.
 
+Areas with many knobs of their own keep them next to their code, as an
+``EnvSection`` (below): ``speech.config.SpeechConfig`` (PV_VAD, PV_ASR*,
+PV_DEEPGRAM_*, PV_TTS*, PV_TURN_*, PV_TRANSCRIBER_*), ``speech.llm.LlmConfig``
+(PV_LLM_*) and ``api.config.ApiSettings`` (PV_API_*, PV_ANSWER_*,
+PV_SUPERVISOR_NUMBER). Each declares every variable once (a field alias) and
+reads the same sources the same way (``EnvSection.from_env``); ``SECTIONS``
+lists them, so ``Settings.env_names()`` is every variable the project reads
+and none of them is reported unknown. A section's secret fields (``SECRETS``)
+may come from a file named by ``<VARIABLE>_FILE`` (a plain value and a file is
+an error).
+
 Secrets from files: ``PV_SIGNING_SECRET_FILE`` and ``PIOPIY_APP_TOKEN_FILE``
 name a file holding the secret (a Docker or Kubernetes secret mount such as
 ``/run/secrets/pv_signing_secret``); surrounding whitespace is stripped.
@@ -26,15 +37,17 @@ placeholder (the defaults docker-compose.yml fills in); a real plain value
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 from contextvars import ContextVar
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import PiopiyConfigError
@@ -49,6 +62,14 @@ SECRET_FILES = {"signing_secret": "signing_secret_file", "piopiy_app_token": "pi
 #: Development values a secret file may replace (the compose defaults; the
 #: second is the sandbox's token, piopiy_voice.sandbox.server.DEV_APP_TOKEN).
 DEV_PLACEHOLDERS = frozenset({DEV_SECRET, "sandbox-dev-token"})
+
+#: The area sections (``module:Class``) whose variables ``Settings.env_names()``
+#: includes; imported on first use (they are light: no engines load at import).
+SECTIONS = (
+    "piopiy_voice.speech.config:SpeechConfig",
+    "piopiy_voice.speech.llm:LlmConfig",
+    "piopiy_voice.api.config:ApiSettings",
+)
 
 # Set while ``from_env(mapping)`` builds: read that mapping only, no environment/.env.
 _EXPLICIT: ContextVar[bool] = ContextVar("pv_settings_explicit", default=False)
@@ -98,6 +119,14 @@ class Settings(BaseSettings):
     agent_webhook_partials: bool = Field(False, alias="PV_AGENT_WEBHOOK_PARTIALS")
     #: At most this many agent works (model, webhook, synthesis...) run at once per worker.
     agent_runtime_concurrency: int = Field(256, alias="PV_AGENT_RUNTIME_CONCURRENCY", gt=0)
+    #: After the caller's silence, how long a talking agent waits for the final transcript (ms).
+    transcript_wait_ms: int = Field(1200, alias="PV_TRANSCRIPT_WAIT_MS", ge=0, le=10_000)
+    #: Failed replies in a row before a talking agent hands the call to a human.
+    agent_max_failures: int = Field(2, alias="PV_AGENT_MAX_FAILURES", ge=1, le=100)
+    #: Messages of conversation history kept per call (sent to the model).
+    history_max_messages: int = Field(24, alias="PV_HISTORY_MAX_MESSAGES", ge=2, le=500)
+    #: The language-model agent's system prompt ("" = the built-in one).
+    system_prompt: str = Field("", alias="PV_SYSTEM_PROMPT")
     handoff_key: str = Field("0", alias="PV_HANDOFF_KEY", min_length=1, max_length=1)
     pause_key: str = Field("*", alias="PV_PAUSE_KEY", min_length=1, max_length=1)
     pause_resume_after_s: float = Field(20.0, alias="PV_PAUSE_RESUME_AFTER_S", gt=0)
@@ -179,23 +208,29 @@ class Settings(BaseSettings):
         return v
 
     @classmethod
-    def env_names(cls) -> set[str]:
-        """Every environment variable this object reads."""
+    def own_env_names(cls) -> set[str]:
+        """The variables of this object's own fields."""
         return {f.alias for f in cls.model_fields.values() if f.alias}
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every environment variable the project reads: these fields and every ``SECTIONS`` one."""
+        return cls.own_env_names() | set().union(*(s.env_names() for s in sections()))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Settings from the environment and ``.env`` (``environ`` None), or from
         ``environ`` only; ``overrides`` (field or variable names) win.
         ``PiopiyConfigError`` (a ValueError) names every bad variable."""
-        names = cls.env_names()
+        names = cls.own_env_names()
         if environ is None:
             seen = set(os.environ) | set(_dotenv_names(ENV_FILE))
             values: dict[str, Any] = {}
         else:
             seen = set(environ)
             values = {k: v for k, v in environ.items() if k in names and v != ""}
-        unknown = sorted(k for k in seen if k.startswith("PV_") and k not in names)
+        known = cls.env_names()
+        unknown = sorted(k for k in seen if k.startswith("PV_") and k not in known)
         if unknown:
             log.warning("ignoring unknown settings: %s", ", ".join(unknown))
         values.update(overrides)
@@ -203,8 +238,7 @@ class Settings(BaseSettings):
         try:
             return cls(**values)
         except ValidationError as exc:
-            problems = "; ".join(_describe(err) for err in exc.errors())
-            raise PiopiyConfigError(f"bad settings: {problems}") from None
+            raise PiopiyConfigError(f"bad settings: {describe(cls, exc)}") from None
         finally:
             _EXPLICIT.reset(token)
 
@@ -213,23 +247,105 @@ class Settings(BaseSettings):
         return self.signing_secret == DEV_SECRET
 
 
-def _describe(err: Mapping[str, Any]) -> str:
+class EnvSection(BaseModel):
+    """One area's settings, declared next to its code; read like ``Settings``.
+
+    Subclasses declare fields whose alias is the variable (the one declaration
+    of each name) and list themselves in ``SECTIONS``. ``from_env()`` reads the
+    environment over ``.env``; ``from_env(mapping)`` that mapping only; empty
+    values mean the default. Fields named in ``SECRETS`` may instead come from a
+    file named by ``<VARIABLE>_FILE`` (a secret mount). Built directly or from
+    the environment, a bad value raises ``ERROR`` (a ``PiopiyConfigError``)
+    naming the variable.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True,
+                              str_strip_whitespace=True)
+    SECRETS: ClassVar[tuple[str, ...]] = ()
+    ERROR: ClassVar[type[Exception]] = PiopiyConfigError
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise self.ERROR(f"bad settings: {describe(type(self), exc)}") from None
+
+    @classmethod
+    def secret_files(cls) -> dict[str, str]:
+        """Secret variable -> the variable naming a file that holds it."""
+        return {cls.model_fields[f].alias: cls.model_fields[f].alias + "_FILE" for f in cls.SECRETS}
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        return {f.alias for f in cls.model_fields.values() if f.alias} | set(cls.secret_files().values())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any):
+        values = env_values(cls.env_names(), environ)
+        for var, file_var in cls.secret_files().items():
+            path = values.pop(file_var, None)
+            if path is None:
+                continue
+            if var in values:
+                raise cls.ERROR(f"bad settings: {var} and {file_var} are both set; keep one")
+            try:
+                values[var] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise cls.ERROR(f"bad settings: {file_var}: cannot read {path}: "
+                                f"{exc.strerror or exc}") from None
+            if not values[var]:
+                raise cls.ERROR(f"bad settings: {file_var}: {path} is empty")
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` (field names), validated like a new one."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+@lru_cache(maxsize=1)
+def sections() -> tuple[type[EnvSection], ...]:
+    out = []
+    for spec in SECTIONS:
+        module, _, name = spec.partition(":")
+        out.append(getattr(importlib.import_module(module), name))
+    return tuple(out)
+
+
+def env_values(names: set[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The non-empty values of ``names``: from ``environ`` only, or (None) from the
+    process environment over the ``.env`` file."""
+    if environ is None:
+        environ = {**_dotenv_values(ENV_FILE), **os.environ}
+    return {k: v for k, v in environ.items() if k in names and v not in ("", None)}
+
+
+def describe(model: type[BaseModel], exc: ValidationError) -> str:
+    """One line naming the variable of every error in ``exc``."""
+    return "; ".join(_describe(model, err) for err in exc.errors())
+
+
+def _describe(model: type[BaseModel], err: Mapping[str, Any]) -> str:
     loc = err.get("loc") or ()
     name = str(loc[0]) if loc else ""
-    field = Settings.model_fields.get(name)
+    field = model.model_fields.get(name)
     if field is not None and field.alias:
         name = field.alias
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{name}: {msg}" if name else msg
 
 
+def _dotenv_values(path: str) -> dict[str, str]:
+    try:
+        from dotenv import dotenv_values  # noqa: PLC0415  (installed with pydantic-settings)
+    except ImportError:  # pragma: no cover
+        return {}
+    try:
+        return {k: v for k, v in dotenv_values(path).items() if v is not None} if os.path.isfile(path) else {}
+    except OSError:
+        return {}
+
+
 def _dotenv_names(path: str) -> list[str]:
     """Variable names in a ``.env`` file (for the unknown-name warning)."""
-    try:
-        from dotenv import dotenv_values  # installed with pydantic-settings
-    except ImportError:  # pragma: no cover
-        return []
-    try:
-        return list(dotenv_values(path)) if os.path.isfile(path) else []
-    except OSError:
-        return []
+    return list(_dotenv_values(path))

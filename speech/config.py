@@ -1,87 +1,95 @@
-"""The speech package's knobs, read from ``PV_*`` environment variables.
+"""The speech package's knobs: one section of the project's settings.
 
-One frozen dataclass, built by ``SpeechConfig.from_env()``; bad values raise
-``SpeechError`` naming the variable. (To be folded into ``piopiy_voice.settings``
-by its owner; until then this is the single place these names are read.)
+``SpeechConfig`` is a ``piopiy_voice.settings.EnvSection``: every field's alias
+is the variable that sets it (declared here only; ``Settings.env_names()``
+includes them), read from the environment over ``.env`` by
+``SpeechConfig.from_env()``; the API keys may come from ``<VARIABLE>_FILE``.
+Bad values raise ``SpeechConfigError`` (a ``SpeechError`` and a
+``PiopiyConfigError``) naming the variable.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Mapping
+import socket
+
+from pydantic import Field, field_validator
+
+from piopiy_voice.errors import PiopiyConfigError
+from piopiy_voice.settings import EnvSection
 
 from .errors import SpeechError
 
 VADS = ("energy", "webrtc", "silero")
 RECOGNIZERS = ("pocketsphinx", "deepgram")
 SYNTHESIZERS = ("espeak", "platform", "http")
+ASR_MODES = ("domain", "dictation")
+_CHOICES = {"vad": VADS, "asr": RECOGNIZERS, "tts": SYNTHESIZERS, "asr_mode": ASR_MODES}
 
 
-def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
-    v = env.get(name, "").strip().lower() or default
-    if v not in allowed:
-        raise SpeechError(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
-    return v
+class SpeechConfigError(SpeechError, PiopiyConfigError):
+    """A speech setting is wrong (the message names the variable)."""
 
 
-def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise SpeechError(f"{name} must be a number, got {raw!r}") from None
-    if not lo <= v <= hi:
-        raise SpeechError(f"{name} must be in [{lo}, {hi}], got {v}")
-    return v
+class SpeechConfig(EnvSection):
+    SECRETS = ("deepgram_api_key", "tts_api_key")
+    ERROR = SpeechConfigError
 
+    #: Voice activity detector: energy (no dependency) | webrtc | silero.
+    vad: str = Field("energy", alias="PV_VAD")
+    #: Recognizer of the transcriber role: pocketsphinx (local) | deepgram (service).
+    asr: str = Field("pocketsphinx", alias="PV_ASR")
+    #: pocketsphinx: domain (n-gram LM built from the phrase list) | dictation (shipped LM).
+    asr_mode: str = Field("domain", alias="PV_ASR_MODE")
+    #: File of phrases, one a line, for the domain LM ("" = the built-in list).
+    asr_corpus: str = Field("", alias="PV_ASR_CORPUS")
+    deepgram_url: str = Field("wss://api.deepgram.com/v1/listen", alias="PV_DEEPGRAM_URL", min_length=1)
+    deepgram_api_key: str = Field("", alias="PV_DEEPGRAM_API_KEY", repr=False)
+    #: "" = the service's default model.
+    deepgram_model: str = Field("", alias="PV_DEEPGRAM_MODEL")
+    #: Synthesizer: espeak (local) | platform (the platform speaks) | http (OpenAI-style service).
+    tts: str = Field("espeak", alias="PV_TTS")
+    #: http engine: base URL or the full /v1/audio/speech URL.
+    tts_url: str = Field("", alias="PV_TTS_URL")
+    #: espeak voice (e.g. en-us) or the http engine's voice name ("" = engine default).
+    tts_voice: str = Field("", alias="PV_TTS_VOICE")
+    tts_model: str = Field("tts-1", alias="PV_TTS_MODEL", min_length=1)
+    tts_api_key: str = Field("", alias="PV_TTS_API_KEY", repr=False)
+    #: http engine: whole-request deadline (s).
+    tts_timeout_s: float = Field(10.0, alias="PV_TTS_TIMEOUT_S", ge=0.1, le=300)
+    #: Speech must last this long to start a turn (ms).
+    turn_onset_ms: int = Field(80, alias="PV_TURN_ONSET_MS", ge=20, le=2000)
+    #: Silence this long ends a turn (ms).
+    turn_hangover_ms: int = Field(400, alias="PV_TURN_HANGOVER_MS", ge=60, le=5000)
+    #: Audio before the detected onset fed to the recognizer (ms).
+    asr_preroll_ms: int = Field(200, alias="PV_ASR_PREROLL_MS", ge=0, le=1000)
+    #: The transcriber role's lease on a call (ms).
+    transcriber_lease_ms: int = Field(3000, alias="PV_TRANSCRIBER_LEASE_MS", ge=200, le=600_000)
+    #: The transcriber's consumer name / lease value ("" = asr-HOSTNAME-PID; unique per replica).
+    transcriber_id: str = Field("", alias="PV_TRANSCRIBER_ID")
 
-@dataclass(frozen=True)
-class SpeechConfig:
-    vad: str = "energy"                 # PV_VAD
-    asr: str = "pocketsphinx"           # PV_ASR
-    asr_mode: str = "domain"            # PV_ASR_MODE: domain (our n-gram LM) | dictation (shipped LM)
-    asr_corpus: str = ""                # PV_ASR_CORPUS: file of phrases, one a line ("" = built-in)
-    deepgram_url: str = "wss://api.deepgram.com/v1/listen"   # PV_DEEPGRAM_URL
-    deepgram_api_key: str = ""          # PV_DEEPGRAM_API_KEY
-    deepgram_model: str = ""            # PV_DEEPGRAM_MODEL ("" = service default)
-    tts: str = "espeak"                 # PV_TTS
-    tts_url: str = ""                   # PV_TTS_URL (http engine: base URL or full /v1/audio/speech URL)
-    tts_voice: str = ""                 # PV_TTS_VOICE (espeak voice, e.g. en-us; http: the voice name)
-    tts_model: str = "tts-1"            # PV_TTS_MODEL (http engine)
-    tts_api_key: str = ""               # PV_TTS_API_KEY (http engine, Bearer)
-    tts_timeout_s: float = 10.0         # PV_TTS_TIMEOUT_S (http engine total deadline)
-    turn_onset_ms: int = 80             # PV_TURN_ONSET_MS
-    turn_hangover_ms: int = 400         # PV_TURN_HANGOVER_MS
-    asr_preroll_ms: int = 200           # PV_ASR_PREROLL_MS
-    transcriber_lease_ms: int = 3000    # PV_TRANSCRIBER_LEASE_MS
-
+    @field_validator("vad", "asr", "tts", "asr_mode", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "SpeechConfig":
-        e = os.environ if env is None else env
-        mode = _choice(e, "PV_ASR_MODE", ("domain", "dictation"), "domain")
-        return cls(
-            vad=_choice(e, "PV_VAD", VADS, "energy"),
-            asr=_choice(e, "PV_ASR", RECOGNIZERS, "pocketsphinx"),
-            asr_mode=mode,
-            asr_corpus=e.get("PV_ASR_CORPUS", "").strip(),
-            deepgram_url=e.get("PV_DEEPGRAM_URL", "").strip() or cls.deepgram_url,
-            deepgram_api_key=e.get("PV_DEEPGRAM_API_KEY", ""),
-            deepgram_model=e.get("PV_DEEPGRAM_MODEL", "").strip(),
-            tts=_choice(e, "PV_TTS", SYNTHESIZERS, "espeak"),
-            tts_url=e.get("PV_TTS_URL", "").strip(),
-            tts_voice=e.get("PV_TTS_VOICE", "").strip(),
-            tts_model=e.get("PV_TTS_MODEL", "").strip() or cls.tts_model,
-            tts_api_key=e.get("PV_TTS_API_KEY", ""),
-            tts_timeout_s=_number(e, "PV_TTS_TIMEOUT_S", cls.tts_timeout_s, 0.1, 300),
-            turn_onset_ms=int(_number(e, "PV_TURN_ONSET_MS", cls.turn_onset_ms, 20, 2000)),
-            turn_hangover_ms=int(_number(e, "PV_TURN_HANGOVER_MS", cls.turn_hangover_ms, 60, 5000)),
-            asr_preroll_ms=int(_number(e, "PV_ASR_PREROLL_MS", cls.asr_preroll_ms, 0, 1000)),
-            transcriber_lease_ms=int(_number(e, "PV_TRANSCRIBER_LEASE_MS", cls.transcriber_lease_ms,
-                                             200, 600_000)),
-        )
+    def _choice(cls, v: object, info) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            allowed = _CHOICES[info.field_name]
+            if v not in allowed:
+                raise ValueError(f"must be one of {', '.join(allowed)}; got {v!r}")
+        return v
+
+    @field_validator("turn_onset_ms", "turn_hangover_ms", "asr_preroll_ms", "transcriber_lease_ms",
+                     mode="before")
+    @classmethod
+    def _whole_ms(cls, v: object) -> object:
+        # "250.0" and 250.5 were accepted before (read as numbers, then int()).
+        try:
+            return int(float(v)) if isinstance(v, (str, float)) else v
+        except ValueError:
+            return v
+
+    def transcriber_name(self) -> str:
+        return self.transcriber_id or f"asr-{socket.gethostname()}-{os.getpid()}"
 
     def recognizer_opts(self) -> dict:
         """Keyword options for ``asr.make_recognizer(self.asr, **opts)``."""

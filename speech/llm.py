@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import httpx
 
-from piopiy_voice.errors import PiopiyError
+from pydantic import Field, field_validator, model_validator
+
+from piopiy_voice.errors import PiopiyConfigError, PiopiyError
+from piopiy_voice.settings import EnvSection
 
 #: A reply larger than this is not a spoken answer: refuse it.
 MAX_REPLY_BYTES = 1_000_000
@@ -103,58 +105,44 @@ class Delta:
     finish_reason: str | None = None
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise LlmError(f"{name} must be a number, got {raw!r}") from None
-    if not lo <= v <= hi:
-        raise LlmError(f"{name} must be in [{lo:g}, {hi:g}], got {v:g}")
-    return v
+class LlmConfigError(LlmError, PiopiyConfigError):
+    """An LLM setting is wrong (the message names the variable)."""
+
+    kind = "config"
 
 
-@dataclass(frozen=True)
-class LlmConfig:
-    """The client's knobs (``PV_LLM_*``); per-call overrides via ``with_params``."""
+class LlmConfig(EnvSection):
+    """The client's knobs (``PV_LLM_*``, a section of the project's settings:
+    ``piopiy_voice.settings.EnvSection``); per-call overrides via ``with_params``."""
 
-    base_url: str = "http://127.0.0.1:11434/v1"   # PV_LLM_BASE_URL (Ollama's default)
-    api_key: str = ""                             # PV_LLM_API_KEY (sent as Bearer when set)
-    model: str = "llama3.2"                       # PV_LLM_MODEL
-    temperature: float = 0.4                      # PV_LLM_TEMPERATURE
-    max_tokens: int = 200                         # PV_LLM_MAX_TOKENS (spoken replies are short)
-    timeout_s: float = 8.0                        # PV_LLM_TIMEOUT_S: whole reply
-    first_token_s: float = 3.0                    # PV_LLM_FIRST_TOKEN_S
+    SECRETS = ("api_key",)
+    ERROR = LlmConfigError
 
-    def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise LlmError(f"LLM base URL must be http(s)://, got {self.base_url!r}")
-        if not self.model:
-            raise LlmError("LLM model must not be empty")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise LlmError(f"temperature must be in [0, 2], got {self.temperature:g}")
-        if not 1 <= self.max_tokens <= 32_000:
-            raise LlmError(f"max_tokens must be in [1, 32000], got {self.max_tokens}")
-        if not (0 < self.first_token_s <= self.timeout_s):
-            raise LlmError(f"need 0 < first_token_s ({self.first_token_s:g}) <= timeout_s "
-                           f"({self.timeout_s:g})")
+    #: OpenAI-compatible server (Ollama's default address).
+    base_url: str = Field("http://127.0.0.1:11434/v1", alias="PV_LLM_BASE_URL")
+    #: Sent as Bearer when set.
+    api_key: str = Field("", alias="PV_LLM_API_KEY", repr=False)
+    model: str = Field("llama3.2", alias="PV_LLM_MODEL", min_length=1)
+    temperature: float = Field(0.4, alias="PV_LLM_TEMPERATURE", ge=0.0, le=2.0)
+    #: Spoken replies are short.
+    max_tokens: int = Field(200, alias="PV_LLM_MAX_TOKENS", ge=1, le=32_000)
+    #: Deadline of a whole reply (s).
+    timeout_s: float = Field(8.0, alias="PV_LLM_TIMEOUT_S", gt=0, le=600)
+    #: Deadline of the first token (s); at most ``timeout_s``.
+    first_token_s: float = Field(3.0, alias="PV_LLM_FIRST_TOKEN_S", gt=0, le=600)
 
+    @field_validator("base_url")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "LlmConfig":
-        e = os.environ if env is None else env
-        timeout = _env_number(e, "PV_LLM_TIMEOUT_S", cls.timeout_s, 0.1, 600)
-        return cls(
-            base_url=e.get("PV_LLM_BASE_URL", "").strip().rstrip("/") or cls.base_url,
-            api_key=e.get("PV_LLM_API_KEY", "").strip(),
-            model=e.get("PV_LLM_MODEL", "").strip() or cls.model,
-            temperature=_env_number(e, "PV_LLM_TEMPERATURE", cls.temperature, 0, 2),
-            max_tokens=int(_env_number(e, "PV_LLM_MAX_TOKENS", cls.max_tokens, 1, 32_000)),
-            timeout_s=timeout,
-            first_token_s=min(timeout, _env_number(e, "PV_LLM_FIRST_TOKEN_S", cls.first_token_s,
-                                                   0.05, 600)),
-        )
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"LLM base URL must be http(s)://, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _first_token_within_total(self) -> "LlmConfig":
+        if self.first_token_s > self.timeout_s:
+            object.__setattr__(self, "first_token_s", self.timeout_s)  # frozen: set once, here
+        return self
 
     def with_params(self, params: Mapping[str, str]) -> "LlmConfig":
         """Per-call ``model`` / ``temperature`` / ``max_tokens`` from the dial job's
@@ -169,7 +157,7 @@ class LlmConfig:
                     changes[name] = conv(params[name])
                 except (TypeError, ValueError):
                     raise LlmError(f"call param {name} must be a number, got {params[name]!r}") from None
-        return replace(self, **changes) if changes else self
+        return self.replace(**changes) if changes else self
 
 
 @dataclass
@@ -183,7 +171,7 @@ class ChatClient:
     """Streams chat completions from one OpenAI-compatible server (see module doc)."""
 
     def __init__(self, config: LlmConfig | None = None, **overrides: Any) -> None:
-        self.config = replace(config or LlmConfig(), **overrides) if overrides else (config or LlmConfig())
+        self.config = (config or LlmConfig()).replace(**overrides) if overrides else (config or LlmConfig())
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 

@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,13 +46,16 @@ import redis
 from piopiy_voice import keys
 from piopiy_voice.contracts import CallEnded, CallStarted, decode, encode
 from piopiy_voice.errors import PiopiyError
-from piopiy_voice.redisconn import connect, resolve_redis_url
+from piopiy_voice.observability import setup_logging
+from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url
+from piopiy_voice.settings import Settings
 from piopiy_voice.workers.ownership import Ownership
 
 from .asr import Recognizer, make_recognizer
 from .config import SpeechConfig
 from .errors import SpeechError
 from .transcriber import CallTranscriber
+from .transcriber_metrics import TranscriberMetrics, serve
 
 log = logging.getLogger("piopiy_voice.speech.transcriber")
 
@@ -92,16 +93,18 @@ class OwnedCall:
     last_commit: float = 0.0
     last_entry: float = field(default_factory=time.monotonic)
     meta_ended: bool = False
+    last_segment: int = -1
 
 
 class Transcriber:
     def __init__(self, r: Any, transcriber_id: str, lease_ms: int, recognizer: Recognizer,
-                 config: SpeechConfig | None = None) -> None:
+                 config: SpeechConfig | None = None, metrics: TranscriberMetrics | None = None) -> None:
         self.r = r
         self.id = transcriber_id
         self.lease_ms = int(lease_ms)
         self.recognizer = recognizer
         self.config = config or SpeechConfig()
+        self.metrics = metrics or TranscriberMetrics()
         self.own = Ownership(r, transcriber_id, self.lease_ms, group=keys.TRANSCRIBERS_GROUP,
                              lease_key=keys.call_asr_lease, members=keys.TRANSCRIBERS_ZSET)
         self._commit_script = r.register_script(_COMMIT_LUA)
@@ -153,6 +156,7 @@ class Transcriber:
             self._adopt(eid, fields, claimed=False)
         if self.calls:
             self._read_calls()
+        self.metrics.calls_owned = len(self.calls)
 
     # ------------------------------------------------------------ ownership
     def _renew(self) -> None:
@@ -247,7 +251,9 @@ class Transcriber:
                     msg = decode(fields)
                 except Exception:  # noqa: BLE001 (the worker dead-letters it)
                     continue
+                cpu = time.thread_time()
                 oc.pending += oc.core.handle(eid, msg)
+                self.metrics.counters["decode_cpu_seconds_total"] += time.thread_time() - cpu
                 oc.dirty = True
                 if oc.core.ended:
                     break
@@ -289,11 +295,16 @@ class Transcriber:
                             reply if isinstance(reply, Exception) else "lease lost")
                 oc.core.close()
                 self.calls.pop(cid, None)
+                self.metrics.counters["commits_refused_total"] += 1
                 ok.append(False)
                 continue
             ok.append(True)
             self.transcripts_total += len(oc.pending)
+            self.metrics.count(oc.pending)
             for t in oc.pending:
+                if t.segment > oc.last_segment:
+                    oc.last_segment = t.segment
+                    self.metrics.counters["segments_total"] += 1
                 if t.final:
                     log.info("call %s: [%s #%d %d-%d ms] %r", cid, t.channel, t.segment,
                              t.start_ms, t.end_ms, t.text)
@@ -333,25 +344,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="consumer name / lease value (default: PV_TRANSCRIBER_ID or host-pid)")
     p.add_argument("--lease-ms", type=int, help="asr lease in ms (default: PV_TRANSCRIBER_LEASE_MS)")
     p.add_argument("--max-seconds", type=float, help="stop (gracefully) after this long")
+    p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL; required)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and /healthz on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address for --metrics-port")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PV_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        settings = Settings.from_env()
         config = SpeechConfig.from_env()
+        tid = args.id or config.transcriber_name()
+        setup_logging("transcriber", level=settings.log_level, fmt=settings.log_format, instance=tid)
+        url = resolve_redis_url(args.redis_url or settings.redis_url)
         lease_ms = args.lease_ms if args.lease_ms is not None else config.transcriber_lease_ms
         if lease_ms <= 100:
             raise SpeechError(f"--lease-ms must be > 100, got {lease_ms}")
-        tid = args.id or os.environ.get("PV_TRANSCRIBER_ID") or f"asr-{socket.gethostname()}-{os.getpid()}"
         recognizer = make_recognizer(config.asr, **config.recognizer_opts())
-        r = connect(resolve_redis_url(os.environ.get("REDIS_URL")))
-        transcriber = Transcriber(r, tid, lease_ms, recognizer, config)
+        metrics = TranscriberMetrics()
+        transcriber = Transcriber(connect(url), tid, lease_ms, recognizer, config, metrics)
     except (PiopiyError, ValueError) as exc:
         print(f"piopiy-voice transcriber: {exc}", file=sys.stderr)
         return 2
+    log.info("transcriber %s: redis %s", tid, redact_url(url))
+    if args.metrics_port is not None:
+        server = serve(metrics, args.metrics_host, args.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, server.server_port)
 
     def _graceful(signum, _frame):
         log.info("transcriber %s: signal %d, handing calls back", transcriber.id, signum)

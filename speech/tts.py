@@ -78,42 +78,9 @@ def _check_rate(rate: Any) -> int:
 # Any rate -> a voice rate
 # --------------------------------------------------------------------------
 
-_SINC_HALF = 16        # taps each side of the interpolation point
-_SINC_BETA = 8.0       # Kaiser window: ~80 dB side lobes
-_SINC_BLOCK = 8192     # output samples per vectorised block (bounds memory)
-
-
-def _sinc_resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
-    """Band-limited interpolation of float samples ``x`` from ``src`` to ``dst`` Hz."""
-    n_out = int(x.size * dst // src)
-    if n_out == 0:
-        return np.zeros(0)
-    step = src / dst
-    fc = 0.45 * min(src, dst) / src            # cut-off, cycles per input sample
-    offs = np.arange(-_SINC_HALF + 1, _SINC_HALF + 1)
-    xp = np.concatenate((np.zeros(_SINC_HALF), x, np.zeros(_SINC_HALF + 1)))
-    out = np.empty(n_out)
-    norm = np.i0(_SINC_BETA)
-    for b in range(0, n_out, _SINC_BLOCK):
-        t = np.arange(b, min(n_out, b + _SINC_BLOCK)) * step
-        base = np.floor(t).astype(np.int64)
-        idx = base[:, None] + offs[None, :]
-        d = t[:, None] - idx
-        win = np.i0(_SINC_BETA * np.sqrt(np.clip(1 - (d / _SINC_HALF) ** 2, 0, None))) / norm
-        w = 2 * fc * np.sinc(2 * fc * d) * win
-        out[b:b + t.size] = (xp[idx + _SINC_HALF] * w).sum(axis=1)
-    return out
-
-
 def to_voice_rate(pcm: bytes, src: int, rate: int) -> bytes:
-    """16-bit mono PCM at any ``src`` rate -> ``rate`` (8000/16000/32000)."""
-    rate = _check_rate(rate)
-    if src in (8000, 16000, 32000):
-        return resample(pcm, src, rate)
-    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-    y = _sinc_resample(x, src, 16000)
-    pcm16 = np.clip(np.rint(y), -32768, 32767).astype("<i2").tobytes()
-    return resample(pcm16, 16000, rate)
+    """16-bit mono PCM at any ``src`` rate (espeak: 22050) -> ``rate`` (8000/16000/32000)."""
+    return resample(pcm, src, _check_rate(rate))
 
 
 # --------------------------------------------------------------------------

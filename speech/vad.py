@@ -37,7 +37,9 @@ All engines reject a frame of the wrong size with ``SpeechError``.
 
 from __future__ import annotations
 
+import math
 import threading
+from bisect import bisect_left, insort
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,73 +85,149 @@ _VOICED = 0.55          # whitened-autocorrelation peak above which a frame is p
 _CARRY_FRAMES = 10      # loud frames within 200 ms after a voiced one still count
 _STEADY_FRAMES = 8      # 160 ms of an unmoving pitch = a note, not a voice
 _STEADY_TOL = 0.01      # relative lag change that counts as "unmoving"
+_FS2 = 32768.0 * 32768.0
+_MIN_DB = -120.0
+_FLOOR_FALL = 0.5       # ``EnergyVad``: fraction of the gap closed per quieter frame
+_FLOOR_RISE_DB = 6.0 * 0.020   # ``EnergyVad``: 6 dB/s, per 20 ms frame
+_MAX_AN_RATE = 16000    # the voicing analysis rate at most (32 kHz is decimated to it)
+_BIN_HZ = 7.8125        # FFT resolution the thresholds were tuned with (1024 points at 8 kHz)
 
 
 class EnergyVoicingVad:
-    """Level (``EnergyVad``'s floor logic) gated by voicing and pitch movement."""
+    """Level (``EnergyVad``'s floor logic) gated by voicing and pitch movement.
+
+    Cost (why it is shaped this way: it runs on every frame of every call, in
+    the worker's loop and in the transcriber): one int16 -> float32 conversion
+    per frame shared by the level and the voicing; the level test is
+    ``EnergyVad.process``'s arithmetic inlined (no second conversion); the
+    background percentile comes from a sorted window kept with ``bisect`` (no
+    partition of 75 values per frame); the voicing runs only on frames that
+    are not quiet (at the call's rate; 32 kHz is low-passed and decimated to
+    16 kHz: the band is 80-1000 Hz), the whitening by running sums over the
+    band only, and the autocorrelation at the pitch lags only (a cosine table
+    times the band), in preallocated buffers.
+    """
 
     def __init__(self, rate: int, threshold_db: float = -45.0, snr_db: float = 9.0) -> None:
         self.rate = _check_rate(rate)
         self._size = frame_bytes(self.rate)
-        # start/hangover are ``turns``' business: the level test alone is used here.
-        self._level = EnergyVad(self.rate, threshold_db, 0, 0, snr_db=snr_db)
         n = self._size // 2
-        # Analysis runs at 8 kHz-equivalent resolution: decimate 16/32 kHz by
-        # plain striding after the band-limited FFT step below ignores >1 kHz anyway.
-        self._win = 2 * n
-        self._nfft = 1 << (2 * self._win - 1).bit_length()
-        freqs = np.fft.rfftfreq(self._nfft, 1 / self.rate)
-        self._band = (freqs >= 80) & (freqs <= 1000)
-        self._window = np.hanning(self._win).astype(np.float32)
-        self._lag_lo = int(self.rate * 0.0025)
-        self._lag_hi = int(self.rate * 0.0125)
-        self._prev = np.zeros(n, dtype=np.float32)
+        # --- level test: ``audio.vad.EnergyVad`` (start/hangover are ``turns``' business)
+        self.threshold_db = float(threshold_db)
+        self.snr_db = float(snr_db)
+        self._thr_energy = n * _FS2 * 10 ** (self.threshold_db / 10)
+        self._quiet_energy = n * _FS2 * 10 ** ((self.threshold_db - 10) / 10)
+        self._inv_norm = 1.0 / (n * _FS2)
+        self.noise_floor_db: float | None = None
+        self.level_db = _MIN_DB
+        # --- voicing analysis: a 40 ms Hann window over the last two frames
+        an_rate = min(self.rate, _MAX_AN_RATE)
+        self._dec = self.rate // an_rate
+        self._nfft = nfft = int(round(an_rate / _BIN_HZ))
+        m = n // self._dec
+        self._m = m
+        self._win = 2 * m
+        self._prev = np.zeros(m, dtype=np.float32)   # the previous frame (at the analysis rate)
+        if self._dec > 1:
+            # Anti-alias low-pass (windowed sinc, cut-off 3.6 kHz) before keeping every
+            # ``dec``-th sample; its last taps-1 input samples carry over between frames.
+            taps = 8 * self._dec + 1
+            t = np.arange(taps) - (taps - 1) / 2
+            fc = 0.45 * an_rate / self.rate
+            h = 2 * fc * np.sinc(2 * fc * t) * np.hamming(taps)
+            self._lp = (h / h.sum()).astype(np.float32)
+            self._lp_in = np.zeros(taps - 1 + n, dtype=np.float32)
+        self._seg = np.zeros(self._win, dtype=np.float32)
+        window = np.hanning(self._win).astype(np.float32)
+        self._win_prev, self._win_this = window[:m].copy(), window[m:].copy()
+        bin_hz = an_rate / nfft
+        k_lo, k_hi = int(np.ceil(80 / bin_hz)), int(1000 // bin_hz)
+        # Whitening: each band bin's power over a ~200 Hz moving average around it.
+        half = max(3, int(200 / bin_hz) | 1) // 2
+        self._k_lo, self._k_hi, self._half = k_lo, k_hi, half
+        # Running sums with ``half`` leading zeros: "same"-mode edges count as zero power.
+        self._csum = np.zeros(half + k_hi + half + 2, dtype=np.float64)
+        lag_lo, lag_hi = int(an_rate * 0.0025), int(an_rate * 0.0125)
+        self._lag_lo = lag_lo
+        lags = np.concatenate(([0], np.arange(lag_lo, lag_hi + 1)))
+        ks = np.arange(k_lo, k_hi + 1)
+        # irfft of a real spectrum that is zero outside the band, at these lags only
+        # (its constant factor dropped: only ratios to lag 0 are used).
+        self._cos = np.cos(2 * np.pi * np.outer(lags, ks) / nfft).astype(np.float32)
+        # Unbias for the shrinking overlap of a finite window (row 0 is lag 0).
+        self._unbias = (self._win / (self._win - lags[1:])).astype(np.float32)
+        self._klen = 2 * half + 1
         self._since_voiced = 10_000
         self._lags: deque[int] = deque(maxlen=_STEADY_FRAMES)
-        # Whitening kernel: a ~200 Hz moving average over the power spectrum.
-        k = max(3, int(200 / (self.rate / self._nfft)) | 1)
-        self._kernel = np.ones(k, dtype=np.float32) / k
         self.voicing = 0.0
         # Background level: a low percentile of the last 1.5 s of frame levels,
         # seeded quiet so a call that opens with speech is heard at once.
-        self._levels = np.full(_BG_FRAMES, threshold_db - snr_db, dtype=np.float32)
+        seed = self.threshold_db - self.snr_db
+        self._levels = [seed] * _BG_FRAMES      # ring, in time order
+        self._sorted = [seed] * _BG_FRAMES      # the same values, sorted
         self._li = 0
-        self.background_db = threshold_db - snr_db
+        self.background_db = seed
 
     def _voicing(self, x: np.ndarray) -> tuple[float, int]:
-        seg = np.concatenate((self._prev, x)) * self._window
-        spec = np.fft.rfft(seg, self._nfft)
-        p = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
-        smooth = np.convolve(p, self._kernel, mode="same") + 1e-9
-        w = np.where(self._band, p / smooth, 0.0)
-        ac = np.fft.irfft(w, self._nfft)[: self._lag_hi + 1]
+        seg, m = self._seg, self._m
+        np.multiply(self._prev, self._win_prev, out=seg[:m])
+        np.multiply(x, self._win_this, out=seg[m:])
+        spec = np.fft.rfft(seg, self._nfft)[: self._k_hi + self._half + 1]
+        p = spec.real * spec.real + spec.imag * spec.imag
+        cs = self._csum
+        lo, hi, h = self._k_lo, self._k_hi, self._half
+        np.cumsum(p, out=cs[h + 1:])
+        # sum of p[k-h .. k+h] = cs[h + k + h + 1] - cs[h + k - h]; whitened = power over
+        # that local mean
+        smooth = cs[lo + 2 * h + 1: hi + 2 * h + 2] - cs[lo: hi + 1]
+        smooth /= self._klen
+        smooth += 1e-9
+        ac = self._cos @ (p[lo: hi + 1] / smooth).astype(np.float32)
         if ac[0] <= 0:
             return 0.0, 0
-        # Unbias for the shrinking overlap of a finite window.
-        lags = np.arange(self._lag_lo, self._lag_hi + 1)
-        r = ac[self._lag_lo:] / ac[0] * (self._win / (self._win - lags))
-        i = int(np.argmax(r))
-        return float(r[i]), int(lags[i])
+        r = ac[1:] * self._unbias
+        i = int(r.argmax())
+        return float(r[i] / ac[0]), self._lag_lo + i
+
+    def _background(self, level: float) -> float:
+        old = self._levels[self._li]
+        self._levels[self._li] = level
+        self._li = (self._li + 1) % _BG_FRAMES
+        srt = self._sorted
+        del srt[bisect_left(srt, old)]
+        insort(srt, level)
+        return srt[_BG_RANK]
 
     def speech_prob(self, pcm: bytes) -> float:
         _check_frame(pcm, self._size, self.rate)
-        self._level.process(pcm)
-        lv = self._level
-        self._levels[self._li] = lv.level_db
-        self._li = (self._li + 1) % _BG_FRAMES
-        bg = float(np.partition(self._levels, _BG_RANK)[_BG_RANK])
-        self.background_db = bg
-        floor = lv.noise_floor_db if lv.noise_floor_db is not None else lv.level_db
-        loud = (lv.level_db >= lv.threshold_db and lv.level_db >= floor + lv.snr_db
-                and lv.level_db >= bg + lv.snr_db)
         x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
-        if lv.level_db < lv.threshold_db - 10:
+        energy = float(x @ x)
+        level = 10.0 * math.log10(energy * self._inv_norm) if energy > 0 else _MIN_DB
+        self.level_db = level
+        floor = self.noise_floor_db
+        if floor is None:
+            floor = min(level, self.threshold_db - self.snr_db)
+        if level < floor:
+            floor += (level - floor) * _FLOOR_FALL
+        else:
+            floor += min(level - floor, _FLOOR_RISE_DB)
+        self.noise_floor_db = floor
+        floor_loud = level >= floor + self.snr_db   # against the updated floor, as before
+        bg = self.background_db = self._background(level)
+        if self._dec > 1:
+            li = self._lp_in
+            keep = li.size - x.size
+            li[:keep] = li[x.size:]
+            li[keep:] = x
+            x = np.convolve(li, self._lp, mode="valid")[self._dec - 1::self._dec]
+        if energy < self._quiet_energy:
             # Quiet: no spectral work; the voicing memory decays.
             self._prev = x
             self._since_voiced += 1
             self._lags.clear()
             self.voicing = 0.0
             return 0.0
+        loud = energy >= self._thr_energy and floor_loud and level >= bg + self.snr_db
         v, lag = self._voicing(x)
         self._prev = x
         self.voicing = v

@@ -10,7 +10,8 @@ from fake_openai import FakeOpenAI, Reply
 from piopiy_voice import contracts as c
 from piopiy_voice.speech.llm import LlmConfig
 from piopiy_voice.workers.agent.conversation import INTERRUPTED_MARK, AgentConfig
-from piopiy_voice.workers.agent.llm import LlmAgent, SentenceCutter, reply_stream
+from piopiy_voice.speech.text import SentenceSplitter
+from piopiy_voice.workers.agent.llm import LlmAgent, reply_stream
 from test_workers_agent import GREETING_S, FakeSynth, Sim, run_work
 
 
@@ -36,12 +37,14 @@ def _sim(fake, params=None, **llm):
     return s
 
 
-def test_sentence_cutter_cuts_early_and_keeps_numbers():
-    cut = SentenceCutter()
+def test_reply_sentences_cut_early_and_keep_numbers():
+    # The splitter the reply stream uses (speech.text): a sentence goes to the
+    # synthesiser as soon as it ends; "9.30" is not an end.
+    cut = SentenceSplitter()
     assert cut.push("We open at 9.30 every") == []
     assert cut.push(" day. Call") == ["We open at 9.30 every day."]
-    assert cut.push(" us! Ok") == []  # "Call us!" is too short to speak alone
-    assert cut.flush() == ["Call us! Ok"]
+    assert cut.push(" us! Ok") == ["Call us!"]
+    assert cut.flush() == ["Ok"]
 
 
 def test_reply_streams_sentence_by_sentence_first_audio_before_the_end(fake):
@@ -106,8 +109,12 @@ def test_hang_up_tool_hangs_up_after_the_goodbye_played(fake):
     fake.default = Reply(text="Thanks for calling, goodbye.", tool_calls=[{"name": "hang_up"}])
     s = _sim(fake)
     s.turn("that is everything")
-    assert s.kinds()[1:] == ["cmd.play_audio:say"] and s.agent.mode == "ending"
-    s.event(c.Playout(call_id="call-1", utterance_id=s.log[-1][1].utterance_id, state="finished"))
+    # The first clause goes out on its own (early first audio): two utterances.
+    assert s.texts()[1:] == ["Thanks for calling,", "goodbye."] and s.agent.mode == "ending"
+    first, last = (cmd.utterance_id for kind, cmd in s.log[-2:])
+    s.event(c.Playout(call_id="call-1", utterance_id=first, state="finished"))
+    assert "cmd.hangup" not in s.kinds()  # not over its own goodbye
+    s.event(c.Playout(call_id="call-1", utterance_id=last, state="finished"))
     assert s.kinds()[-1] == "cmd.hangup"
 
 

@@ -13,6 +13,7 @@ import pytest
 from starlette.routing import Route, WebSocketRoute
 
 from piopiy_voice import contracts as c
+from piopiy_voice import keys
 from piopiy_voice.api import auth, calls, control, inbound, listen
 from piopiy_voice.api.app import create_app
 from piopiy_voice.api.config import ApiSettings
@@ -28,13 +29,13 @@ SECRET = "unit-test-secret-0123"
 def test_key_is_stored_hashed_and_revocable():
     r = fakeredis.FakeRedis()
     key_id, key = auth.create_key(r, "read,listen", "alice")
-    stored = r.hgetall(auth.API_KEYS_HASH)
+    stored = r.hgetall(keys.API_KEYS_HASH)
     assert list(stored) == [auth.hash_key(key).encode()]
     assert key.encode() not in b"".join(stored.values())
     assert [k["id"] for k in auth.list_keys(r)] == [key_id]
     assert auth.list_keys(r)[0]["scopes"] == ["listen", "read"]
     assert auth.revoke_key(r, key_id) and not auth.revoke_key(r, key_id)
-    assert r.hlen(auth.API_KEYS_HASH) == 0
+    assert r.hlen(keys.API_KEYS_HASH) == 0
 
 
 @pytest.mark.parametrize("scopes", ["", "read,admin", "  ,"])

@@ -65,11 +65,32 @@ def test_streaming_matches_one_shot_for_any_chunking(src, dst):
     assert np.array_equal(streamed[: whole.size], whole)
 
 
+def test_file_and_synthesiser_rates_convert_with_their_level():
+    """44.1 and 22.05 kHz sources (WAV files, espeak) reach every voice rate with a
+    1 kHz tone intact: same level, same frequency."""
+    import numpy as np
+    for src in (22050, 44100, 48000):
+        n = src // 2
+        t = np.arange(n) / src
+        x = (8000 * np.sin(2 * np.pi * 1000 * t)).astype("<i2").tobytes()
+        for dst in (8000, 16000, 32000):
+            y = np.frombuffer(resample(x, src, dst), "<i2").astype(float)
+            assert len(y) == n * dst // src
+            mid = y[len(y) // 4: 3 * len(y) // 4]
+            rms = np.sqrt(np.mean(mid ** 2))
+            assert abs(rms - 8000 / np.sqrt(2)) < 0.02 * 8000
+            spec = np.abs(np.fft.rfft(mid))
+            assert abs(np.argmax(spec) * dst / len(mid) - 1000) < 5
+
+
 def test_same_rate_is_identity_and_bad_input_named():
     x = tone(440, 100, 16000)
     assert resample(x, 16000, 16000) == x
-    with pytest.raises(ValueError, match="src_rate"):
-        resample(x, 44100, 8000)
+    # A whole buffer may come from any file or synthesiser rate (test above),
+    # not from a nonsense one.
+    for bad in (0, 3999, 192001, 22050.5, True):
+        with pytest.raises(ValueError, match="src_rate"):
+            resample(x, bad, 8000)
     with pytest.raises(ValueError, match="dst_rate"):
         Resampler(8000, 22050)
     with pytest.raises(ValueError, match="pcm"):

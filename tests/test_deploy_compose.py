@@ -33,7 +33,8 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PROFILES = ("sandbox", "metrics")
 #: Variables compose itself reads (image tag, published host ports); never
 #: passed to a process. Documented in .env.example's "compose only" block.
-COMPOSE_ONLY = {"PIOPIY_VOICE_IMAGE", "GATEWAY_HOST_PORT", "SANDBOX_HOST_PORT", "PROMETHEUS_HOST_PORT"}
+COMPOSE_ONLY = {"PIOPIY_VOICE_IMAGE", "GATEWAY_HOST_PORT", "SANDBOX_HOST_PORT", "PROMETHEUS_HOST_PORT",
+                "API_HOST_PORT"}
 #: Services that do not run piopiy-voice, and the image each must use.
 THIRD_PARTY = {"redis": "redis:7.2", "prometheus": "prom/prometheus:"}
 
@@ -96,10 +97,11 @@ def test_validator_rejects_a_broken_file(validator, tmp_path):
 
 
 def test_services_present(compose):
-    assert set(compose.services) == {"redis", "gateway", "worker", "dialer", "sandbox", "prometheus"}
+    assert set(compose.services) == {"redis", "gateway", "worker", "transcriber", "api", "dialer",
+                                     "sandbox", "prometheus"}
     assert compose.service("sandbox").get("profiles") == ["sandbox"]
     assert compose.service("prometheus").get("profiles") == ["metrics"]
-    for name in ("redis", "gateway", "worker", "dialer"):
+    for name in ("redis", "gateway", "worker", "transcriber", "api", "dialer"):
         assert not compose.service(name).get("profiles"), f"{name} must run by default"
 
 
@@ -156,7 +158,7 @@ def test_command_is_a_real_entry_point(compose, service):
 
 
 def test_every_role_service_is_covered(compose):
-    assert sorted(role_services(compose)) == ["dialer", "gateway", "sandbox", "worker"]
+    assert sorted(role_services(compose)) == ["api", "dialer", "gateway", "sandbox", "transcriber", "worker"]
 
 
 def test_env_names_are_settings(compose):
@@ -340,8 +342,8 @@ def test_volumes_of_role_services_are_writable_by_the_image_user(compose):
 #: Settings the deployment fixes by layout (listen address, port, report
 #: dir) or must leave to each replica's default (ids).
 FIXED_BY_LAYOUT = {"PV_GATEWAY_HOST", "PV_GATEWAY_PORT", "PV_SANDBOX_HOST", "PV_SANDBOX_PORT",
-                   "PV_SANDBOX_REPORT_DIR"}
-PER_REPLICA = {"PV_GATEWAY_ID", "PV_WORKER_ID"}
+                   "PV_SANDBOX_REPORT_DIR", "PV_API_HOST", "PV_API_PORT"}
+PER_REPLICA = {"PV_GATEWAY_ID", "PV_WORKER_ID", "PV_TRANSCRIBER_ID"}
 
 
 def test_every_setting_is_deployable(compose):

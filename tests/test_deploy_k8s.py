@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 from piopiy_voice.compose import ComposeFile
 
-ROLES = ("gateway", "worker", "dialer")
+ROLES = ("gateway", "worker", "transcriber", "api", "dialer")
 SECRET = "piopiy-voice-secrets"
 CONFIGMAP = "piopiy-voice-config"
 

@@ -1,11 +1,13 @@
-"""End to end: sandbox (platform) -> gateway -> Redis -> worker -> gateway -> sandbox,
-with the call placed by the dialer through RestClient. Every role is a real
-process (sandbox.demo.LocalSystem), Redis is the test server.
+"""End to end: sandbox (platform) -> gateway -> Redis -> worker + transcriber ->
+gateway -> sandbox, with the call placed by the dialer through RestClient. Every
+role is a real process (sandbox.demo.LocalSystem), Redis is the test server.
 
-What is asserted is what a user would check by hand: the exact commands the
-agent issued and the platform received, the call's states in Redis, the audio
-the workers got (no frame lost, a gap exactly where the stream was paused, no
-card digits), and that nothing is left behind when a call or the system ends.
+What is asserted is what a user would check by hand: the conversation in words
+(what the agent heard, from the transcripts; what it said, from the commands the
+gateway applied), the barge-in and the hand-off the platform received, the
+call's states in Redis, the audio the workers got (no frame lost, a gap exactly
+where the stream was paused, no card digits), and that nothing is left behind
+when a call or the system ends.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from piopiy_voice.sandbox.demo import LocalSystem, check_flow
+from piopiy_voice.sandbox.demo import ROLES, LocalSystem, check_flow
+from piopiy_voice.sandbox.expect import check_expectations, contains
+from piopiy_voice.sandbox.scenario import load_scenario
 from piopiy_voice import keys
 from piopiy_voice.audio import DtmfDetector
-from piopiy_voice.contracts import AudioFrame, decode
+from piopiy_voice.contracts import AudioFrame, Playout, decode
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -81,27 +85,57 @@ def write_scenario(path: Path, steps: list[dict], **extra) -> str:
     return str(path)
 
 
-def test_demo_call_commands_states_and_audio(system):
+def stream_messages(system: LocalSystem, call_id: str, kind: type) -> list:
+    want = kind.model_fields["type"].default.encode()
+    return [decode(f) for _, f in system.r.xrange(keys.call_stream(call_id)) if f.get(b"type") == want]
+
+
+def test_demo_is_a_real_conversation(system):
     call_id = system.enqueue(scenario="demo")
     record = system.wait_ended(call_id, CALL_TIMEOUT_S)
     report = system.sandbox_report(record["request_id"])
+    words = system.words(call_id)
 
     assert check_flow(report, record) == []
-    # What the agent decided, in order (from the call's timeline in Redis).
-    issued = [e["command"] for e in timeline_events(system, call_id) if e["event"] == "worker.command"]
-    assert issued == [
-        "cmd.play_audio",  # greeting
-        "cmd.play_audio",  # answer to the caller's question
-        "cmd.interrupt",  # the caller barged in
-        "cmd.play_audio",  # answer after the barge-in
-        "cmd.play_audio",  # hold notice after the hand-off key
-        "cmd.play_music",  # music on hold while the human's phone rings
-        "cmd.transfer",  # bridge to the human, stream kept
-    ]
-    # What the platform received, in order (audio aside), and nothing malformed.
+    # The scenario's own expectations: what the agent heard and said, in words.
+    result = check_expectations(load_scenario("demo").expect, words)
+    assert result.ok, (result.missing, words.lines)
+    # It heard the question and the request for a person (final transcripts, channel caller).
+    assert contains(words.caller, "opening hours") and contains(words.caller, "real person")
+    # What the gateway applied, in order, with what the agent said.
+    spoken = [(e["event"], e.get("text", "")) for e in timeline_events(system, call_id)
+              if e["event"].startswith("command.")]
+    events = [name for name, _ in spoken]
+    greeting = spoken[0]
+    assert greeting[0] == "command.play_audio" and "How can I help you" in greeting[1]
+    answer = next(i for i, (name, text) in enumerate(spoken)
+                  if name == "command.play_audio" and "open Monday to Friday" in text)
+    interrupt = events.index("command.interrupt")
+    transfer = events.index("command.transfer")
+    assert 0 < answer < interrupt < transfer, spoken  # answered in speech, then cut off
+    assert spoken[transfer - 2] == ("command.play_audio", "Please hold while I connect you to a person.")
+    assert events[transfer - 1] == "command.play_music"
+    assert events.count("command.transfer") == 1 and events[-1] == "command.transfer", spoken
+    # Interrupted while the answer was playing: the gateway's playout report of that
+    # utterance says it was cut part-way, and the platform got the break.
+    cut = [p for p in stream_messages(system, call_id, Playout) if p.state == "interrupted"]
+    assert len(cut) == 1 and 0 < cut[0].played_ms < cut[0].total_ms and cut[0].total_ms > 3000, cut
     assert control_sequence(report) == ["break", "pcmo:play", "pcmo:bridge"]
+    assert any(e["event"] == "playback_cut" for e in report["events"])
+    break_at = next(e["t_ms"] for e in received_messages(report) if e.get("action") == "break")
+    barge_in = [e for e in report["events"] if e["src"] == "caller" and e["event"] == "say_start"][1]
+    assert 0 <= break_at - barge_in["t_ms"] < 1000, (barge_in, break_at)
+    # Handed off by words, not by key: the caller never pressed one.
+    assert not [e for e in report["events"] if e["src"] == "caller" and e["event"] == "dtmf"]
     assert received_messages(report)[0].get("kind") not in ("control", "pcmo")  # greeting audio first
     assert report["malformed"] == []
+    # Monitoring after the bridge: the stream stayed up and the conversation was transcribed.
+    bridge_at = next(e["t_ms"] for e in received_messages(report) if "bridge" in e.get("actions", []))
+    assert report["stream"]["runs"][-1]["end_ms"] > bridge_at + 3000
+    assert len(words.conversation) >= 2, words.lines
+    transferred = next(ln.t for ln in words.lines if ln.who == "agent" and "Please hold" in ln.text)
+    assert all(ln.t > transferred for ln in words.lines if ln.who == "conversation")
+    assert all(ln.t < transferred + 1 for ln in words.lines if ln.who == "caller")
     # The call's life in Redis.
     states = [e["event"] for e in timeline_events(system, call_id) if e["event"].startswith("state.")]
     assert states == ["state.queued", "state.dialing", "state.placed", "state.live", "state.ended"]
@@ -110,9 +144,6 @@ def test_demo_call_commands_states_and_audio(system):
     frames = audio_entries(system, call_id)
     assert len(frames) == report["stream"]["frames_sent"]
     assert [f.seq for _, f in frames] == sorted(f.seq for _, f in frames)
-    # After the bridge the stream kept running (monitoring): frames keep arriving.
-    bridge_at = next(e["t_ms"] for e in received_messages(report) if "bridge" in e.get("actions", []))
-    assert report["stream"]["runs"][-1]["end_ms"] > bridge_at + 3000
 
 
 def test_seed_example_runs_unchanged_against_the_sandbox(system):
@@ -191,10 +222,12 @@ def test_caller_hanging_up_mid_utterance_leaves_nothing_behind(redis_url, tmp_pa
         report = s.sandbox_report(record["request_id"])
         assert report["end_reason"] == "caller_hangup"
         assert record["state"] == "ended" and record["end_reason"] == "platform_closed"
-        # The worker let go: no lease, nothing pending in the workers' group.
+        # The worker and the transcriber let go: no lease, nothing pending in their groups.
         def released():
             return (not s.r.exists(keys.call_lease(call_id))
-                    and s.r.xpending(keys.CALLS_STREAM, keys.WORKERS_GROUP)["pending"] == 0)
+                    and not s.r.exists(keys.call_asr_lease(call_id))
+                    and s.r.xpending(keys.CALLS_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+                    and s.r.xpending(keys.CALLS_STREAM, keys.TRANSCRIBERS_GROUP)["pending"] == 0)
         deadline = time.monotonic() + 10
         while not released() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -204,5 +237,5 @@ def test_caller_hanging_up_mid_utterance_leaves_nothing_behind(redis_url, tmp_pa
             assert s.r.ttl(key) > 0, key
         pgids = [role.proc.pid for role in s.roles]
         codes = s.stop()
-    assert codes == {"dialer": 0, "worker": 0, "gateway": 0, "sandbox": 0}
+    assert codes == {role: 0 for role in ROLES}
     assert not any(_group_alive(pgid) for pgid in pgids)

@@ -44,7 +44,7 @@ def test_up_prints_exports_serves_a_call_and_stops_on_sigint(tmp_path):
         out = "".join(lines)
         assert lines and lines[-1].startswith("export "), out
         pids = [int(p) for p in re.findall(r"ready \(pid (\d+)", out)]
-        assert len(pids) == 4, out
+        assert len(pids) == 5, out  # sandbox, gateway, worker, transcriber, dialer
         exported = dict(item.split("=", 1) for item in shlex.split(lines[-1])[1:])
         assert {"REDIS_URL", "PIOPIY_BASE_URL", "PV_DIAL_QUEUE"} <= set(exported)
         redis_port = int(exported["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])

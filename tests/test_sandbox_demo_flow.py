@@ -1,6 +1,9 @@
 """The bundled demo scenario against a tiny reactive agent (a WebSocket stub that
-hears with a VAD and a DTMF detector, as the real system does): greeting, question,
-barge-in with break, handoff key, bridge with the stream kept up, caller hangs up.
+hears with a VAD, as the real system does, and counts the caller's turns instead
+of understanding them): greeting, question, barge-in with break, the third turn
+(the request for a person) handed off with a bridge, the stream kept up while
+the caller and the human talk, caller hangs up. The words themselves are the
+end-to-end test's business (tests/test_e2e_system.py, with the transcriber).
 Also: ``piopiy-voice sandbox`` as a process."""
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from websockets.asyncio.server import serve
 
 from piopiy_voice.sandbox.platform import PlatformOptions
 from piopiy_voice.sandbox.server import Sandbox
-from piopiy_voice.audio import DtmfDetector, EnergyVad, rms_dbfs, speech_like
+from piopiy_voice.audio import EnergyVad, rms_dbfs, speech_like
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +39,7 @@ class ReactiveAgent:
         self.closed = asyncio.Event()
 
     async def handler(self, ws) -> None:
-        vad, dtmf = EnergyVad(8000), DtmfDetector(8000)
+        vad = EnergyVad(8000)
         loop = asyncio.get_running_loop()
         talking_until = 0.0
         replies = 0
@@ -50,19 +53,19 @@ class ReactiveAgent:
                     await ws.send(say(speech_like(1500, seed=40)))
                     talking_until = now + 1.5
                     self.log.append((now, "greeting"))
-                keys = dtmf.process(msg)
-                if "0" in keys:
-                    self.log.append((now, "dtmf0"))
-                    await ws.send(say(speech_like(800, seed=41)))
-                    await ws.send(json.dumps([{"action": "bridge", "from": 14155550123,
-                                               "connect": [{"type": "pstn", "number": 919000000001}]}]))
-                    replies = 99
-                    continue
                 edge = vad.process(msg)
+                if replies >= 99:
+                    continue  # handed off: only listening
                 if edge == "speech_start" and now < talking_until:
                     await ws.send(json.dumps({"action": "break"}))
                     talking_until = now
                     self.log.append((now, "break"))
+                elif edge == "speech_end" and replies == 2:  # "can I talk to a real person"
+                    self.log.append((now, "handoff"))
+                    await ws.send(say(speech_like(800, seed=41)))
+                    await ws.send(json.dumps([{"action": "bridge", "from": 14155550123,
+                                               "connect": [{"type": "pstn", "number": 919000000001}]}]))
+                    replies = 99
                 elif edge == "speech_end" and replies < 2:
                     ms = 3000 if replies == 0 else 800
                     await ws.send(say(speech_like(ms, seed=42 + replies)))
@@ -91,20 +94,21 @@ def test_demo_scenario_end_to_end_against_a_reactive_agent(tmp_path):
 
     rep = asyncio.run(main())
     said = [name for _, name in agent.log]
-    assert said == ["greeting", "reply1", "break", "reply2", "dtmf0"], said
+    assert said == ["greeting", "reply1", "break", "reply2", "handoff"], said
     assert rep["end_reason"] == "caller_hangup", rep["end_reason"]
     ev = [(e["src"], e["event"]) for e in rep["events"]]
-    order = [("caller", "say_start"), ("platform", "playback_cut"), ("caller", "dtmf"),
-             ("human", "human_answered"), ("caller", "hangup"), ("platform", "call_ended")]
+    order = [("caller", "say_start"), ("platform", "playback_cut"), ("human", "human_answered"),
+             ("human", "human_say_start"), ("caller", "hangup"), ("platform", "call_ended")]
     positions = [ev.index(x) for x in order]
     assert positions == sorted(positions), ev
     # The stream stayed up through the bridge until the caller hung up.
     s = rep["stream"]
     assert s["closed_by"] == "platform" and len(s["runs"]) == 1 and s["frames_sent"] == len(agent.frames)
-    answered = next(e for e in rep["events"] if e["event"] == "human_answered")["t_ms"]
-    tick = int((answered - rep["audio_origin_ms"]) / 20) - s["runs"][0]["first_tick"]
-    after = [f for _, f in agent.frames[tick + 5:tick + 95]]
+    human_says = next(e for e in rep["events"] if e["event"] == "human_say_start")
+    tick = int((human_says["t_ms"] - rep["audio_origin_ms"]) / 20) - s["runs"][0]["first_tick"]
+    after = [f for _, f in agent.frames[tick + 5:tick + human_says["ms"] // 20]]
     assert max(rms_dbfs(f) for f in after) > -30  # the human's voice reached the agent
+    assert not [e for e in rep["events"] if e["event"] in ("step_error", "human_step_error")]
     for path in rep["recordings"].values():
         assert os.path.getsize(path) > 44
 

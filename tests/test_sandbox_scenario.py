@@ -34,8 +34,9 @@ def test_bundled_scenarios_load_and_demo_has_the_story():
     assert {"demo", "listen", "hangup_mid_utterance"} <= set(bundled_names())
     demo = load_scenario("demo")
     kinds = [next(iter(s.model_dump(exclude_defaults=True))) for s in demo.steps]
-    assert kinds[0] == "wait_for" and "dtmf" in kinds and kinds[-1] == "hangup"
-    assert any(getattr(s, "dtmf", None) == "0" for s in demo.steps)
+    assert kinds[0] == "wait_for" and "say" in kinds and kinds[-1] == "hangup"
+    # The hand-off is asked for in words now, not with the key.
+    assert any("real person" in (getattr(getattr(s, "say", None), "text", None) or "") for s in demo.steps)
 
 
 @pytest.mark.parametrize("doc,field", [

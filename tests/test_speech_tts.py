@@ -41,8 +41,10 @@ def test_espeak_is_serialised_and_runs_off_the_loop():
                 ticks += 1
 
         t = asyncio.create_task(ticker())
-        a, b = await asyncio.gather(synth.synthesize("The first sentence is here.", 8000),
-                                    synth.synthesize("The second one comes after it.", 8000))
+        # Long enough that synthesis takes well over the ticker's period.
+        a, b = await asyncio.gather(
+            synth.synthesize("The first sentence is here. " * 6, 8000),
+            synth.synthesize("The second one comes after it, and it goes on. " * 6, 8000))
         t.cancel()
         return a, b, ticks
 

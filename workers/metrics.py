@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import bisect
 import json
-import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from piopiy_voice.observability import (
     CONTENT_TYPE,
@@ -38,6 +37,7 @@ from piopiy_voice.observability import (
     counter_families,
     gauge_family,
     histogram_family,
+    serve_http,
 )
 
 LAG_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -166,31 +166,7 @@ def serve(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer:
     """Serve ``/metrics``, ``/healthz`` and ``/lag`` (exact recent lag quantiles as JSON,
     ``?reset=1`` to start a new window) in a daemon thread; returns the server (``.server_port``)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            path, _, query = self.path.partition("?")
-            code = 200
-            if path == "/metrics":
-                body, ctype = metrics.render().encode(), metrics.content_type
-            elif path == "/healthz":
-                ok, why = metrics.healthy()
-                code, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain; charset=utf-8"
-            elif path == "/lag":
-                body = json.dumps(metrics.recent_lag(reset="reset=1" in query)).encode()
-                ctype = "application/json"
-            else:
-                self.send_error(404)
-                return
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def lag(query: str) -> tuple[bytes, str]:
+        return json.dumps(metrics.recent_lag(reset="reset=1" in query)).encode(), "application/json"
 
-        def log_message(self, *args) -> None:  # keep scrapes out of the log
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server
+    return serve_http(lambda: metrics.render().encode(), metrics.healthy, host, port, {"/lag": lag})

@@ -545,14 +545,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from piopiy_voice.observability import setup_logging  # noqa: PLC0415 (main only)
+
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.webhook:
         overrides["agent_webhook_url"] = args.webhook
     try:
         settings = Settings.from_env(**overrides)
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        setup_logging("worker", level=settings.log_level, fmt=settings.log_format,
+                      instance=args.worker_id or settings.worker_id)
         if args.lease_ms is not None and args.lease_ms <= 100:
             raise ValueError(f"--lease-ms must be > 100, got {args.lease_ms}")
         if args.webhook and not args.webhook.startswith(("http://", "https://")):

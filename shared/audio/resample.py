@@ -72,8 +72,22 @@ class Resampler:
         return _to_pcm(self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
 
 
+#: Rates a whole buffer may come from (files, synthesisers: 22050, 44100, 48000...).
+SOURCE_RATE_RANGE = (4000, 192000)
+
+
+def check_source_rate(rate: int, name: str = "src_rate") -> int:
+    """A voice rate, or any whole rate in ``SOURCE_RATE_RANGE`` (a WAV file's,
+    a synthesiser's): what ``resample`` accepts on its input side."""
+    lo, hi = SOURCE_RATE_RANGE
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not lo <= int(rate) <= hi:
+        raise ValueError(f"{name} must be a whole number of Hz in [{lo}, {hi}], got {rate!r}")
+    return int(rate)
+
+
 def resample(pcm: bytes, src_rate: int, dst_rate: int) -> bytes:
-    """Convert a whole PCM buffer from ``src_rate`` to ``dst_rate`` (8000/16000/32000).
+    """Convert a whole PCM buffer from ``src_rate`` (a voice rate, or any rate of a
+    file or synthesiser, see ``check_source_rate``) to ``dst_rate`` (8000/16000/32000).
 
     The output is time-aligned with the input and has
     ``floor(samples * dst_rate / src_rate)`` samples. Each call starts from
@@ -81,7 +95,7 @@ def resample(pcm: bytes, src_rate: int, dst_rate: int) -> bytes:
     the boundaries, use ``Resampler``.
     """
     check_pcm(pcm)
-    src = check_rate(src_rate, "src_rate")
+    src = check_source_rate(src_rate, "src_rate")
     dst = check_rate(dst_rate, "dst_rate")
     if src == dst:
         return bytes(pcm)

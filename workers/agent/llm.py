@@ -34,6 +34,7 @@ import json
 from typing import Any
 
 from piopiy_voice import contracts as c
+from piopiy_voice.speech.text import SentenceSplitter
 from piopiy_voice.speech.llm import ChatClient, LlmConfig, LlmError
 
 from .conversation import ConversationAgent
@@ -79,40 +80,13 @@ def chat_client(cfg: LlmConfig) -> ChatClient:
     return _clients[key]
 
 
-class SentenceCutter:
-    """Tokens in, speakable sentences out as soon as each is complete.
-
-    A sentence ends at ``.``, ``!``, ``?`` or ``;`` followed by a space (so
-    "3.5" and "e.g." mid-token do not cut), once it has at least ``min_chars``
-    characters (very short fragments sound choppy synthesized alone)."""
-
-    def __init__(self, min_chars: int = 12) -> None:
-        self.buf = ""
-        self.min_chars = min_chars
-
-    def push(self, text: str) -> list[str]:
-        self.buf += text
-        out = []
-        start = 0
-        for i in range(len(self.buf) - 1):
-            if self.buf[i] in ".!?;" and self.buf[i + 1].isspace() and i + 1 - start >= self.min_chars:
-                out.append(self.buf[start:i + 1].strip())
-                start = i + 1
-        self.buf = self.buf[start:]
-        return [s for s in out if s]
-
-    def flush(self) -> list[str]:
-        rest, self.buf = self.buf.strip(), ""
-        return [rest] if rest else []
-
-
 async def reply_stream(client: ChatClient, cfg: LlmConfig, messages: list[dict[str, Any]],
                        synth: Any, rate: int):
     """Work: the model's reply as spoken sentences and tool calls (module docstring)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def read() -> None:
-        cutter = SentenceCutter()
+        cutter = SentenceSplitter()
         try:
             async for delta in client.stream(messages, TOOLS, cfg):
                 for sentence in cutter.push(delta.text):

@@ -307,7 +307,34 @@ def call_status(conn, call_id: str) -> dict[str, Any] | None:
             job = {"id": j.id, "status": getattr(status, "value", status), "origin": j.origin}
         except NoSuchJobError:
             job = {"id": meta["job_id"], "status": "expired"}
-    return {"call_id": call_id, "record": meta, "timeline": timeline, "job": job}
+    return {"call_id": call_id, "record": meta, "timeline": timeline, "job": job,
+            "transcript": call_transcript(conn, call_id)}
+
+
+def call_transcript(conn, call_id: str, batch: int = 500) -> list[dict[str, Any]]:
+    """The final ``Transcript`` entries of the call's stream, oldest first: time
+    (entry id's ms), channel, segment, call-audio ms, text. Partials are left out."""
+    from piopiy_voice.contracts import Transcript, decode  # noqa: PLC0415
+
+    out: list[dict[str, Any]] = []
+    start = "-"
+    while True:  # bounded: the stream is capped (keys.CALL_STREAM_MAXLEN)
+        entries = conn.xrange(keys.call_stream(call_id), start, "+", count=batch)
+        for eid, fields in entries:
+            if fields.get(b"type") != b"transcript":
+                continue
+            try:
+                t = decode(fields)
+            except Exception:  # noqa: BLE001 (a bad entry is the worker's to dead-letter)
+                continue
+            if isinstance(t, Transcript) and t.final:
+                eid = eid.decode() if isinstance(eid, bytes) else eid
+                out.append({"t": int(eid.split("-")[0]) / 1000, "channel": t.channel, "segment": t.segment,
+                            "start_ms": t.start_ms, "end_ms": t.end_ms, "text": t.text})
+        if len(entries) < batch:
+            return out
+        last = entries[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else last)
 
 
 @_config_errors_exit_2("status")
@@ -334,4 +361,8 @@ def status_main(argv: list[str]) -> int:
         event = entry.pop("event", "?")
         detail = " ".join(f"{k}={v}" for k, v in entry.items())
         print(f"  {t}  {event:<16} {detail}")
+    if status["transcript"]:
+        print("transcript:")
+        for line in status["transcript"]:
+            print(f"  {_fmt_t(str(line['t']))}  {line['channel']:<12} {line['text']}")
     return 0
