@@ -11,9 +11,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from examples.seed_example import build_pcmo, main
 from piopiy_voice.signing import verify_stream_path
+from examples_support import load_example
 from test_rest import OK, FakePlatform
+
+build_pcmo = load_example("seed_example").build_pcmo
+main = load_example("seed_example").main
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "seed-test-secret-0123"

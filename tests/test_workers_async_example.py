@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-from pathlib import Path
 
 import pytest
 
+from examples_support import load_example
 from piopiy_voice import contracts as c
 from piopiy_voice.settings import Settings
 from piopiy_voice.workers.agent.base import Cancel, Work
 from piopiy_voice.workers.runtime import run_now
 
-_spec = importlib.util.spec_from_file_location(
-    "async_agent", Path(__file__).resolve().parent.parent / "examples" / "async_agent.py")
-async_agent = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(async_agent)
+async_agent = load_example("async_agent")
 LookupAgent = async_agent.LookupAgent
 
 CALL = c.CallStarted(call_id="call-1", gateway_id="gw")
