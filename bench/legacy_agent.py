@@ -10,6 +10,9 @@ the ``DefaultAgent`` with that VAD, its own ``rms_dbfs`` level per frame, the
 timers run on every frame and the list-building ``next_wakeup``.
 
     .venv/bin/python bench/worker_bench.py --compare bench.legacy_agent:BeforeAgent
+
+``LevelOnlyAgent`` is the reference floor: the agent with the level-only
+decision of the first ``DefaultAgent`` (no voicing).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from piopiy_voice.audio.pcm import frame_bytes
 from piopiy_voice.audio.vad import EnergyVad
-from piopiy_voice.speech.vad import _check_frame, _check_rate
+from piopiy_voice.speech.vad import _check_frame, _check_rate, level_only_prob
 from piopiy_voice.workers.agent.default import DefaultAgent
 
 _BG_FRAMES = 75         # 1.5 s of levels for the background estimate
@@ -144,3 +147,23 @@ class BeforeAgent(DefaultAgent):
         times = [silent_from + self.settings.silence_timeout_s, self.started_at + self.settings.max_call_s,
                  self.pause_at, self.reply_deadline, self.turn_deadline]
         return min(t for t in times if t is not None)
+
+
+class _LevelOnlyVad:
+    """The first DefaultAgent's decision: ``audio.vad.EnergyVad``'s level test alone."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._vad = EnergyVad(rate, start_ms=0, hangover_ms=0)
+
+    def speech_prob(self, pcm: bytes) -> float:
+        return level_only_prob(self._vad, pcm)
+
+
+class LevelOnlyAgent(DefaultAgent):
+    """Reference floor: today's agent with the level-only VAD of the first
+    DefaultAgent (no voicing; it calls music and babble speech)."""
+
+    def __init__(self, call, settings):
+        super().__init__(call, settings)
+        self.ears.vad = _LevelOnlyVad(call.rate)

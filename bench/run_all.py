@@ -11,15 +11,24 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HARNESSES = ["audio_bench.py", "worker_bench.py", "gateway_bench.py"]
+#: (script, arguments): each a few minutes at most (see BENCHMARKS.md for longer runs).
+HARNESSES = [
+    ("audio_bench.py", []),
+    ("vad_bench.py", ["--engines", "energy-level,energy"]),
+    ("worker_bench.py", ["--compare", "bench.legacy_agent:BeforeAgent"]),
+    ("gateway_bench.py", []),
+    ("bargein_bench.py", ["--calls", "100", "--seconds", "30"]),
+    ("voice_bench.py", ["latency", "--calls", "25"]),
+    ("voice_bench.py", ["intents"]),
+]
 
 
 def main() -> int:
     failed = []
-    for name in HARNESSES:
-        print(f"\n=== {name} ===", flush=True)
-        if subprocess.run([sys.executable, str(HERE / name)], cwd=HERE.parent).returncode != 0:
-            failed.append(name)
+    for name, argv in HARNESSES:
+        print(f"\n=== {name} {' '.join(argv)} ===", flush=True)
+        if subprocess.run([sys.executable, str(HERE / name), *argv], cwd=HERE.parent).returncode != 0:
+            failed.append(f"{name} {' '.join(argv)}".strip())
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -15,6 +15,8 @@ frame (from /proc). Prints one summary; exits 1 if p99 >= 100 ms.
 ``bench.legacy_agent:BeforeAgent``: the per-frame path before the cost work)
 on its own private redis-server at the same time, fed the same frames in the
 same feeder turn: both see the same machine, so their CPU per frame compare.
+``--agent-only`` measures the agent classes alone in this process (no Redis,
+no worker loop): the agent's own share of the per-frame cost.
 """
 
 from __future__ import annotations
@@ -54,6 +56,39 @@ def _cpu_s(pid: int) -> float:
 def _lag(port: int, reset: bool = False) -> dict:
     url = f"http://127.0.0.1:{port}/lag" + ("?reset=1" if reset else "")
     return json.loads(urllib.request.urlopen(url, timeout=5).read())
+
+
+def agent_cost(specs: list[str], calls: int, rate: int, frames: int = 600) -> dict[str, float]:
+    """CPU per frame of each agent class alone (no Redis, no worker): ``calls``
+    agents fed the bench's caller script in turn, ``frames`` frames each,
+    ``process_time``; the classes alternate twice so both see the same machine."""
+    from piopiy_voice.settings import Settings
+    from piopiy_voice.workers.agent.base import load_agent_class
+
+    settings = Settings.from_env({**os.environ, "PV_SILENCE_TIMEOUT_S": "30"})
+    scripts = [_script(i, rate) for i in range(calls)]
+    events = [[c.AudioFrame(call_id=f"cost-{i}", seq=t + 2, pcm=scripts[i][t % len(scripts[i])])
+               for t in range(frames)] for i in range(calls)]
+    classes = {}
+    for spec in specs:
+        classes[spec] = load_agent_class(spec)  # as the worker does (finds bench.* from the repo root)
+    best: dict[str, float] = {}
+    for _ in range(2):
+        for spec, cls in classes.items():
+            agents = []
+            for i in range(calls):
+                call = c.CallStarted(call_id=f"cost-{i}", seq=1, gateway_id="g", rate=rate)
+                agent = cls(call, settings)
+                agent.on_event(call, 0.0)
+                agents.append(agent)
+            t0 = time.process_time()
+            for t in range(frames):
+                now = 0.02 * (t + 1)
+                for i, agent in enumerate(agents):
+                    agent.on_event(events[i][t], now)
+            us = (time.process_time() - t0) / (frames * calls) * 1e6
+            best[spec] = min(us, best.get(spec, us))
+    return best
 
 
 class Target:
@@ -110,7 +145,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="run a second worker with this agent class at the same time, on its own "
                          "redis-server, fed the same frames (e.g. bench.legacy_agent:BeforeAgent)")
     ap.add_argument("--profile", metavar="FILE", help="run the worker under cProfile, stats to FILE")
+    ap.add_argument("--agent-only", action="store_true",
+                    help="no Redis, no worker: CPU per frame of the agent (and --compare) alone")
     args = ap.parse_args(argv)
+
+    if args.agent_only:
+        specs = [args.agent or "piopiy_voice.workers.agent.default:DefaultAgent"]
+        specs += [args.compare] if args.compare else []
+        cost = agent_cost(specs, min(args.calls, 20), args.rate)
+        print(f"agent alone, {min(args.calls, 20)} calls x 600 frames @ {args.rate} Hz, the caller "
+              f"script above (best of 2, process_time; load average {os.getloadavg()[0]:.2f}):")
+        for spec, us in cost.items():
+            print(f"  {spec}: {us:.1f} us per frame")
+        if len(cost) == 2:
+            a, b = cost.values()
+            print(f"  ratio {specs[0]} / {specs[1]}: {a / b:.2f}x")
+        return 0
 
     url = os.environ.get("REDIS_URL")
     if url and args.compare:

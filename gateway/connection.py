@@ -26,13 +26,42 @@ class DirectConnection(ServerConnection):
     limit are still handled by the protocol. Text that is not UTF-8 is passed
     on as ``None`` (counted as malformed) rather than failing the connection
     with 1007: a text frame must never end a call.
+
+    ``gate`` (the gateway's ``Handshake``, set on a per-gateway subclass) is told
+    when the connection opens (it may refuse: too many handshakes pending),
+    every HTTP response it sends (refusals are counted whoever wrote them:
+    websockets answers 414/431/426/405 itself) and when it is lost.
     """
+
+    gate: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sink: Callable[[bool, Any], None] | None = None
         self._early: list[Frame] | None = []
         self._direct = True
+        #: Why process_request refused this connection (a metrics label).
+        self.refusal: str | None = None
+        self.counted_pending = False
+        gate = self.gate
+        if gate is not None:
+            send_response = self.protocol.send_response
+
+            def reported(response: Any) -> None:
+                send_response(response)
+                gate.response_sent(self, response.status_code)
+
+            self.protocol.send_response = reported  # type: ignore[method-assign]
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self.gate is not None and not self.gate.connection_opened(self):
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.gate is not None:
+            self.gate.connection_lost(self)
 
     def set_sink(self, sink: Callable[[bool, Any], None] | None) -> None:
         early, self._early = self._early, None

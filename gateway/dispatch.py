@@ -10,6 +10,13 @@ or close the socket after a grace), this module only carries that out, then
 publishes a ``CommandResult`` to the call's stream and to ``reply_to``, plus a
 timeline line per applied command. Nothing here switches on command type.
 
+``reply_to`` may only name a reply stream (``keys.reply_stream``): a command
+naming any other key is rejected (and counted), since the gateway would write
+to it and set its TTL. A command for a call that is suspended (its socket
+dropped, waiting for the platform to reconnect) is rejected with a reason
+saying so, and its result carries seq 0: the session's seq must not move
+while another gateway may be resuming the call.
+
 The reader never waits for a socket, so a peer that stops reading (its send
 blocks up to ``SEND_TIMEOUT_S``) delays only its own call's commands; at most
 ``MAX_PENDING_COMMANDS`` wait per call, more are rejected. Audio is written to
@@ -28,6 +35,9 @@ from websockets.exceptions import ConnectionClosed
 from piopiy_voice import callrecord, contracts, keys
 
 from .metrics import Metrics
+
+#: The only keys a command's ``reply_to`` may name.
+REPLY_PREFIX = keys.reply_stream("")
 from .registry import LiveCall, Registry, close_ws
 
 log = logging.getLogger("gateway")
@@ -59,6 +69,17 @@ class Dispatcher:
             self.metrics.inc("commands_malformed")
             log.warning("command %s: malformed, skipped: %s", entry_id.decode(), exc)
             return
+        if cmd.reply_to and (not cmd.reply_to.startswith(REPLY_PREFIX)
+                             or len(cmd.reply_to) <= len(REPLY_PREFIX)):
+            self.metrics.inc("reply_to_refused")
+            log.warning("call %s: %s rejected: reply_to %.80r is not a reply stream (%s...)",
+                        cmd.call_id, cmd.type, cmd.reply_to, REPLY_PREFIX)
+            bad = cmd.reply_to
+            cmd = cmd.model_copy(update={"reply_to": None})
+            if self.registry.get(cmd.call_id) is not None:
+                self._result(cmd, "rejected", f"reply_to {bad[:80]!r} is not a reply stream "
+                             f"({REPLY_PREFIX}...)", on_call_stream=True, seq=0)
+            return
         if cmd.command_id in self._recent:
             self.metrics.inc("commands_duplicate")
             log.info("call %s: duplicate command %s ignored", cmd.call_id, cmd.command_id)
@@ -79,7 +100,7 @@ class Dispatcher:
         if len(queue) >= MAX_PENDING_COMMANDS:
             self._result(cmd, "rejected", f"too many commands pending for this call "
                          f"({MAX_PENDING_COMMANDS})", on_call_stream=True,
-                         seq=live.session.next_seq())
+                         seq=live.session.next_seq() if live.ws is not None else 0)
             self.metrics.inc("commands_rejected")
             log.warning("call %s: %s rejected: command queue full", cmd.call_id, cmd.type)
             return
@@ -95,6 +116,8 @@ class Dispatcher:
                 try:
                     if live is None:
                         await self._reject_foreign(cmd)
+                    elif live.ws is None:
+                        self._reject_suspended(cmd)
                     else:
                         await self._apply(live, cmd)
                 except Exception:  # one bad command must not strand the others
@@ -133,7 +156,9 @@ class Dispatcher:
                     loop.create_task(close_ws(ws, 1011, "send timeout"))
         for e in outcome.entries:
             live.publish(e)
-        self._result(cmd, outcome.status, outcome.reason, on_call_stream=True, seq=s.next_seq())
+        # Suspended meanwhile: its seq is recorded and may go on elsewhere.
+        self._result(cmd, outcome.status, outcome.reason, on_call_stream=True,
+                     seq=s.next_seq() if live.ws is not None else 0)
         if outcome.status == "applied":
             self.metrics.inc("commands_applied")
             detail = {"command_id": cmd.command_id, "issued_by": cmd.issued_by or None,
@@ -147,7 +172,15 @@ class Dispatcher:
                 loop.call_later(CLOSE_AFTER_END_S, self.registry.close_if_current, live, ws)
         else:
             self.metrics.inc("commands_rejected")
+            if outcome.oversize:
+                self.metrics.inc("commands_oversize")
             log.info("call %s: %s rejected: %s", s.call_id, cmd.type, outcome.reason)
+
+    def _reject_suspended(self, cmd: Any) -> None:
+        reason = "call suspended: its socket dropped; waiting for the platform to reconnect"
+        self.metrics.inc("commands_rejected")
+        log.info("call %s: %s rejected: %s", cmd.call_id, cmd.type, reason)
+        self._result(cmd, "rejected", reason, on_call_stream=True, seq=0)
 
     async def _reject_foreign(self, cmd: Any) -> None:
         reason = "call not on this gateway"

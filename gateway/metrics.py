@@ -22,13 +22,34 @@ from piopiy_voice.observability import (
 )
 
 P = "pv_gateway_"
+_DROPPED_HELP = "audio frames dropped, by reason"
 
 #: Internal key -> exported family (+ labels). Keys are what the code increments.
 COUNTERS: dict[str, CounterSpec] = {
     "frames_in": CounterSpec(P + "audio_frames_received_total", "20 ms audio frames received from the platform"),
     "frames_published": CounterSpec(P + "audio_frames_published_total", "audio frames written to Redis"),
-    "frames_dropped": CounterSpec(P + "audio_frames_dropped_total",
-                                  "audio frames dropped (Redis unavailable and buffer full)"),
+    "frames_dropped": CounterSpec(P + "audio_frames_dropped_total", _DROPPED_HELP,
+                                  {"reason": "redis_unavailable"}),
+    "frames_dropped_backlog": CounterSpec(P + "audio_frames_dropped_total", _DROPPED_HELP,
+                                          {"reason": "call_backlog"}),
+    "frames_dropped_suspended": CounterSpec(P + "audio_frames_dropped_total", _DROPPED_HELP,
+                                            {"reason": "after_suspend"}),
+    "frames_rejected": CounterSpec(P + "audio_frames_dropped_total", _DROPPED_HELP,
+                                   {"reason": "redis_rejected"}),
+    "frames_dropped_closing": CounterSpec(P + "audio_frames_dropped_total", _DROPPED_HELP,
+                                          {"reason": "writer_closed"}),
+    "ingress_throttled": CounterSpec(P + "ingress_throttled_total",
+                                     "times a socket was paused for exceeding its call's ingress "
+                                     "limits (bytes, frames or text per second), by limit",
+                                     {"limit": "bytes"}),
+    "ingress_throttled_frames": CounterSpec(P + "ingress_throttled_total",
+                                            "times a socket was paused for exceeding its call's "
+                                            "ingress limits (bytes, frames or text per second), "
+                                            "by limit", {"limit": "frames"}),
+    "ingress_throttled_text": CounterSpec(P + "ingress_throttled_total",
+                                          "times a socket was paused for exceeding its call's "
+                                          "ingress limits (bytes, frames or text per second), "
+                                          "by limit", {"limit": "text"}),
     "bytes_in": CounterSpec(P + "audio_received_bytes_total", "binary bytes received from the platform"),
     "odd_frames": CounterSpec(P + "odd_frames_total",
                               "binary frames of odd length (byte carried to the next frame)"),
@@ -46,8 +67,14 @@ COUNTERS: dict[str, CounterSpec] = {
     "calls_started": CounterSpec(P + "calls_total", "call sockets by lifecycle event", {"event": "started"}),
     "calls_ended": CounterSpec(P + "calls_total", "call sockets by lifecycle event", {"event": "ended"}),
     "calls_replaced": CounterSpec(P + "calls_total", "call sockets by lifecycle event", {"event": "replaced"}),
-    "handshakes_refused": CounterSpec(P + "handshakes_refused_total",
-                                      "handshakes refused (auth, path, limits, draining)"),
+    "calls_suspended": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+                                   {"event": "suspended"}),
+    "calls_resumed": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+                                 {"event": "resumed"}),
+    "calls_swept": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+                               {"event": "grace_expired"}),
+    "calls_reregistered": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+                                      {"event": "reregistered"}),
     "commands_applied": CounterSpec(P + "commands_total", "commands from workers by outcome",
                                     {"outcome": "applied"}),
     "commands_rejected": CounterSpec(P + "commands_total", "commands from workers by outcome",
@@ -59,17 +86,48 @@ COUNTERS: dict[str, CounterSpec] = {
     "messages_out": CounterSpec(P + "messages_sent_total", "messages sent to the platform"),
     "send_timeouts": CounterSpec(P + "send_timeouts_total",
                                  "sockets closed because the platform stopped reading (send timed out)"),
+    "reply_to_refused": CounterSpec(P + "commands_total", "commands from workers by outcome",
+                                    {"outcome": "bad_reply_to"}),
+    "commands_oversize": CounterSpec(P + "commands_total", "commands from workers by outcome",
+                                     {"outcome": "oversize"}),
+    "writer_restarts": CounterSpec(P + "redis_writer_restarts_total",
+                                   "times the Redis writer task died and was restarted"),
+    "redis_rejected": CounterSpec(P + "redis_rejected_writes_total",
+                                  "commands Redis answered with an error (not counted as published)"),
     "redis_errors": CounterSpec(P + "redis_errors_total", "Redis errors seen by the writer or the command reader"),
     "redis_reconnects": CounterSpec(P + "redis_reconnects_total", "writer reconnections to Redis"),
     "redis_batches": CounterSpec(P + "redis_batches_total", "pipelined batches written to Redis"),
 }
 
+#: Handshake refusals: reason -> HTTP status ("none": closed without a response).
+#: Every refusal is counted under one of them, including those websockets
+#: itself answers (414, 431, 426, 405, 400, 505).
+REFUSALS: dict[str, str] = {
+    "bad_signature": "401", "expired": "403", "not_found": "404", "bad_rate": "400",
+    "draining": "503", "max_calls": "503", "call_ended": "410",
+    "handshake_backlog": "none", "uri_too_long": "414", "headers_too_large": "431",
+    "not_websocket": "426", "method_not_allowed": "405", "bad_request": "400",
+    "http_version": "505", "forbidden": "403", "server_error": "500", "shutting_down": "503",
+    "other": "other",
+}
+#: websockets' own refusals: status -> reason.
+STATUS_REASONS = {414: "uri_too_long", 431: "headers_too_large", 426: "not_websocket",
+                  405: "method_not_allowed", 400: "bad_request", 505: "http_version",
+                  403: "forbidden", 500: "server_error", 503: "shutting_down"}
+for _reason, _status in REFUSALS.items():
+    COUNTERS["refused:" + _reason] = CounterSpec(
+        P + "handshakes_refused_total", "handshakes refused, by HTTP status and reason",
+        {"status": _status, "reason": _reason})
+
 #: Help of the gauges server.py registers (``metrics.gauge(name, fn)``).
 GAUGE_HELP = {
     "calls_live": "call sockets open now",
     "draining": "1 after SIGTERM: no new calls, live ones finishing",
-    "redis_connected": "1 while the writer's Redis connection is up",
-    "redis_buffered_frames": "audio frames held in memory while Redis is unreachable",
+    "redis_connected": "1 while the writer's last command to Redis succeeded",
+    "redis_buffered_frames": "audio frames not yet acknowledged by Redis (buffered and in flight)",
+    "writer_alive": "1 while the Redis writer task runs",
+    "calls_suspended": "calls whose socket dropped, held resumable for the reconnect grace",
+    "handshakes_pending": "connections still in the HTTP handshake",
 }
 
 # Kept for callers that listed the keys through it.
@@ -91,6 +149,11 @@ class Metrics:
 
     def inc(self, name: str, n: int = 1) -> None:
         self.c[name] += n
+
+    def refused(self, reason: str) -> None:
+        """Count one refused handshake (``REFUSALS`` names the reasons)."""
+        key = "refused:" + reason
+        self.c[key if key in self.c else "refused:other"] += 1
 
     def gauge(self, name: str, fn: Callable[[], float]) -> None:
         check_name(P + name, "gauge")

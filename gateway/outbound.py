@@ -16,7 +16,13 @@ from typing import Any
 from piopiy_voice.pcmo import Action, control_json, stream_audio_json
 from piopiy_voice.pcmo_models import BRIDGE_DEFAULTS, STREAM_AUDIO_RATES, pcmo_to_list
 
-__all__ = ["STREAM_AUDIO_RATES", "control", "stream_audio", "play_music", "speak", "hangup",
+#: Largest text message sent on a call's socket. The platform's own limit is not
+#: documented (websockets' default is 1 MiB); a message over it makes the peer
+#: close with 1009 and ends the call, so commands that would build one are
+#: refused instead. 64 KiB is an hour of ``speak`` text; audio goes in 40 ms chunks.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+__all__ = ["MAX_MESSAGE_BYTES", "STREAM_AUDIO_RATES", "control", "stream_audio", "play_music", "speak", "hangup",
            "bridge", "raw_pcmo"]
 
 

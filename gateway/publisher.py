@@ -24,10 +24,24 @@ order they were produced.
 
 Outage: when the connection fails the in-flight batch is put back in front of
 the buffer (resent after reconnect: at-least-once; consumers drop duplicates
-by ``seq``) and the flusher reconnects with exponential backoff. Audio beyond
-``buffer_frames`` buffered frames is refused (``add_audio`` returns False) and
-the caller counts it; platform events are dropped (and counted) once the buffer
+by ``seq``) and the flusher reconnects with exponential backoff. *Any* failure
+of a write counts as a lost connection (under uvloop a write on a reset
+connection raises ``RuntimeError``, not ``ConnectionError``), and the flusher
+task runs under a supervisor that restarts it (with backoff) should it die
+anyway, so the writer never silently stops. ``connected`` is true only after
+Redis answered a command on the current connection (PING at connect, then each
+batch), never on a bare TCP connect.
+
+Fairness: audio beyond ``buffer_frames`` buffered frames is refused
+(``add_audio`` returns False) and so is a call's audio beyond ``call_frames``
+of its own (``full_for`` tells the caller which limit refused it): one call's
+backlog is bounded separately, so a flooding call loses its own frames, never
+another call's. Platform events are dropped (and counted) once the buffer
 holds ``max_bytes``; control entries are never refused (they are few).
+
+Metrics: a batch's audio counts as published only when Redis accepted it;
+errors Redis answers (e.g. OOM at ``maxmemory``) are counted as rejected, and
+audio ones as dropped (``redis_rejected``).
 """
 
 from __future__ import annotations
@@ -62,6 +76,9 @@ def resp(*args: Any) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
 
 
+#: An idle writer PINGs Redis this often, so ``connected`` notices a dead link.
+IDLE_PING_S = 1.0
+
 # The two per-frame fields of an audio entry, last in the contract's order.
 _SEQ_NAME, _PCM_NAME = contracts.AUDIO_FIELD_NAMES[-2:]
 _PCM_ARG = _bulk(_PCM_NAME)
@@ -72,7 +89,7 @@ class Publisher:
                  buffer_frames: int = 50_000, stream_maxlen: int = keys.CALL_STREAM_MAXLEN,
                  connect_timeout: float = 3.0, reply_timeout: float = 10.0,
                  linger_s: float = 0.002, batch_min: int = 128,
-                 event_bytes: int = 4 << 20) -> None:
+                 event_bytes: int = 4 << 20, call_frames: int | None = None) -> None:
         if buffer_frames <= 0:
             raise ValueError(f"buffer_frames must be > 0, got {buffer_frames}")
         if linger_s < 0 or batch_min < 1:
@@ -88,6 +105,13 @@ class Publisher:
         self._db = int(kw.get("db") or 0)
         self.metrics = metrics or Metrics()
         self.limit = buffer_frames
+        #: Per-call bound of buffered audio frames (one call's backlog).
+        self.call_limit = call_frames or max(500, buffer_frames // 10)
+        #: audio prefix (one per call) -> that call's frames in ``_buf``.
+        self._per_call: dict[bytes, int] = {}
+        #: One byte per command in ``_buf``: 1 audio, 0 anything else (to tell
+        #: which replies were audio when Redis rejects some).
+        self._kinds = bytearray()
         #: Bound of the whole buffer for entries that may be refused (platform
         #: events): what full audio takes (32 kHz frames) plus some headroom.
         self.max_bytes = buffer_frames * 1400 + event_bytes
@@ -107,6 +131,10 @@ class Publisher:
         self._err_logged = 0.0
         #: (commands, audio frames) of the batch awaiting Redis' replies.
         self._inflight = (0, 0)
+        self._supervisor: asyncio.Task | None = None
+        self._inflight_batch: tuple[bytearray, bytearray, dict] | None = None
+        #: Why the writer last failed (for /readyz), "" when healthy.
+        self.last_error = ""
 
     # ------------------------------------------------------------ producers
     def audio_prefix(self, call_id: str) -> bytes:
@@ -119,9 +147,16 @@ class Publisher:
         return b"*%d\r\n" % (len(args) + 3) + b"".join(_bulk(a) for a in args)
 
     def add_audio(self, prefix: bytes, seq: int, pcm: bytes) -> bool:
-        """Queue one audio entry; False (nothing queued) when the buffer is full."""
+        """Queue one audio entry; False (nothing queued) when the buffer, or this
+        call's share of it, is full (``full_for`` says which)."""
         if self.frames >= self.limit:
             return False
+        per_call = self._per_call
+        n = per_call.get(prefix, 0)
+        if n >= self.call_limit:
+            return False
+        per_call[prefix] = n + 1
+        self._kinds.append(1)
         s = b"%d" % seq
         buf = self._buf
         buf += prefix
@@ -134,6 +169,24 @@ class Publisher:
             self._wake.set()
         return True
 
+    def full_for(self, prefix: bytes) -> str:
+        """Why ``add_audio`` refused a frame of this call: ``redis_unavailable``
+        (the whole buffer is full: Redis is away or too slow) or ``call_backlog``
+        (this call alone filled its share)."""
+        if self.frames >= self.limit or not self.connected:
+            return "redis_unavailable"
+        return "call_backlog"
+
+    @property
+    def pending_frames(self) -> int:
+        """Audio frames not yet acknowledged by Redis: buffered plus in flight."""
+        return self.frames + self._inflight[1]
+
+    @property
+    def alive(self) -> bool:
+        """The writer task is running (or restarting after a crash)."""
+        return self._supervisor is not None and not self._supervisor.done()
+
     @property
     def has_room(self) -> bool:
         """False while an outage has filled the buffer: refusable entries
@@ -144,6 +197,7 @@ class Publisher:
         """Queue any Redis command (never refused)."""
         self._buf += resp(*args)
         self._n += 1
+        self._kinds.append(0)
         if not self._wake.is_set():
             self._wake.set()
 
@@ -172,8 +226,51 @@ class Publisher:
 
     # ---------------------------------------------------------------- flush
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="publisher")
+        if self._supervisor is None:
+            self._supervisor = asyncio.get_running_loop().create_task(
+                self._supervise(), name="publisher")
+
+    async def _supervise(self) -> None:
+        """Run the flusher; should it die (a bug, an exception nobody foresaw),
+        put its batch back and start it again after a backoff."""
+        backoff = 0.05
+        while True:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="publisher-flusher")
+            try:
+                await self._task
+                return  # closed
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if not self._closing and me is not None and not me.cancelling():
+                    continue  # the flusher alone was cancelled: restart it
+                self._task.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 (the writer must never stay dead)
+                self._requeue_inflight()
+                self._drop_conn()
+                self.last_error = f"writer died: {exc!r}"
+                self.metrics.inc("writer_restarts")
+                log.exception("redis writer died; restarting in %.2fs", backoff)
+                self._wake.set()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _requeue_inflight(self) -> None:
+        batch = self._inflight_batch
+        if batch is None:
+            return
+        buf, kinds, per_call = batch
+        self._inflight_batch = None
+        n, frames = self._inflight
+        self._inflight = (0, 0)
+        self._buf[:0] = buf
+        self._kinds[:0] = kinds
+        self._n += n
+        self.frames += frames
+        for k, v in per_call.items():
+            self._per_call[k] = self._per_call.get(k, 0) + v
+        self._idle.set()
 
     async def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far has been acknowledged by Redis."""
@@ -190,18 +287,22 @@ class Publisher:
         await self.flush(timeout)
         self._closing = True
         self._wake.set()
-        if self._task:
-            self._task.cancel()
+        sup = self._supervisor
+        if sup:
+            sup.cancel()
+            if self._task:
+                self._task.cancel()
             try:
-                await self._task
+                await sup
             except asyncio.CancelledError:
                 pass
         lost, lost_frames = self._n + self._inflight[0], self.frames + self._inflight[1]
         if lost:
-            self.metrics.inc("frames_dropped", lost_frames)
+            self.metrics.inc("frames_dropped_closing", lost_frames)
             log.warning("redis writer closing: discarding %d unwritten entries (%d audio frames)",
                         lost, lost_frames)
         self._buf, self._n, self.frames, self._inflight = bytearray(), 0, 0, (0, 0)
+        self._kinds, self._per_call = bytearray(), {}
         self._drop_conn()
 
     def _drop_conn(self) -> None:
@@ -223,13 +324,20 @@ class Publisher:
             hello.append(resp("AUTH", user, password) if user else resp("AUTH", password))
         if self._db:
             hello.append(resp("SELECT", self._db))
-        if hello:
-            writer.write(b"".join(hello))
-            rd = hiredis.Reader()
-            for reply in await self._replies(reader, rd, len(hello)):
-                if isinstance(reply, hiredis.ReplyError):
-                    writer.close()
-                    raise ConnectionError(f"redis handshake failed: {reply}")
+        # A PING answered: Redis is really there (a TCP connect proves nothing,
+        # e.g. a stopped server's socket still accepts).
+        hello.append(resp("PING"))
+        writer.write(b"".join(hello))
+        rd = hiredis.Reader()
+        try:
+            replies = await self._replies(reader, rd, len(hello))
+        except BaseException:
+            writer.close()
+            raise
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                writer.close()
+                raise ConnectionError(f"redis handshake failed: {reply}")
         return reader, writer
 
     async def _replies(self, reader: asyncio.StreamReader, rd: Any, n: int) -> list:
@@ -248,14 +356,22 @@ class Publisher:
         backoff = 0.05
         reader = writer = None
         rd = hiredis.Reader()
+        self._wake.set()  # connect now: readiness must not wait for the first entry
         while True:
-            await self._wake.wait()
+            if not self._wake.is_set():
+                try:
+                    # Idle for a second: a PING keeps ``connected`` true to fact.
+                    await asyncio.wait_for(self._wake.wait(), IDLE_PING_S)
+                except asyncio.TimeoutError:
+                    self.command("PING")
             if self._closing and not self._n:
                 return
             if writer is None:
                 try:
                     reader, writer = await self._connect()
-                except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                except Exception as exc:  # noqa: BLE001 (uvloop: RuntimeError too)
+                    self.connected = False
+                    self.last_error = f"cannot connect: {exc!r}"
                     self.metrics.inc("redis_errors")
                     self._log_error(f"redis writer cannot connect ({exc!r}); "
                                     f"{self.frames} frames buffered, retry in {backoff:.2f}s")
@@ -268,6 +384,7 @@ class Publisher:
                     self.metrics.inc("redis_reconnects")
                     log.info("redis writer connected")
                 self.connected = True
+                self.last_error = ""
                 backoff = 0.05
             if self._n < self.batch_min and self.linger:
                 # A batch costs two syscalls and two task switches whatever its
@@ -275,22 +392,24 @@ class Publisher:
                 # cut the per-frame cost, at the price of `linger` latency.
                 await asyncio.sleep(self.linger)
             batch, n, frames = self._buf, self._n, self.frames
+            kinds, per_call = self._kinds, self._per_call
             self._buf, self._n, self.frames = bytearray(), 0, 0
+            self._kinds, self._per_call = bytearray(), {}
             self._wake.clear()
             if not n:
                 continue
             self._idle.clear()
             self._inflight = (n, frames)
+            self._inflight_batch = (batch, kinds, per_call)
             try:
                 writer.write(batch)
                 replies = await self._replies(reader, rd, n)
-            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            except Exception as exc:  # noqa: BLE001 (uvloop raises RuntimeError on a reset socket)
                 # Resend the whole batch after reconnecting: at-least-once.
-                self._inflight = (0, 0)
-                self._buf[:0] = batch
-                self._n += n
-                self.frames += frames
+                self._requeue_inflight()
                 self._wake.set()
+                self.connected = False
+                self.last_error = f"connection lost: {exc!r}"
                 self.metrics.inc("redis_errors")
                 self._log_error(f"redis writer lost its connection ({exc!r}); buffering")
                 self._drop_conn()
@@ -300,12 +419,19 @@ class Publisher:
                 self._idle.set()
             # Not reset when cancelled mid-batch: close() counts that batch as lost.
             self._inflight = (0, 0)
+            self._inflight_batch = None
+            self.connected = True
             self.metrics.c["redis_batches"] += 1
-            self.metrics.c["frames_published"] += frames
-            for reply in replies:
+            rejected = rejected_audio = 0
+            for i, reply in enumerate(replies):
                 if isinstance(reply, hiredis.ReplyError):
-                    self.metrics.inc("redis_errors")
+                    rejected += 1
+                    rejected_audio += kinds[i]
                     self._log_error(f"redis rejected a write: {reply}")
+            if rejected:
+                self.metrics.inc("redis_rejected", rejected)
+                self.metrics.inc("frames_rejected", rejected_audio)
+            self.metrics.c["frames_published"] += frames - rejected_audio
 
     def _log_error(self, text: str) -> None:
         # An outage produces one error per retry: keep the log readable.

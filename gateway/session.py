@@ -77,6 +77,8 @@ class Outcome:
     #: The platform should close the socket now; close it ourselves if it has
     #: not after a grace.
     close_after: bool = False
+    #: Rejected because a message would exceed ``outbound.MAX_MESSAGE_BYTES``.
+    oversize: bool = False
 
 
 class CallSession:
@@ -111,6 +113,8 @@ class CallSession:
         self.frames_dropped = 0
         #: Frames dropped and not yet reported in a StreamGap entry.
         self.gap_pending = 0
+        #: Why the pending gap's frames were dropped (its first drop's reason).
+        self.gap_reason = "redis_unavailable"
         self.odd_frames = 0
         self.text_malformed = 0
         #: Set by Hangup / StopStream / a platform "stop" event: why the socket
@@ -158,8 +162,12 @@ class CallSession:
         self.frames_in += 1
         return rest, odd
 
-    def frame_dropped(self) -> None:
-        """The writer refused a frame that already had its seq."""
+    def frame_dropped(self, reason: str = "redis_unavailable") -> None:
+        """The writer refused a frame that already had its seq (``reason``:
+        ``redis_unavailable``, or ``call_backlog`` when this call alone
+        filled its share of the buffer)."""
+        if not self.gap_pending:
+            self.gap_reason = reason
         self.frames_dropped += 1
         self.gap_pending += 1
 
@@ -168,9 +176,9 @@ class CallSession:
         if not self.gap_pending:
             return None
         gap = c.StreamGap(call_id=self.call_id, seq=self.next_seq(), frames=self.gap_pending,
-                          reason="redis_unavailable")
-        log.warning("call %s: %d frames dropped while redis was unavailable",
-                    self.call_id, self.gap_pending)
+                          reason=self.gap_reason)
+        log.warning("call %s: %d frames dropped (%s)", self.call_id, self.gap_pending,
+                    self.gap_reason)
         self.gap_pending = 0
         return gap
 
@@ -287,7 +295,13 @@ class CallSession:
 def _platform_message(build: Callable[[Any], str]) -> Callable[[CallSession, Any, float], Outcome]:
     """A command that is one PCMO message on the socket and nothing else."""
     def handler(session: CallSession, cmd: Any, now: float) -> Outcome:
-        return Outcome("applied", messages=[build(cmd)])
+        msg = build(cmd)
+        size = len(msg.encode())
+        if size > outbound.MAX_MESSAGE_BYTES:
+            # Sent, it would make the platform close the socket (1009) and end the call.
+            return Outcome("rejected", f"message too large: {size} bytes, the limit on the "
+                           f"platform's socket is {outbound.MAX_MESSAGE_BYTES}", oversize=True)
+        return Outcome("applied", messages=[msg])
     return handler
 
 

@@ -18,8 +18,15 @@ from typing import Any
 
 from . import keys
 
-STATES = ("queued", "dialing", "placed", "failed", "live", "ended")
+#: ``suspended``: the gateway lost the call's socket without an end (a drop, a
+#: drain) and keeps it resumable for the reconnect grace (``resume_by``); the
+#: platform dialing the same URL again makes it ``live``, the grace passing
+#: ``ended`` (``socket_lost``). See ``piopiy_voice.gateway.resume``.
+STATES = ("queued", "dialing", "placed", "failed", "live", "suspended", "ended")
 TIMELINE_MAXLEN = 2000
+#: Sorted set: suspended call id -> resume_by (unix seconds). Every gateway
+#: sweeps it and ends the calls whose grace passed.
+SUSPENDED_ZSET = f"{keys.PREFIX}:calls:suspended"
 
 
 def _flat(fields: dict[str, Any]) -> dict[str, str]:

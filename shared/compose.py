@@ -8,7 +8,9 @@ Used by the deployment tests, and by hand to try a scaled layout on one box::
 How a compose service becomes local processes:
 - ``command: ["piopiy-voice", ROLE, ...]`` runs as ``python -m piopiy_voice.cli ROLE ...``
   (the same dispatcher the console script calls); services whose command is not
-  ``piopiy-voice`` (redis, prometheus) are not run: Redis is given as a URL.
+  ``piopiy-voice`` are third party (redis, caddy, prometheus, grafana,
+  redis-exporter: an image's own command, or none) and are not run: Redis is
+  given as a URL, and the roles are reached directly, not through caddy.
 - ``environment`` is taken after compose interpolation (``${VAR:-default}``,
   ``${VAR-default}``, ``${VAR:?msg}``, ``$VAR``, ``$$``) against the mapping the
   caller passes (what ``.env`` would hold), so the values tested are the ones
@@ -23,6 +25,10 @@ How a compose service becomes local processes:
 - ``REDIS_URL`` is the given Redis (``--redis-url``/``REDIS_URL``, else a
   private embedded server, announced: never whatever answers on 6379); named
   volume mount points in env values become directories under the run's work dir.
+- Compose ``secrets:`` a service lists are files: an env value naming the
+  mount point (``/run/secrets/NAME``, or the long form's ``target``) becomes
+  the secret's ``file:`` (relative to the compose file's directory), so the
+  roles read the very files compose would mount.
 - Start order follows ``depends_on``; a service is started once the services
   it depends on pass their compose health check (the same ``piopiy-voice
   healthcheck`` command, run locally with the replica's env and ports).
@@ -151,6 +157,10 @@ class ComposeFile:
             name: _interp_tree(spec or {}, self.environ, f"services.{name}")
             for name, spec in raw["services"].items()
         }
+        self.secrets: dict[str, dict] = {
+            name: _interp_tree(spec or {}, self.environ, f"secrets.{name}")
+            for name, spec in (raw.get("secrets") or {}).items()
+        }
 
     def service(self, name: str) -> dict:
         try:
@@ -200,6 +210,19 @@ class ComposeFile:
                     out[parts[1]] = parts[0]
             elif isinstance(v, dict) and v.get("type", "volume") == "volume":
                 out[v["target"]] = v.get("source") or "anon"
+        return out
+
+    def secret_files(self, name: str) -> dict[str, Path]:
+        """Mount point -> host file, for the file secrets service ``name`` lists."""
+        out = {}
+        for item in self.service(name).get("secrets") or []:
+            source = item if isinstance(item, str) else item["source"]
+            target = source if isinstance(item, str) else item.get("target", source)
+            spec = self.secrets.get(source)
+            if not spec or "file" not in spec:
+                raise ComposeError(f"service {name}: secret {source!r} is not a file secret of this compose file")
+            mount = target if target.startswith("/") else f"/run/secrets/{target}"
+            out[mount] = (self.path.parent / spec["file"]).resolve()
         return out
 
     def healthcheck(self, name: str) -> list[str] | None:
@@ -362,7 +385,9 @@ class LocalStack:
         for name, per_replica in ports.items():
             self.replicas[name] = [self._replica(name, i, m) for i, m in enumerate(per_replica)]
 
-    def _rewrite(self, value: str, volumes: dict[str, Path]) -> str:
+    def _rewrite(self, value: str, volumes: dict[str, Path], secrets: dict[str, Path]) -> str:
+        if value in secrets:
+            return str(secrets[value])
         for svc, ports in self.addresses.items():
             for container_port, local in ports.items():
                 value = value.replace(f"//{svc}:{container_port}", f"//{LOOPBACK}:{local}")
@@ -391,9 +416,10 @@ class LocalStack:
             d = self.work_dir / f"{name}-{index}" / vol
             d.mkdir(parents=True, exist_ok=True)
             volumes[target] = d
+        secrets = self.compose.secret_files(name)
         env = dict(self.base_env)
         for key, val in self.compose.environment(name).items():
-            val = self._rewrite(val, volumes)
+            val = self._rewrite(val, volumes, secrets)
             if key.endswith("_PORT") and val.isdigit() and int(val) in port_map:
                 val = str(port_map[int(val)])
             env[key] = val

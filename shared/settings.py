@@ -98,7 +98,20 @@ class Settings(BaseSettings):
     signing_secret: str = Field(DEV_SECRET, alias="PV_SIGNING_SECRET", min_length=8, repr=False)
     #: File holding the signing secret (Docker/Kubernetes secret mount).
     signing_secret_file: str | None = Field(None, alias="PV_SIGNING_SECRET_FILE")
-    stream_url_ttl_s: int = Field(24 * 3600, alias="PV_STREAM_URL_TTL_S", gt=0)
+    #: Life of a signed stream URL (s). Short: a leaked URL is a key to the call;
+    #: an ended call's URL is refused (410) whatever its life.
+    stream_url_ttl_s: int = Field(3600, alias="PV_STREAM_URL_TTL_S", gt=0)
+    #: A call whose socket dropped (no platform stop/hangup, no normal close) stays
+    #: resumable this long: the platform may dial the same URL again, here or on
+    #: another gateway. Then it ends (``socket_lost``).
+    reconnect_grace_s: float = Field(20.0, alias="PV_RECONNECT_GRACE_S", ge=0)
+    #: Connections still in the HTTP handshake (not yet admitted or refused) per gateway.
+    max_handshakes: int = Field(256, alias="PV_GATEWAY_MAX_HANDSHAKES", gt=0)
+    #: Per-call ingress limits; beyond them the gateway stops reading the socket
+    #: (TCP back-pressure), so a flooding peer slows only itself.
+    ingress_bytes_per_s: int = Field(256 * 1024, alias="PV_INGRESS_BYTES_PER_S", gt=0)
+    ingress_frames_per_s: int = Field(500, alias="PV_INGRESS_FRAMES_PER_S", gt=0)
+    ingress_text_per_s: int = Field(20, alias="PV_INGRESS_TEXT_PER_S", gt=0)
     drain_grace_s: float = Field(30.0, alias="PV_DRAIN_GRACE_S", ge=0)
     max_calls: int = Field(2000, alias="PV_GATEWAY_MAX_CALLS", gt=0)
     max_frame_bytes: int = Field(64 * 1024, alias="PV_MAX_FRAME_BYTES", gt=0)
@@ -119,6 +132,13 @@ class Settings(BaseSettings):
     agent_webhook_partials: bool = Field(False, alias="PV_AGENT_WEBHOOK_PARTIALS")
     #: At most this many agent works (model, webhook, synthesis...) run at once per worker.
     agent_runtime_concurrency: int = Field(256, alias="PV_AGENT_RUNTIME_CONCURRENCY", gt=0)
+    #: Most calls one worker holds (0: no cap); beyond it new calls wait for another worker.
+    worker_max_calls: int = Field(0, alias="PV_WORKER_MAX_CALLS", ge=0)
+    #: Most orphaned calls one takeover scan claims (spreads calls after a Redis stall).
+    worker_claim_per_scan: int = Field(20, alias="PV_WORKER_CLAIM_PER_SCAN", gt=0)
+    #: After a takeover, replayed audio commands (speak/play) decided on entries
+    #: older than this are not sent (ms; 0: send everything).
+    stale_command_ms: int = Field(500, alias="PV_STALE_COMMAND_MS", ge=0)
     #: After the caller's silence, how long a talking agent waits for the final transcript (ms).
     transcript_wait_ms: int = Field(1200, alias="PV_TRANSCRIPT_WAIT_MS", ge=0, le=10_000)
     #: Failed replies in a row before a talking agent hands the call to a human.
@@ -150,6 +170,9 @@ class Settings(BaseSettings):
     dial_queue: str = Field("calls", alias="PV_DIAL_QUEUE")
     dial_rate_per_s: float = Field(5.0, alias="PV_DIAL_RATE_PER_S", gt=0)
     campaign_max_live: int = Field(50, alias="PV_CAMPAIGN_MAX_LIVE", gt=0)
+    #: A record still ``dialing`` this long after the request went out is marked
+    #: failed (``outcome_unknown``): its dialer died mid-request (s).
+    dial_stuck_after_s: int = Field(60, alias="PV_DIAL_STUCK_AFTER_S", gt=0)
 
     # --- Sandbox ---------------------------------------------------------
     sandbox_host: str = Field("127.0.0.1", alias="PV_SANDBOX_HOST")

@@ -21,7 +21,9 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 from .keys import validate_call_id
 
 CALL_PATH_PREFIX = "/call/"
-DEFAULT_TTL_S = 24 * 3600
+#: One hour (the settings default, PV_STREAM_URL_TTL_S): a leaked URL is a key
+#: to the call. An ended call's URL is refused by the gateway whatever its life.
+DEFAULT_TTL_S = 3600
 
 
 class SignatureError(Exception):

@@ -28,6 +28,16 @@ call's keys), the start entry ACKed and the lease released. A call whose
 gateway died (record state ``ended`` and its stream silent for 5 s) is ended
 the same way. SIGTERM: checkpoints, leases released, start entries handed back
 for another transcriber to claim at once.
+
+Redis faults never stop the loop (same rules as the worker,
+``piopiy_voice.workers.runner``): connection errors are retried with backoff
+and leases renewed first; ``NOGROUP`` (Redis restarted empty) recreates the
+``transcribers`` group, and the renew re-takes the leases of the calls held,
+re-announces their lost start entries and re-commits their checkpoints from
+memory (``piopiy_voice.workers.ownership``); ``OOM`` is logged and counted and
+no new call is taken for a few seconds. A call announced again while its
+record is live or suspended (the socket came back) is transcribed again from
+its checkpoint even if that checkpoint says done.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from piopiy_voice.errors import PiopiyError
 from piopiy_voice.observability import setup_logging
 from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url
 from piopiy_voice.settings import Settings
-from piopiy_voice.workers.ownership import Ownership
+from piopiy_voice.workers.ownership import LOST, RELET, Ownership, ensure_group, is_nogroup, is_oom
 
 from .asr import Recognizer, make_recognizer
 from .config import SpeechConfig
@@ -64,11 +74,22 @@ BUSY_BLOCK_MS = 200
 IDLE_BLOCK_MS = 1000
 CHECKPOINT_EVERY_S = 1.0
 ORPHAN_QUIET_S = 5.0
+#: After Redis refused a write for lack of memory, no new call is taken for this long (s).
+OOM_SHED_S = 5.0
 
+# The lease is ours, or missing while the checkpoint is missing or still ours
+# (Redis restarted empty: see piopiy_voice.workers.ownership): then re-taken.
+# ARGV[7] is the lease in ms.
 _COMMIT_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then
+  if cur then return -1 end
+  local owner = redis.call('HGET', KEYS[3], 'owner')
+  if owner and owner ~= ARGV[1] then return -1 end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[7])
+end
 local n = tonumber(ARGV[6])
-local i = 7
+local i = 8
 for _ = 1, n do
   local nf = tonumber(ARGV[i]); i = i + 1
   local args = {KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
@@ -77,7 +98,7 @@ for _ = 1, n do
   redis.call('XADD', unpack(args))
 end
 redis.call('HSET', KEYS[3], 'state', ARGV[3], 'done', ARGV[4], 'owner', ARGV[1])
-if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
+if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) else redis.call('PERSIST', KEYS[3]) end
 return n
 """
 
@@ -106,14 +127,18 @@ class Transcriber:
         self.config = config or SpeechConfig()
         self.metrics = metrics or TranscriberMetrics()
         self.own = Ownership(r, transcriber_id, self.lease_ms, group=keys.TRANSCRIBERS_GROUP,
-                             lease_key=keys.call_asr_lease, members=keys.TRANSCRIBERS_ZSET)
+                             lease_key=keys.call_asr_lease, members=keys.TRANSCRIBERS_ZSET,
+                             checkpoint_key=keys.call_asr_checkpoint)
         self._commit_script = r.register_script(_COMMIT_LUA)
         self.calls: dict[str, OwnedCall] = {}
         self._stopping = False
         self._next_renew = 0.0
         self._next_scan = 0.0
         self._adopted_restart = False
+        self._shed_until = 0.0
         self.transcripts_total = 0
+        #: Redis failures by kind (nogroup, oom, unavailable, other): logged and counted.
+        self.redis_errors: dict[str, int] = {}
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -129,8 +154,9 @@ class Transcriber:
                 try:
                     self.step()
                     backoff = 0.1
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("transcriber %s: redis unavailable (%s); retrying", self.id, exc)
+                except redis.RedisError as exc:
+                    if self.on_redis_error(exc):
+                        continue
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
         finally:
@@ -138,6 +164,31 @@ class Transcriber:
                 self.hand_back_all()
             except redis.RedisError as exc:
                 log.error("transcriber %s: hand-back failed (%s)", self.id, exc)
+
+    def on_redis_error(self, exc: redis.RedisError) -> bool:
+        """Classify a Redis failure (never fatal); True when repaired at once."""
+        self._next_renew = 0.0  # renew (re-take, re-announce) before anything else
+        kind = ("nogroup" if is_nogroup(exc) else "oom" if is_oom(exc)
+                else "unavailable" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+                else "other")
+        self.redis_errors[kind] = self.redis_errors.get(kind, 0) + 1
+        if kind == "nogroup":
+            log.warning("transcriber %s: group gone (%s): Redis restarted empty? recreating it",
+                        self.id, exc)
+            try:
+                ensure_group(self.r, keys.TRANSCRIBERS_GROUP)
+            except redis.RedisError:
+                return False
+            return True
+        if kind == "oom":
+            self._shed_until = time.monotonic() + OOM_SHED_S
+            log.error("transcriber %s: Redis is out of memory: %s; no new call for %.0fs",
+                      self.id, exc, OOM_SHED_S)
+        elif kind == "unavailable":
+            log.warning("transcriber %s: redis unavailable (%s); retrying", self.id, exc)
+        else:
+            log.error("transcriber %s: redis error (%r); retrying", self.id, exc)
+        return False
 
     def step(self) -> None:
         now = time.monotonic()
@@ -152,8 +203,11 @@ class Transcriber:
                 self._adopt(eid, fields, claimed=True)
             self._next_scan = now + min(self.lease_ms / 4000.0, 1.0)
         block = None if self.calls else min(IDLE_BLOCK_MS, max(1, int((self._next_scan - now) * 1000)))
-        for eid, fields in self.own.read_new(count=20, block_ms=block):
-            self._adopt(eid, fields, claimed=False)
+        if time.monotonic() >= self._shed_until:
+            for eid, fields in self.own.read_new(count=20, block_ms=block):
+                self._adopt(eid, fields, claimed=False)
+        elif not self.calls:
+            time.sleep(0.2)
         if self.calls:
             self._read_calls()
         self.metrics.calls_owned = len(self.calls)
@@ -161,13 +215,24 @@ class Transcriber:
     # ------------------------------------------------------------ ownership
     def _renew(self) -> None:
         t = time.monotonic()
-        lost = self.own.renew({cid: c.start_entry for cid, c in self.calls.items()})
+        results = self.own.renew({cid: c.start_entry for cid, c in self.calls.items()})
         self._next_renew = t + self.lease_ms / 3000.0
-        for cid in lost:
-            log.warning("call %s: asr lease lost; dropping it", cid)
-            oc = self.calls.pop(cid, None)
-            if oc:
-                oc.core.close()
+        for cid, (verdict, entry_ok) in results.items():
+            if verdict == LOST:
+                log.warning("call %s: asr lease lost; dropping it", cid)
+                oc = self.calls.pop(cid, None)
+                if oc:
+                    oc.core.close()
+                continue
+            oc = self.calls[cid]
+            if verdict == RELET:
+                log.warning("call %s: asr lease was gone and nobody took the call; re-taken", cid)
+                oc.dirty = True
+                oc.last_commit = 0.0
+            if not entry_ok:
+                eid = self.own.reannounce(encode(oc.call))
+                log.warning("call %s: start entry lost by Redis; re-announced as %s", cid, eid)
+                oc.start_entry = eid
         if self.calls:
             pipe = self.r.pipeline(transaction=False)
             cids = list(self.calls)
@@ -198,16 +263,19 @@ class Transcriber:
         if not self.own.acquire(cid):
             holder = self.own.holder(cid)
             if holder != self.id:
-                if not claimed:
+                if not claimed and holder and fields.get(b"reannounced_by") == holder.encode():
+                    self.own.give_back(cid, eid, holder)
+                elif not claimed:
                     self.own.ack(eid)
                 elif holder:
-                    self.r.xclaim(keys.CALLS_STREAM, keys.TRANSCRIBERS_GROUP, holder, 0, [eid], justid=True)
+                    self.own.give_back(cid, eid, holder)
                 return
         # Read the checkpoint only once the lease is ours (see workers.runner).
         raw = self.r.hgetall(keys.call_asr_checkpoint(cid))
         state: dict[str, Any] = {}
         if raw:
-            if raw.get(b"done") == b"1":
+            if raw.get(b"done") == b"1" and self.r.hget(keys.call_meta(cid), "state") not in (
+                    b"live", b"suspended"):
                 self.own.release(cid)
                 self.own.ack(eid)
                 return
@@ -277,7 +345,8 @@ class Transcriber:
             cid = oc.call.call_id
             args: list[Any] = [self.id, keys.CALL_STREAM_MAXLEN, json.dumps(oc.core.checkpoint()),
                                "1" if oc.core.ended else "0",
-                               keys.CALL_KEY_TTL_AFTER_END if oc.core.ended else 0, len(oc.pending)]
+                               keys.CALL_KEY_TTL_AFTER_END if oc.core.ended else 0, len(oc.pending),
+                               self.lease_ms]
             for t in oc.pending:
                 f = encode(t)
                 args.append(len(f))
@@ -290,7 +359,15 @@ class Transcriber:
         after = self.r.pipeline(transaction=False)
         for oc, reply in zip(ocs, replies):
             cid = oc.call.call_id
-            if isinstance(reply, Exception) or reply == -1:
+            if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
+                raise reply
+            if isinstance(reply, redis.ResponseError):
+                # e.g. OOM: nothing of this commit was written; the call is kept
+                # (its output stays pending) and committed on a later turn.
+                self.on_redis_error(reply)
+                ok.append(False)
+                continue
+            if reply == -1:
                 log.warning("call %s: asr commit refused (%s); dropping the call", cid,
                             reply if isinstance(reply, Exception) else "lease lost")
                 oc.core.close()

@@ -7,12 +7,15 @@ gateway, a worker runs the default agent: greeting, an answer to the caller,
 a reprompt after silence, goodbye, hangup. Two calls are placed so that each
 gateway replica holds one socket. Each call record must reach ``ended`` and
 the sandbox report must show what the agent did; then every role must stop
-cleanly on SIGTERM.
+cleanly on SIGTERM. The secrets come from files, as compose mounts them: a
+SECRETS_DIR made here with a non-development signing secret, which the dialer
+signs with and the gateways verify with.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -32,9 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 ENV = {
     "PV_DRAIN_GRACE_S": "2",
     "PV_SILENCE_TIMEOUT_S": "2",
-    "PV_SIGNING_SECRET": "e2e-signing-secret-0123456789",
     "PV_LOG_LEVEL": "INFO",
 }
+SIGNING_SECRET = "e2e-signing-secret-0123456789"
 CALL_DEADLINE_S = 90
 
 
@@ -59,7 +62,10 @@ def get_json(url: str, timeout: float = 10):
 
 @pytest.fixture
 def stack(redis_url, r, subprocess_env, tmp_path):
-    compose = ComposeFile(ROOT / "docker-compose.yml", environ=ENV)
+    secrets = tmp_path / "secrets"
+    shutil.copytree(ROOT / "deploy" / "secrets" / "dev", secrets)
+    (secrets / "pv_signing_secret").write_text(SIGNING_SECRET + "\n")
+    compose = ComposeFile(ROOT / "docker-compose.yml", environ={**ENV, "SECRETS_DIR": str(secrets)})
     base = {k: v for k, v in subprocess_env.items() if not k.startswith(("PV_", "PIOPIY_"))}
     s = LocalStack(compose, redis_url, base_env=base, work_dir=tmp_path, stop_timeout_s=10)
     try:
@@ -85,6 +91,9 @@ def record(r, call_id: str) -> dict[str, str]:
 
 def test_calls_end_to_end_through_scaled_roles(stack, r):
     assert len(stack.replicas["gateway"]) == 2 and len(stack.replicas["worker"]) == 2
+    for rep in (*stack.replicas["gateway"], *stack.replicas["dialer"]):
+        assert Path(rep.env["PV_SIGNING_SECRET_FILE"]).read_text().strip() == SIGNING_SECRET
+        assert "PV_SIGNING_SECRET" not in rep.env
     # Two calls: the proxy alternates, so each gateway replica holds one
     # socket and each must receive its call's commands (routed by gateway_id).
     calls = [place_call(stack, "919812345678", "listen"), place_call(stack, "919812345679", "listen")]

@@ -47,10 +47,15 @@ def container(docs, role):
     return pod["spec"], c
 
 
+#: Documentation only, never applied by the kustomization.
+NOT_APPLIED = {"secret.example.yaml"}
+
+
 def test_every_resource_file_parses_and_is_listed(docs):
     listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk
+    assert listed == on_disk - NOT_APPLIED
+    assert not any(d["kind"] == "Secret" for d in docs), "the Secret must not be applied by the base"
     for d in docs:
         assert d.get("apiVersion") and d.get("kind") and d["metadata"].get("name")
 
@@ -66,7 +71,9 @@ def test_configmap_is_settings_with_env_example_defaults(docs):
     for k, v in data.items():
         assert isinstance(v, str), f"{k}: ConfigMap values must be strings"
         assert example.get(k) == v, f"{k}: k8s {v!r} != .env.example {example.get(k)!r}"
-    for secret in ("PV_SIGNING_SECRET", "PIOPIY_APP_TOKEN"):
+    from test_deploy_compose import secret_variables
+
+    for secret in secret_variables():
         assert secret not in data, f"{secret} belongs in the Secret"
     Settings.from_env(data)
 
@@ -84,15 +91,48 @@ def test_same_command_and_env_as_compose(docs, compose, role):
     missing = set(compose.environment(role)) - names
     assert not missing, f"{role}: compose sets {sorted(missing)}, k8s does not"
     for name, e in env.items():
-        if "valueFrom" in e:
-            ref = e["valueFrom"]["secretKeyRef"]
-            assert ref == {"name": SECRET, "key": name}
-            assert name in compose.environment(role), f"{role}: secret {name} not given in compose"
-        else:
-            assert e["value"] == compose.environment(role)[name], f"{role}: {name}"
-    # A secret compose hands this role must come from the Secret here.
-    for secret in ("PV_SIGNING_SECRET", "PIOPIY_APP_TOKEN"):
-        assert (secret in compose.environment(role)) == ("valueFrom" in env.get(secret, {}))
+        assert "valueFrom" not in e, f"{role}: {name}: secrets are files here as in compose"
+        assert e["value"] == compose.environment(role)[name], f"{role}: {name}"
+
+
+def secret_items(pod) -> dict[str, tuple[str, bool]]:
+    """/run/secrets/<path> -> (Secret key, optional) of the pod's secret volume."""
+    out = {}
+    for vol in pod.get("volumes", []):
+        for source in (vol.get("projected") or {}).get("sources", []):
+            sec = source.get("secret")
+            if sec:
+                assert sec["name"] == SECRET
+                for item in sec["items"]:
+                    out[f"/run/secrets/{item['path']}"] = (item["key"], bool(sec.get("optional")))
+    return out
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_secrets_are_the_files_compose_mounts(docs, compose, role):
+    pod, c = container(docs, role)
+    items = secret_items(pod)
+    # Same mount points as compose's secrets, from the documented Secret's keys.
+    assert set(items) == set(compose.secret_files(role)), role
+    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    for mount, (key, optional) in items.items():
+        assert key in example["stringData"], f"{role}: key {key} not documented in secret.example.yaml"
+        assert mount == f"/run/secrets/{key.lower()}"
+        # Required secrets are those compose's role names in a *_FILE by default.
+        required = mount in compose.environment(role).values()
+        assert optional is not required, f"{role}: {key} optional={optional}"
+    if items:
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        assert mounts["/run/secrets"]["readOnly"] is True
+
+
+def test_secret_example_documents_every_secret():
+    from test_deploy_compose import secret_variables
+
+    example = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    assert example["kind"] == "Secret" and example["metadata"]["name"] == SECRET
+    assert set(example["stringData"]) == set(secret_variables())
+    assert all("CHANGE-ME" in v for v in example["stringData"].values()), "no real-looking values in the example"
 
 
 def test_gateway_probes_service_and_grace(docs, compose):
@@ -141,3 +181,53 @@ def test_non_root(docs, role):
     user = re.findall(r"^USER\s+(\d+)", (ROOT / "deploy" / "Dockerfile").read_text(), re.M)[-1]
     assert pod["securityContext"]["runAsUser"] == int(user)  # the image's user
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_restricted_security_context(docs, role):
+    """The Pod Security Standard "restricted" profile, and a read-only root."""
+    pod, c = container(docs, role)
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert not sc.get("privileged")
+    # The one writable path (the transcriber's language model, temp files).
+    vols = {v["name"]: v for v in pod["volumes"]}
+    tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert tmp and "emptyDir" in vols[tmp[0]["name"]]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_disruption_budget_per_role(docs, role):
+    pdb = find(docs, "PodDisruptionBudget", role)
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"] == find(docs, "Deployment", role)["spec"]["selector"]["matchLabels"]
+    # One at a time, and never minAvailable (a single replica would block every drain).
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    if role == "gateway":
+        assert find(docs, "Deployment", "gateway")["spec"]["replicas"] >= 2, "a drained lone gateway stops new calls"
+
+
+def test_ingress_routes_calls_to_the_gateway_and_the_rest_to_the_api(docs, compose):
+    ing = find(docs, "Ingress", "piopiy-voice")
+    assert ing["apiVersion"] == "networking.k8s.io/v1"
+    ann = ing["metadata"]["annotations"]
+    drain = float(find(docs, "ConfigMap", CONFIGMAP)["data"]["PV_MAX_CALL_S"])
+    for key in ("nginx.ingress.kubernetes.io/proxy-read-timeout", "nginx.ingress.kubernetes.io/proxy-send-timeout"):
+        assert int(ann[key]) >= drain, f"{key}: a silent call socket would be cut before PV_MAX_CALL_S"
+    (rule,) = ing["spec"]["rules"]
+    assert ing["spec"]["tls"][0]["hosts"] == [rule["host"]]
+    routes = {(p["path"], p["pathType"]): (p["backend"]["service"]["name"], p["backend"]["service"]["port"]["number"])
+              for p in rule["http"]["paths"]}
+    gw_port = find(docs, "Service", "gateway")["spec"]["ports"][0]["port"]
+    api_port = find(docs, "Service", "api")["spec"]["ports"][0]["port"]
+    assert routes[("/call", "Prefix")] == ("gateway", gw_port)
+    from piopiy_voice.signing import CALL_PATH_PREFIX
+
+    assert CALL_PATH_PREFIX == "/call/"
+    for path in ("/calls", "/console", "/answer", "/"):
+        assert any(p == path and svc == ("api", api_port) for (p, _), svc in routes.items()), path
+    # Metrics and health stay inside the cluster.
+    assert not any(p in ("/metrics", "/healthz", "/readyz") or p.startswith("/metrics") for p, _ in routes)
+    assert ("/", "Exact") in routes and ("/", "Prefix") not in routes

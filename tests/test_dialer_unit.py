@@ -83,7 +83,11 @@ def test_retryable_classification():
     assert not is_retryable(PiopiyNetworkError("read timeout", reached=True))
     assert is_retryable(PiopiyApiError(429, 429, {}))
     assert is_retryable(PiopiyApiError(503, 503, {}))
-    assert is_retryable(PiopiyApiError(200, 502, {"code": 502}))
+    assert is_retryable(PiopiyApiError(200, 503, {"code": 503}))
+    # Any other 5xx may be ringing: outcome unknown, never re-sent.
+    for status in (500, 502, 504):
+        assert not is_retryable(PiopiyApiError(status, status, {}))
+    assert not is_retryable(PiopiyApiError(200, 502, {"code": 502}))
     assert not is_retryable(PiopiyApiError(401, 401, {}))
     assert not is_retryable(PiopiyApiError(200, 420, {"code": 420}))
     assert not is_retryable(PiopiyValidationError("to", "bad"))
@@ -182,4 +186,6 @@ def test_campaign_cli_reports_lines_and_shows_status(r, redis_url, subprocess_en
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert st.returncode == 0 and "3 calls" in st.stdout
     lines = dict(line.split() for line in st.stdout.splitlines()[1:])
-    assert lines == {"queued": "3", "dialing": "0", "placed": "0", "failed": "0", "live": "0", "ended": "0"}
+    from piopiy_voice import callrecord
+
+    assert lines == {st: "3" if st == "queued" else "0" for st in callrecord.STATES}

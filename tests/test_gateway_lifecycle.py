@@ -19,6 +19,7 @@ from piopiy_voice import contracts as c
 from piopiy_voice import keys
 from piopiy_voice.redisconn import EmbeddedRedis, connect as connect_sync
 from piopiy_voice.signing import sign_stream_url
+from piopiy_voice import callrecord
 from test_gateway_server import run
 
 pytestmark = pytest.mark.integration
@@ -83,8 +84,14 @@ def test_sigterm_drains_then_closes_1012(subprocess_env, r):
             assert 0.9 <= waited < 5, waited
         run(scenario())
         assert proc.p.wait(10) == 0, "".join(proc.lines)
-        ended = [c.decode(f) for _, f in r.xrange(keys.call_stream("call-z"))][-1]
-        assert ended.type == "call.ended" and ended.reason == "drained" and ended.frames_in == 2
+        # A drain hands the call over: suspended (resumable on another gateway
+        # for the reconnect grace), not ended.
+        types = [c.decode(f).type for _, f in r.xrange(keys.call_stream("call-z"))]
+        assert "call.ended" not in types and types.count("audio") == 2
+        rec = r.hgetall(keys.call_meta("call-z"))
+        assert rec[b"state"] == b"suspended" and rec[b"frames_in"] == b"2"
+        assert int(rec[b"last_seq"]) == 3  # call.started + 2 frames
+        assert r.zscore(callrecord.SUSPENDED_ZSET, "call-z") is not None
         assert r.get(keys.gateway_heartbeat("gw-d")) is None
         assert r.zscore(keys.GATEWAYS_ZSET, "gw-d") is None
     finally:

@@ -40,7 +40,7 @@ def test_close_reports_what_could_not_be_written(caplog):
 
     with caplog.at_level(logging.WARNING, logger="piopiy_voice.gateway.publisher"):
         pub = asyncio.run(asyncio.wait_for(main(), 10))
-    assert pub.metrics.c["frames_dropped"] == 1
+    assert pub.metrics.c["frames_dropped_closing"] == 1  # reason="writer_closed"
     assert any("discarding 2 unwritten entries (1 audio frames)" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 

@@ -205,7 +205,12 @@ def test_handshake_refusals_and_health(redis_url, r):
             assert (await asyncio.to_thread(_http, gw.port, "/readyz"))[0] == 200
             status, body, ctype = await asyncio.to_thread(_http, gw.port, "/metrics")
             assert status == 200 and ctype.startswith("text/plain") and "," not in ctype
-            assert "pv_gateway_handshakes_refused_total 5" in body
+            for status_, reason in (("401", "bad_signature"), ("403", "expired"),
+                                    ("404", "not_found"), ("400", "bad_rate"),
+                                    ("503", "max_calls")):
+                line = (f'pv_gateway_handshakes_refused_total{{reason="{reason}",'
+                        f'status="{status_}"}} 1.0')
+                assert line in body, line
             gw.draining = True
             assert (await asyncio.to_thread(_http, gw.port, "/readyz"))[0] == 503
             assert await _status(url(gw, "c3")) == 503

@@ -125,3 +125,55 @@ def test_speech_config_from_env():
         SpeechConfig.from_env({"PV_VAD": "loud"})
     with pytest.raises(SpeechError, match="PV_TTS_TIMEOUT_S"):
         SpeechConfig.from_env({"PV_TTS_TIMEOUT_S": "soon"})
+
+
+def _reference_voicing(prev: np.ndarray, x: np.ndarray, rate: int) -> tuple[float, int]:
+    """The voicing measure written the direct way (full FFT, "same" convolution,
+    full inverse FFT): what the energy engine's cheaper arithmetic must equal."""
+    win = 2 * x.size
+    nfft = 1 << (2 * win - 1).bit_length()
+    seg = np.concatenate((prev, x)) * np.hanning(win).astype(np.float32)
+    p = np.abs(np.fft.rfft(seg, nfft)) ** 2
+    f = np.fft.rfftfreq(nfft, 1 / rate)
+    k = max(3, int(200 / (rate / nfft)) | 1)
+    w = np.where((f >= 80) & (f <= 1000), p / (np.convolve(p, np.ones(k) / k, mode="same") + 1e-9), 0.0)
+    lo, hi = int(rate * 0.0025), int(rate * 0.0125)
+    ac = np.fft.irfft(w, nfft)[: hi + 1]
+    lags = np.arange(lo, hi + 1)
+    r = ac[lo:] / ac[0] * (win / (win - lags))
+    i = int(np.argmax(r))
+    return float(r[i]), int(lags[i])
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_energy_engine_voicing_equals_the_direct_definition(rate):
+    vad = make_vad("energy", rate)
+    frames = _frames(np.concatenate((_speech(rate), _chords(rate, 1.0), _brown(rate, 1.0))), rate)
+    prev = np.zeros(rate // 50, dtype=np.float32)
+    checked = 0
+    for pcm in frames[::7]:
+        x = np.frombuffer(pcm, "<i2").astype(np.float32)
+        vad._prev = prev
+        got = vad._voicing(x)
+        want = _reference_voicing(prev, x, rate)
+        if want[0] > 0.3:  # argmax ties between near-equal lags only matter for pitched frames
+            assert got[1] == want[1]
+        assert got[0] == pytest.approx(want[0], abs=2e-3)
+        prev = x
+        checked += 1
+    assert checked > 20
+
+
+def test_energy_engine_background_is_the_10th_percentile_of_the_last_1_5_s():
+    vad = make_vad("energy", 8000)
+    levels = []
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        pcm = (rng.standard_normal(160) * 10 ** rng.uniform(0.5, 4)).astype("<i2").tobytes()
+        vad.speech_prob(pcm)
+        levels.append(vad.level_db)
+        window = ([vad.threshold_db - vad.snr_db] * 75 + levels)[-75:]
+        assert vad.background_db == pytest.approx(float(np.partition(window, 7)[7]))
+    # The level is the frame's RMS in dBFS (what the agent's DTMF gate reuses).
+    x = np.frombuffer(pcm, "<i2").astype(float)
+    assert vad.level_db == pytest.approx(10 * np.log10(np.mean(x ** 2) / 32768 ** 2), abs=1e-3)

@@ -372,3 +372,16 @@ def test_load_agent_class_finds_a_module_in_the_current_directory(tmp_path, monk
     monkeypatch.delitem(sys.modules, "pv_cwd_pkg", raising=False)
     monkeypatch.delitem(sys.modules, "pv_cwd_pkg.agents", raising=False)
     assert load_agent_class("pv_cwd_pkg.agents:Echo").__name__ == "Echo"
+
+
+def test_ears_take_the_frame_level_from_the_energy_vad_and_measure_it_for_others():
+    from piopiy_voice.audio.pcm import rms_dbfs
+
+    import importlib.util
+
+    pcm = speech_like(200, rate=8000, seed=3)[:320]
+    engines = ["energy"] + (["webrtc"] if importlib.util.find_spec("webrtcvad") else [])
+    for vad in engines:  # webrtc (no level of its own) is an optional extra
+        ears = Ears(vad, 8000, 80, 400)
+        ears.process(pcm)
+        assert ears.level_db == pytest.approx(rms_dbfs(pcm), abs=1e-3)

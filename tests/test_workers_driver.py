@@ -157,3 +157,79 @@ def test_ticks_and_orphan_end():
     assert [cmd.type for cmd in out.commands] == ["cmd.hangup"]
     out = drv.end_orphan(70.0)
     assert out.ended and out.commands == [] and drv.pending == []
+
+
+class _Speaker(Agent):
+    """Speaks on every marked frame, interrupts on a platform event "barge"."""
+
+    def on_event(self, event, now):
+        if isinstance(event, c.AudioFrame) and event.pcm[:2] == b"\x7f\x7f":
+            return [self.command(c.Speak, text=f"reply:{event.seq}")]
+        if isinstance(event, c.PlatformEvent) and event.event == "barge":
+            return [self.command(c.Interrupt)]
+        return []
+
+
+def _resumed(stale_ms, ckpt=None):
+    settings = Settings.from_env({"PV_STALE_COMMAND_MS": str(stale_ms)})
+    ckpt = ckpt or Checkpoint(call_id="call-1", last_id="999999-0", runtime={"seq": 1},
+                              state={}, owner="dead")
+    drv, _out, kind = CallDriver.resume(_Speaker, settings, CALL, ckpt, "w2")
+    return drv, kind
+
+
+def test_replayed_stale_audio_is_suppressed_state_changes_kept_until_caught_up():
+    """A reply started and interrupted within 0.5 s before the takeover: the
+    new owner replays both entries 2 s late; it must not speak the reply, but
+    it keeps the interrupt (a state change) and numbers only what it sends."""
+    drv, kind = _resumed(500)
+    assert kind == "crash" and drv.replaying
+    e = Entries()
+    entries = e(c.AudioFrame(call_id="call-1", seq=2, pcm=b"\x7f\x7f" + FRAME[2:]),
+                c.PlatformEvent(call_id="call-1", seq=3, event="barge"))
+    wall = e.ms / 1000 + 2.0  # both entries are 2 s old when replayed
+    out = drv.feed(entries, wall)
+    assert [cmd.type for cmd in out.commands] == ["cmd.interrupt"]
+    assert out.commands[0].command_id == "call-1:1"  # suppressed commands take no number
+    assert out.stale == 1
+    assert [n for n, _ in out.notes] == ["worker.stale_suppressed"]
+    # A fresh entry during the replay (younger than the bound) is spoken.
+    fresh = e(c.AudioFrame(call_id="call-1", seq=4, pcm=b"\x7f\x7f" + FRAME[2:]))
+    out = drv.feed(fresh, e.ms / 1000 + 0.1)
+    assert [cmd.text for cmd in out.commands] == ["reply:4"]
+    # Caught up: the replay is over, nothing is suppressed any more, however late.
+    drv.caught_up(e.ms / 1000)
+    assert not drv.replaying
+    out = drv.feed(e(c.AudioFrame(call_id="call-1", seq=5, pcm=b"\x7f\x7f" + FRAME[2:])),
+                   e.ms / 1000 + 5.0)
+    assert [cmd.text for cmd in out.commands] == ["reply:5"] and out.stale == 0
+
+
+def test_stale_bound_zero_sends_everything_and_new_calls_never_suppress():
+    drv, _ = _resumed(0)
+    e = Entries()
+    out = drv.feed(e(c.AudioFrame(call_id="call-1", seq=2, pcm=b"\x7f\x7f" + FRAME[2:])),
+                   e.ms / 1000 + 10)
+    assert [cmd.text for cmd in out.commands] == ["reply:2"]
+    drv, _ = CallDriver.start(_Speaker, SETTINGS, CALL, "w1")
+    assert not drv.replaying
+    out = drv.feed(e(c.AudioFrame(call_id="call-1", seq=2, pcm=b"\x7f\x7f" + FRAME[2:])),
+                   e.ms / 1000 + 10)
+    assert [cmd.text for cmd in out.commands] == ["reply:2"]
+
+
+def test_a_done_checkpoint_announced_again_resumes_the_same_agent_state():
+    """The socket dropped (the old gateway ended the call) and came back: the
+    worker resumes from the done checkpoint with the agent's state, not anew."""
+    drv, _ = CallDriver.start(CountingAgent, SETTINGS, CALL, "w1")
+    e = Entries()
+    drv.feed(e(*[audio(s) for s in range(2, 14)]), e.ms / 1000)
+    drv.feed(e(c.CallEnded(call_id="call-1", seq=14, reason="platform_closed")), e.ms / 1000)
+    ckpt = drv.checkpoint()
+    assert ckpt.done and ckpt.state == {"frames": 12}
+    again, out, kind = CallDriver.resume(CountingAgent, SETTINGS, CALL, ckpt, "w2")
+    assert kind == "reconnect" and not again.ended and not again.ckpt.done
+    assert out.notes[0][1]["after"] == "reconnect"
+    fed = again.feed(e(*[audio(s) for s in range(15, 23)]), e.ms / 1000)
+    assert [cmd.text for cmd in fed.commands] == ["20:22"]  # frame 20 counted across the drop
+    assert again.ckpt.cmd_seq == 2 and fed.commands[0].command_id == "call-1:2"

@@ -24,7 +24,8 @@ FRAME = b"\x00\x01" * 160
 
 
 def _settings():
-    return Settings.from_env({})
+    # Exactly-once tests: every replayed command must be sent (no stale suppression).
+    return Settings.from_env({"PV_STALE_COMMAND_MS": "0"})
 
 
 class _Running:
@@ -157,7 +158,7 @@ def test_lease_expiry_lets_another_worker_take_over_and_fences_the_old_one(r, re
 
 
 def _spawn(subprocess_env, worker_id, lease_ms):
-    env = dict(subprocess_env, PV_LOG_LEVEL="INFO")
+    env = dict(subprocess_env, PV_LOG_LEVEL="INFO", PV_STALE_COMMAND_MS="0")
     return subprocess.Popen(
         [sys.executable, "-m", "piopiy_voice.workers.runner", "--agent", "workers_support:CountingAgent",
          "--worker-id", worker_id, "--lease-ms", str(lease_ms), "--max-seconds", "60"],

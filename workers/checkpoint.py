@@ -34,12 +34,21 @@ from typing import Any, Iterable
 from piopiy_voice import keys
 from piopiy_voice.contracts import encode
 
-# KEYS: lease, checkpoint, command stream
+# KEYS: lease, checkpoint, command stream, calls stream
 # ARGV: worker, lease_ms (renew), cmd maxlen, release (0/1), ckpt ttl s (0 none),
+#       group, start entry id ("" none),
 #       n checkpoint fields (pairs), pairs..., then per command: n fields (pairs), pairs...
+# The lease is ours, or missing while the checkpoint is missing or still ours
+# (Redis restarted empty, or a stall nobody took the call over during: see
+# ``piopiy_voice.workers.ownership``): then it is taken again.
 _COMMIT_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local i = 6
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then
+  if cur then return -1 end
+  local owner = redis.call('HGET', KEYS[2], 'owner')
+  if owner and owner ~= ARGV[1] then return -1 end
+end
+local i = 8
 local n = tonumber(ARGV[i]); i = i + 1
 local ck = {}
 for j = 1, 2 * n do ck[j] = ARGV[i]; i = i + 1 end
@@ -52,11 +61,17 @@ while i <= #ARGV do
   sent = sent + 1
 end
 if n > 0 then redis.call('HSET', KEYS[2], unpack(ck)) end
-if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+else
+  redis.call('PERSIST', KEYS[2])  -- a call resumed after a done checkpoint
+end
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
 else
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  -- The lease and the start entry's idle time move together (ownership).
+  if ARGV[7] ~= '' then redis.pcall('XCLAIM', KEYS[4], ARGV[6], ARGV[1], 0, ARGV[7], 'JUSTID') end
 end
 return sent
 """
@@ -116,10 +131,12 @@ def load(r: Any, call_id: str) -> Checkpoint | None:
 class Committer:
     """Publishes commands and the checkpoint atomically, fenced by the lease."""
 
-    def __init__(self, r: Any, worker_id: str, lease_ms: int) -> None:
+    def __init__(self, r: Any, worker_id: str, lease_ms: int,
+                 group: str = keys.WORKERS_GROUP) -> None:
         self.r = r
         self.worker_id = worker_id
         self.lease_ms = int(lease_ms)
+        self.group = group
         self._script = r.register_script(_COMMIT_LUA)
 
     def commit(
@@ -131,16 +148,19 @@ class Committer:
         release: bool = False,
         ttl_s: int = 0,
         pipe: Any = None,
+        start_entry: str = "",
     ) -> int | None:
         """Atomically: XADD ``commands`` to the gateway, HSET ``ckpt``, renew
-        (or with ``release`` delete) the lease. Returns the number of commands
+        (or with ``release`` delete) the lease, refreshing the idle time of
+        ``start_entry`` (the call's pending calls-stream entry). Returns the number of commands
         sent; raises ``LeaseLost`` if the lease is not ours (nothing written).
         With ``pipe`` the script is only queued (returns None): pass each raw
         reply of ``pipe.execute()`` to ``check``."""
         cid = ckpt.call_id
         flat = ckpt.fields(self.worker_id)
         args: list[Any] = [self.worker_id, self.lease_ms, keys.COMMAND_STREAM_MAXLEN,
-                           "1" if release else "0", int(ttl_s), len(flat)]
+                           "1" if release else "0", int(ttl_s), self.group, start_entry or "",
+                           len(flat)]
         for k, v in flat.items():
             args += [k, v]
         for cmd in commands:
@@ -149,7 +169,8 @@ class Committer:
             for k, v in f.items():
                 args += [k, v]
         sent = self._script(
-            keys=[keys.call_lease(cid), keys.call_checkpoint(cid), keys.gateway_commands(gateway_id)],
+            keys=[keys.call_lease(cid), keys.call_checkpoint(cid), keys.gateway_commands(gateway_id),
+                  keys.CALLS_STREAM],
             args=args, client=pipe,
         )
         if pipe is not None:

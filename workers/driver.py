@@ -39,6 +39,23 @@ runtime, whose results are fenced by the lease we now hold. Once the stream
 has been read to its end (``caught_up``), every such work without a final
 result is delivered to the agent as ``WorkDone(ok=False, error="lost")``: a
 takeover mid-reply re-asks.
+
+Stale audio after a takeover (the rule): from ``resume`` until ``caught_up``
+the driver is *replaying* the backlog the previous owner left. While
+replaying, a command that produces audio (``PlayAudio``, ``Speak``,
+``PlayMusic``: ``AUDIO_COMMANDS``) decided on an entry older than
+``stale_ms`` (wall time minus the entry id's time) is suppressed: the agent's
+state moves on as if it had been sent (its later ``Interrupt``/``ClearAudio``,
+hang-up, transfer and every other state-changing command are kept), but nothing
+is published, so the caller never hears a reply that was started and
+interrupted before we got the call. Suppressed commands take no command
+number, are counted (``Outcome.stale``) and noted on the timeline
+(``worker.stale_suppressed``). Outside a replay nothing is suppressed.
+
+Reconnect: a call announced again while its record is live or suspended is
+resumed from its checkpoint even when that checkpoint says ``done`` (the
+socket dropped and came back: ``resume`` reports ``reconnect``); the runner
+keeps dropping calls whose record says ended.
 """
 
 from __future__ import annotations
@@ -55,6 +72,10 @@ from .checkpoint import Checkpoint
 log = logging.getLogger("piopiy_voice.workers.driver")
 
 AGENT_ATTEMPTS = 3
+#: Commands that make the caller hear something (suppressed when stale in a replay).
+AUDIO_COMMANDS = frozenset({"cmd.play_audio", "cmd.speak", "cmd.play_music"})
+#: Default staleness bound of a replayed audio command (ms).
+DEFAULT_STALE_MS = 500
 #: After an agent raised on a Tick, no Tick for this long (seconds).
 TICK_QUIET_S = 1.0
 
@@ -75,7 +96,7 @@ class Outcome:
     """What the runner must do after one input to a ``CallDriver``."""
 
     __slots__ = ("commands", "works", "cancels", "notes", "dead_letters", "finished",
-                 "skipped", "entries", "ignored", "ended", "dirty")
+                 "skipped", "entries", "ignored", "ended", "dirty", "stale")
 
     def __init__(self) -> None:
         #: Stamped commands decided now (also queued in ``CallDriver.pending``
@@ -100,6 +121,8 @@ class Outcome:
         self.ended = False
         #: The checkpoint moved: commit it (at least about once a second).
         self.dirty = False
+        #: Stale audio commands suppressed while replaying (see the module docstring).
+        self.stale = 0
 
 
 class CallDriver:
@@ -121,6 +144,14 @@ class CallDriver:
         #: result is found before the stream's end.
         self.suspects: set[str] = set()
         self._tick_quiet_until = 0.0
+        #: Replaying the backlog after a takeover (until ``caught_up``).
+        self.replaying = False
+        #: Staleness bound of replayed audio commands (ms); 0 disables.
+        self.stale_ms = DEFAULT_STALE_MS
+        #: Age (s) of the entry being decided; 0 for ticks and synthetic events.
+        self._age_s = 0.0
+        #: ``last_id`` of the last committed checkpoint ("" before the first).
+        self.committed_id = ""
         ckpt.runtime.setdefault("works", {})
 
     # ------------------------------------------------------------ starting
@@ -145,13 +176,23 @@ class CallDriver:
                ) -> tuple["CallDriver", Outcome, str]:
         """A call taken over from ``ckpt``; returns the driver, an outcome (the
         ``worker.claimed`` note) and how the previous owner left:
-        ``handback`` or ``crash``."""
+        ``handback``, ``crash`` or ``reconnect`` (the checkpoint said done
+        but the call was announced again while live: the socket came back)."""
+        reconnect = ckpt.done
+        ckpt.done = False
         agent = agent_cls.from_state(call, settings, ckpt.state or {})
         # Agents overriding to_state without super() still get fresh work ids.
         agent._work_n = max(getattr(agent, "_work_n", 0), int(ckpt.runtime.get("work_n", 0)))
         kind = "handback" if ckpt.runtime.pop("handed_back", None) else "crash"
+        if reconnect:
+            kind = "reconnect"
         drv = cls(call, agent, ckpt, f"worker:{worker_id}", observe_lag)
         drv.suspects = set(ckpt.runtime["works"])
+        drv.replaying = True
+        drv.committed_id = ckpt.last_id
+        stale_ms = getattr(settings, "stale_command_ms", None)
+        if stale_ms is not None:
+            drv.stale_ms = int(stale_ms)
         out = Outcome()
         out.notes.append(("worker.claimed", {"worker": worker_id, "previous": ckpt.owner,
                                              "after": kind, "resume_from": ckpt.last_id}))
@@ -175,6 +216,7 @@ class CallDriver:
             if observe is not None:
                 observe(wall - t if wall > t else 0.0)
             ckpt.last_id = eid
+            self._age_s = wall - t
             try:
                 ev = decode(fields)
             except Exception as exc:  # noqa: BLE001 (poison entry: any failure)
@@ -209,6 +251,7 @@ class CallDriver:
             if etype == "call.ended":
                 out.ended = self.ended = True
                 break
+        self._age_s = 0.0
         out.entries = n
         return out
 
@@ -233,7 +276,9 @@ class CallDriver:
 
     def caught_up(self, wall: float) -> Outcome | None:
         """The stream has been read to its end: works in flight at the takeover
-        with no final result are lost (see the module docstring)."""
+        with no final result are lost, and the replay is over (see the module
+        docstring)."""
+        self.replaying = False
         if not self.suspects:
             return None
         works = self.ckpt.runtime["works"]
@@ -286,6 +331,7 @@ class CallDriver:
         self.ckpt.runtime.pop("handed_back", None)
         self.pending = []
         self.dirty = False
+        self.committed_id = self.ckpt.last_id
 
     def uncommitted(self) -> None:
         """The commit was not made (e.g. a hand-back whose commit failed)."""
@@ -315,8 +361,14 @@ class CallDriver:
     def _route(self, items: Any, eid: str, out: Outcome) -> None:
         ckpt = self.ckpt
         cid = self.call.call_id
+        stale = (self.replaying and self.stale_ms > 0 and self._age_s * 1000 > self.stale_ms)
         for item in items:
             if is_command(item):
+                if stale and item.type in AUDIO_COMMANDS:
+                    out.stale += 1
+                    out.notes.append(("worker.stale_suppressed", {
+                        "command": item.type, "entry": eid, "age_ms": int(self._age_s * 1000)}))
+                    continue
                 ckpt.cmd_seq += 1
                 item.call_id = cid
                 item.seq = ckpt.cmd_seq

@@ -8,25 +8,45 @@ The gateway announces each call with a ``call.started`` entry on
 lease (``SET lease <worker> NX PX lease_ms``) and keeps the entry *pending*
 (un-ACKed) for the whole call. The entry is ACKed only when the call ends.
 
-While it owns a call a worker, every ``lease_ms / 3``:
-- renews the lease with a compare-and-renew script (only if the value is still
-  its own id), and
-- re-claims its pending start entries to itself with ``XCLAIM ... JUSTID``,
-  which resets their idle time. So a pending entry stays idle longer than
-  ``lease_ms`` only when its owner stopped renewing.
+A lease and the claimable idle time of its start entry move together: the
+ONE script that extends the lease (the renew below, and every checkpoint
+commit, ``piopiy_voice.workers.checkpoint``) also ``XCLAIM``s the start entry
+to the owner, which resets its idle time in the same atomic step. So "idle
+longer than ``lease_ms``" means "the lease was not extended for ``lease_ms``":
+the lease has expired. (Before, commits extended the lease but not the idle
+time, and 45 % of orphaned calls waited two leases.) A claimer that still finds
+the lease held gives the entry back to the holder with its idle time set to how
+long ago the lease was last extended, so the next scan claims it exactly when
+the lease expires, never a lease later.
 
-Crash (SIGKILL): the lease expires after ``lease_ms`` and the start entry's
-idle time passes ``lease_ms``. Other workers scan with ``XAUTOCLAIM
-min-idle=lease_ms``; a claimer then takes the lease with ``SET NX`` and
-resumes from the checkpoint. If the lease is still held (a live but slow
-owner), the claimer leaves the entry alone: the owner's next renew pulls it
-back with XCLAIM.
+While it owns a call a worker renews every ``lease_ms / 3``. The renew script
+also repairs what a Redis restarted empty lost (see "Redis restarted empty").
+
+Crash (SIGKILL): the lease expires after ``lease_ms``, at the same instant the
+start entry's idle time passes ``lease_ms``. Other workers scan with
+``XAUTOCLAIM min-idle=lease_ms``, at most ``claim_limit`` entries per scan (a
+Redis stall expires every lease at once: without a limit the first worker to
+scan took every call); a claimer then takes the lease with ``SET NX`` and
+resumes from the checkpoint.
 
 Graceful stop (SIGTERM): the worker commits a final checkpoint, deletes its
 leases and moves its pending start entries to the consumer ``handback`` with
 ``XCLAIM ... IDLE <large>``, so the very next XAUTOCLAIM scan of any worker
 picks them up (no waiting for the lease to expire); then it deletes its own
 consumer (now with nothing pending) from the group.
+
+Redis restarted empty
+~~~~~~~~~~~~~~~~~~~~~
+Groups, leases, checkpoints and start entries are gone; the owners still hold
+their calls in memory. Every role recreates its group on ``NOGROUP`` (never
+exits). The renew of a call whose lease is missing takes it again *only* if no
+other owner has moved the call on since (the checkpoint is missing or still
+names us: any other owner's first commit names itself), and reports it
+``RELET`` so the owner re-commits its checkpoint from memory. A start entry
+that is no longer pending to us is re-claimed with ``XCLAIM FORCE`` when it
+still exists, else reported missing: the owner re-announces the call
+(``reannounce``: a ``call.started`` XADDed and force-claimed to itself), so a
+crash after the restart is still taken over.
 """
 
 from __future__ import annotations
@@ -47,12 +67,29 @@ HANDBACK_IDLE_MS = 24 * 3600 * 1000
 #: Heartbeat entries (``keys.WORKERS_ZSET``) older than this are pruned.
 WORKER_ENTRY_TTL_S = 24 * 3600
 
+#: Renew verdicts on the lease (see "Redis restarted empty").
+LOST, OK, RELET = 0, 1, 2
+
+# KEYS: lease, checkpoint, calls stream. ARGV: worker, lease_ms, group, start entry.
+# Returns {lease: LOST|OK|RELET, entry: 1 touched | 0 missing}.
 _RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local cur = redis.call('GET', KEYS[1])
+local verdict = 1
+if cur ~= ARGV[1] then
+  if cur then return {0, 0} end
+  local owner = redis.call('HGET', KEYS[2], 'owner')
+  if owner and owner ~= ARGV[1] then return {0, 0} end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  verdict = 2
+else
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
 end
-return 0
+local got = redis.pcall('XCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'JUSTID')
+if type(got) == 'table' and got['err'] == nil and #got == 0 then
+  got = redis.pcall('XCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'FORCE', 'JUSTID')
+end
+if type(got) ~= 'table' or got['err'] ~= nil or #got == 0 then return {verdict, 0} end
+return {verdict, 1}
 """
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -69,6 +106,21 @@ def ensure_group(r: Any, group: str = keys.WORKERS_GROUP) -> None:
             raise
 
 
+def is_nogroup(exc: BaseException) -> bool:
+    """The group (or the stream a blocked read waited on) vanished: Redis was
+    restarted empty or flushed. Recreate the group and go on."""
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and ("NOGROUP" in text or "UNBLOCKED" in text)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Redis refused a write at ``maxmemory`` (noeviction)."""
+    oom = getattr(redis.exceptions, "OutOfMemoryError", ())
+    return (isinstance(exc, oom) if oom else False) or (
+        isinstance(exc, redis.ResponseError)
+        and (str(exc).startswith("OOM") or "maxmemory" in str(exc)))
+
+
 class Ownership:
     """One role's ownership of calls. Workers use the defaults; the transcriber
     role owns every call a second time, under its own group, lease keys and
@@ -77,7 +129,9 @@ class Ownership:
     def __init__(self, r: Any, worker_id: str, lease_ms: int, *,
                  group: str = keys.WORKERS_GROUP,
                  lease_key: Callable[[str], str] = keys.call_lease,
-                 members: str = keys.WORKERS_ZSET) -> None:
+                 members: str = keys.WORKERS_ZSET,
+                 checkpoint_key: Callable[[str], str] = keys.call_checkpoint,
+                 claim_limit: int = 50) -> None:
         if not worker_id or worker_id == HANDBACK_CONSUMER:
             raise ValueError(f"worker_id must be non-empty and not {HANDBACK_CONSUMER!r}")
         if int(lease_ms) <= 100:
@@ -88,6 +142,9 @@ class Ownership:
         self.group = group
         self.lease_key = lease_key
         self.members = members
+        self.checkpoint_key = checkpoint_key
+        #: Most start entries one scan claims (spreads calls after a stall).
+        self.claim_limit = max(1, int(claim_limit))
         self._renew = r.register_script(_RENEW_LUA)
         self._release = r.register_script(_RELEASE_LUA)
         ensure_group(r, group)
@@ -103,27 +160,46 @@ class Ownership:
     def release(self, call_id: str) -> bool:
         return bool(self._release(keys=[self.lease_key(call_id)], args=[self.worker_id]))
 
-    def renew(self, owned: dict[str, str]) -> set[str]:
-        """Renew the leases of ``owned`` (call id -> start entry id); refresh the
-        idle time of the start entries still ours. Returns the calls lost."""
+    def renew(self, owned: dict[str, str]) -> dict[str, tuple[int, bool]]:
+        """Renew the leases of ``owned`` (call id -> start entry id) and, in the
+        same script, refresh the idle time of their start entries. Returns per
+        call ``(LOST | OK | RELET, start entry still pending to us)``."""
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
         pipe.zadd(self.members, {self.worker_id: now})
         # Workers killed without a goodbye never remove themselves.
         pipe.zremrangebyscore(self.members, "-inf", now - WORKER_ENTRY_TTL_S)
-        pipe.execute()
-        if not owned:
-            return set()
-        calls = list(owned)
-        pipe = self.r.pipeline(transaction=False)
-        for cid in calls:
-            self._renew(keys=[self.lease_key(cid)], args=[self.worker_id, self.lease_ms], client=pipe)
-        results = pipe.execute()
-        lost = {cid for cid, ok in zip(calls, results) if not ok}
-        kept = [owned[cid] for cid in calls if cid not in lost]
-        if kept:
-            self.r.xclaim(keys.CALLS_STREAM, self.group, self.worker_id, 0, kept, justid=True)
-        return lost
+        for cid, eid in owned.items():
+            self._renew(keys=[self.lease_key(cid), self.checkpoint_key(cid), keys.CALLS_STREAM],
+                        args=[self.worker_id, self.lease_ms, self.group, eid], client=pipe)
+        results = pipe.execute()[2:]
+        return {cid: (int(res[0]), bool(int(res[1]))) for cid, res in zip(owned, results)}
+
+    def reannounce(self, fields: dict) -> str:
+        """Re-publish a call's start entry (Redis lost it) and make it pending
+        to us at once; returns its id. Another worker reading it sees our lease
+        and leaves it to us (or ACKs it: the next renew claims it back with FORCE)."""
+        eid = self.r.xadd(keys.CALLS_STREAM, dict(fields, reannounced_by=self.worker_id),
+                          maxlen=keys.CALLS_STREAM_MAXLEN, approximate=True)
+        eid = eid.decode() if isinstance(eid, bytes) else eid
+        try:
+            self.r.xclaim(keys.CALLS_STREAM, self.group, self.worker_id, 0, [eid], force=True,
+                          justid=True)
+        except redis.ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            ensure_group(self.r, self.group)
+            self.r.xclaim(keys.CALLS_STREAM, self.group, self.worker_id, 0, [eid], force=True,
+                          justid=True)
+        return eid
+
+    def give_back(self, call_id: str, entry_id: str, holder: str) -> None:
+        """A claimed entry whose lease is still held: back to the holder, idle
+        since the lease was last extended (so it is claimable when it expires)."""
+        pttl = self.r.pttl(self.lease_key(call_id))
+        idle = self.lease_ms - pttl if pttl and pttl > 0 else self.lease_ms
+        self.r.xclaim(keys.CALLS_STREAM, self.group, holder, 0, [entry_id],
+                      idle=max(0, int(idle)), justid=True)
 
     # -- the calls stream ----------------------------------------------
     def read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
@@ -140,17 +216,22 @@ class Ownership:
     def ack(self, entry_id: str) -> None:
         self.r.xack(keys.CALLS_STREAM, self.group, entry_id)
 
-    def claim_stale(self, count: int = 50, max_rounds: int = 10) -> list[tuple[str, dict | None]]:
+    def claim_stale(self, limit: int | None = None, max_rounds: int = 10) -> list[tuple[str, dict | None]]:
         """Start entries idle longer than the lease (dead owner or handed back),
-        now pending to this worker. Deleted (trimmed) entries come back with
-        ``None`` fields so the caller can ACK them."""
+        now pending to this worker: at most ``limit`` (default ``claim_limit``).
+        Deleted (trimmed) entries come back with ``None`` fields so the caller
+        can ACK them."""
         out: list[tuple[str, dict | None]] = []
         cursor = "0-0"
+        budget = self.claim_limit if limit is None else int(limit)
         for _ in range(max_rounds):
+            if budget <= 0:
+                break
             resp = self.r.xautoclaim(
                 keys.CALLS_STREAM, self.group, self.worker_id, self.lease_ms,
-                start_id=cursor, count=count,
+                start_id=cursor, count=budget,
             )
+            budget -= len(resp[1])
             cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
             for item in resp[1]:
                 if item is None:

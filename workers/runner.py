@@ -38,6 +38,17 @@ with the reason; the call goes on with the next entry.
 A call whose gateway died for good never gets its ``call.ended``: its owner
 ends it itself, with every renewal (see ``piopiy_voice.workers.orphans``).
 
+Redis faults never stop the loop: connection errors and timeouts are retried
+with backoff (then leases are renewed first); ``NOGROUP`` (Redis restarted
+empty) recreates the group, re-takes the leases of the calls we hold, re-commits
+their checkpoints from memory and re-announces their start entries (see
+``piopiy_voice.workers.ownership``); ``OOM`` (``maxmemory`` reached) is logged
+and counted, and for a few seconds no new call is taken (live calls first: their
+commits are retried, new calls wait in the stream for a worker that can take
+them). ``PV_WORKER_MAX_CALLS`` caps the calls one worker holds and
+``PV_WORKER_CLAIM_PER_SCAN`` the calls one takeover scan claims, so after a
+stall calls spread over the workers instead of landing on the first to scan.
+
 Redis Cluster: the one XREAD spans many calls' slots and the commit script
 touches the gateway's command stream, so workers need a single Redis (or
 Sentinel); see ``piopiy_voice.workers.checkpoint``.
@@ -55,7 +66,7 @@ from typing import Any
 import redis
 
 from piopiy_voice import callrecord, keys
-from piopiy_voice.contracts import CallStarted, decode
+from piopiy_voice.contracts import CallStarted, decode, encode
 from piopiy_voice.redisconn import connect, resolve_redis_url
 from piopiy_voice.settings import Settings
 
@@ -64,7 +75,7 @@ from .agent.base import Agent, load_agent_class
 from .checkpoint import Checkpoint, Committer, LeaseLost, load
 from .driver import CallDriver, Outcome
 from .metrics import Metrics, serve
-from .ownership import Ownership
+from .ownership import LOST, RELET, Ownership, ensure_group, is_nogroup, is_oom
 from .runtime import DEFAULT_CONCURRENCY, AgentRuntime, RedisPublisher
 
 log = logging.getLogger("piopiy_voice.workers.runner")
@@ -74,6 +85,8 @@ CHECKPOINT_EVERY_S = 1.0
 IDLE_BLOCK_MS = 1000
 BUSY_BLOCK_MS = 200
 NEW_CALLS_POLL_S = 0.1
+#: After Redis refused a write for lack of memory, no new call is taken for this long (s).
+OOM_SHED_S = 5.0
 #: On a graceful stop, works still running (e.g. a ``call_ended`` webhook) get this long.
 RUNTIME_STOP_GRACE_S = 1.0
 #: ``WorkDone.error`` -> counter of final results that failed that way.
@@ -127,7 +140,9 @@ class Worker:
         self.worker_id = worker_id or settings.worker_id
         self.lease_ms = int(lease_ms or settings.lease_ms)
         self.metrics = metrics or Metrics()
-        self.own = Ownership(self.r, self.worker_id, self.lease_ms)
+        self.max_calls = int(getattr(settings, "worker_max_calls", 0) or 0)
+        self.own = Ownership(self.r, self.worker_id, self.lease_ms,
+                             claim_limit=int(getattr(settings, "worker_claim_per_scan", 20) or 20))
         self.committer = Committer(self.r, self.worker_id, self.lease_ms)
         self.calls: dict[str, OwnedCall] = {}
         #: Started on the first work (agents that never ask for one cost nothing).
@@ -139,6 +154,8 @@ class Worker:
         self._adopted_restart = False
         self._next_new = 0.0
         self._xread_ms = 0.0
+        #: Until then (monotonic) no new call is taken: Redis said OOM.
+        self._shed_until = 0.0
         #: Calls whose last read hit READ_COUNT (more entries waiting): no Tick for them.
         self._behind: set[str] = set()
         #: This turn's side effects (dead letters, timeline notes, record fields),
@@ -161,9 +178,9 @@ class Worker:
                 try:
                     self.step()
                     backoff = 0.1
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("worker %s: redis unavailable (%s); retrying in %.1fs",
-                                self.worker_id, exc, backoff)
+                except redis.RedisError as exc:
+                    if self.on_redis_error(exc):
+                        continue  # repaired: go on at once
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
         finally:
@@ -177,6 +194,44 @@ class Worker:
                 if self.runtime is not None:
                     self.runtime.stop(RUNTIME_STOP_GRACE_S)
 
+    def on_redis_error(self, exc: redis.RedisError) -> bool:
+        """Classify a Redis failure of a loop turn (never fatal); True when it
+        was repaired and the loop may go on without waiting."""
+        # Whatever happened, renew (re-take, re-announce) before anything else.
+        self._next_renew = 0.0
+        if is_nogroup(exc):
+            log.warning("worker %s: consumer group gone (%s): Redis restarted empty? "
+                        "recreating it and re-announcing %d held call(s)", self.worker_id, exc,
+                        len(self.calls))
+            self._count("redis_group_recreated_total")
+            try:
+                ensure_group(self.r)
+            except redis.RedisError as again:
+                log.warning("worker %s: cannot recreate the group yet (%s)", self.worker_id, again)
+                return False
+            return True
+        if is_oom(exc):
+            self._count("redis_oom_total")
+            self._shed_until = time.monotonic() + OOM_SHED_S
+            log.error("worker %s: Redis is out of memory (maxmemory reached): %s; live calls "
+                      "retried, no new call taken for %.0fs", self.worker_id, exc, OOM_SHED_S)
+            return False
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            self._count("redis_unavailable_total")
+            log.warning("worker %s: redis unavailable (%s); retrying", self.worker_id, exc)
+            return False
+        self._count("redis_errors_total")
+        log.error("worker %s: redis error (%r); retrying", self.worker_id, exc)
+        return False
+
+    def _room(self) -> int:
+        """How many more calls this worker may take now."""
+        if time.monotonic() < self._shed_until:
+            return 0
+        if self.max_calls <= 0:
+            return 1 << 30
+        return max(0, self.max_calls - len(self.calls))
+
     def step(self) -> None:
         now = time.monotonic()
         if not self._adopted_restart:
@@ -188,15 +243,21 @@ class Worker:
             self._renew()
             self._end_orphans()
         if now >= self._next_scan:
-            for eid, fields in self.own.claim_stale():
-                self._adopt(eid, fields, claimed=True)
+            # Taking over live calls goes before new calls, even while shedding
+            # for memory; only the max-calls cap stops it.
+            room = (1 << 30) if self.max_calls <= 0 else self.max_calls - len(self.calls)
+            if room > 0:
+                for eid, fields in self.own.claim_stale(limit=min(room, self.own.claim_limit)):
+                    self._adopt(eid, fields, claimed=True)
             self._next_scan = now + min(self.lease_ms / 4000.0, 1.0)
-        if not self.calls or now >= self._next_new:
+        if (not self.calls or now >= self._next_new) and self._room() > 0:
             # While busy, new calls are polled every NEW_CALLS_POLL_S, not every turn.
             block = None if self.calls else self._block_ms(IDLE_BLOCK_MS)
-            for eid, fields in self.own.read_new(count=20, block_ms=block):
+            for eid, fields in self.own.read_new(count=min(20, self._room()), block_ms=block):
                 self._adopt(eid, fields, claimed=False)
             self._next_new = time.monotonic() + NEW_CALLS_POLL_S
+        elif not self.calls:
+            time.sleep(min(0.2, max(0.0, self._next_scan - time.monotonic())))
         t1 = time.monotonic()
         if self.calls:
             self._read_calls(self._block_ms(BUSY_BLOCK_MS))
@@ -225,11 +286,31 @@ class Worker:
     # ------------------------------------------------------------ ownership
     def _renew(self) -> None:
         t = time.monotonic()
-        lost = self.own.renew({cid: c.start_entry for cid, c in self.calls.items()})
+        results = self.own.renew({cid: c.start_entry for cid, c in self.calls.items()})
         self._next_renew = t + self.lease_ms / 3000.0  # not on error: retried next turn
-        for cid in lost:
-            log.warning("call %s: lease lost; dropping it", cid)
-            self._drop(cid)
+        for cid, (verdict, entry_ok) in results.items():
+            oc = self.calls.get(cid)
+            if oc is None:
+                continue
+            if verdict == LOST:
+                log.warning("call %s: lease lost; dropping it", cid)
+                self._drop(cid)
+                continue
+            if verdict == RELET:
+                # Redis lost the lease (restarted empty, or a stall nobody used):
+                # ours again; recreate the checkpoint from memory at once.
+                log.warning("call %s: lease was gone and nobody took the call; re-taken by %s",
+                            cid, self.worker_id)
+                self._count("leases_retaken_total")
+                oc.driver.dirty = True
+                oc.last_commit = 0.0
+                self._io.hset(keys.call_meta(cid), "owner", self.worker_id)
+            if not entry_ok and not oc.ended:
+                eid = self.own.reannounce(encode(oc.call))
+                log.warning("call %s: start entry %s lost by Redis; re-announced as %s",
+                            cid, oc.start_entry, eid)
+                self._count("calls_reannounced_total")
+                oc.start_entry = eid
 
     def _drop(self, cid: str) -> None:
         """The call's lease is gone: forget it; its works' results would be fenced."""
@@ -291,20 +372,27 @@ class Worker:
         if not self.own.acquire(cid):
             holder = self.own.holder(cid)
             if holder != self.worker_id:
-                if not claimed:
+                if not claimed and holder and fields.get(b"reannounced_by") == holder.encode():
+                    self.own.give_back(cid, eid, holder)  # its owner re-announced it for itself
+                elif not claimed:
                     self.own.ack(eid)  # a repeated announcement of a call already owned
                 elif holder:
-                    # Live owner: give the entry back to it (its renew would anyway).
-                    self.r.xclaim(keys.CALLS_STREAM, keys.WORKERS_GROUP, holder, 0, [eid], justid=True)
+                    # Live (or just dead) owner: the entry goes back to it, idle
+                    # since its lease was last extended, so it is claimable the
+                    # moment that lease expires (not a lease later).
+                    self.own.give_back(cid, eid, holder)
                 return
         # Read the checkpoint only once the lease is ours: read before, it could
         # be overtaken by the previous owner's last commit (then we would resume
         # from a stale position and re-issue commands it already published).
         ckpt = load(self.r, cid)
         if ckpt is not None and ckpt.done:
-            self.own.release(cid)
-            self.own.ack(eid)
-            return
+            state = self.r.hget(keys.call_meta(cid), "state")
+            if state not in (b"live", b"suspended"):
+                self.own.release(cid)  # truly ended: a late or repeated announcement
+                self.own.ack(eid)
+                return
+            # The socket dropped and came back: resume the same agent state.
         try:
             oc = self._start_call(eid, started, ckpt)
         except Exception as exc:  # noqa: BLE001 (agent constructors are user code)
@@ -335,7 +423,10 @@ class Worker:
             drv, out, kind = CallDriver.resume(self.agent_cls, self.settings, started, ckpt,
                                                self.worker_id, observe)
             oc = OwnedCall(drv, eid, last_commit=time.monotonic())
-            self.metrics.inc("handbacks_total" if kind == "handback" else "claims_after_crash_total")
+            if kind == "reconnect":
+                self._count("calls_resumed_after_reconnect_total")
+            else:
+                self.metrics.inc("handbacks_total" if kind == "handback" else "claims_after_crash_total")
             log.info("call %s: claimed by %s after %s of %s, resuming after %s (%d work(s) in "
                      "flight)", cid, self.worker_id, kind, ckpt.owner or "?", ckpt.last_id,
                      len(drv.suspects))
@@ -368,7 +459,7 @@ class Worker:
             if cid in behind:
                 continue
             drv = oc.driver
-            if drv.suspects:
+            if drv.suspects or drv.replaying:
                 out = drv.caught_up(wall)
                 if out is not None:
                     self._apply(oc, out)
@@ -398,6 +489,8 @@ class Worker:
                 self._count(_WORK_FAILURES.get(done.error, "works_failed_total"))
         if out.ignored:
             self._count("work_results_ignored_total", out.ignored)
+        if out.stale:
+            self._count("stale_commands_suppressed_total", out.stale)
 
     def _count(self, name: str, n: int = 1) -> None:
         try:
@@ -425,6 +518,7 @@ class Worker:
                 drv.checkpoint(handback=handback), drv.call.gateway_id, drv.pending,
                 release=drv.ended or handback,
                 ttl_s=keys.CALL_KEY_TTL_AFTER_END if drv.ended else 0, pipe=pipe,
+                start_entry=oc.start_entry,
             )
         if not len(pipe):
             self._start_works(set())
@@ -437,6 +531,8 @@ class Worker:
             raise
         ok: list[bool] = []
         dropped: set[str] = set()
+        failed: set[str] = set()
+        errors: list[Exception] = []
         after = self.r.pipeline(transaction=False)
         mono = time.monotonic()
         for oc, reply in zip(ocs, replies):
@@ -449,6 +545,13 @@ class Worker:
                 drv.uncommitted()
                 self._drop(cid)
                 dropped.add(cid)
+                ok.append(False)
+                continue
+            except redis.RedisError as exc:
+                # e.g. OOM: nothing of this commit was written; retried next turn.
+                drv.uncommitted()
+                failed.add(cid)
+                errors.append(exc)
                 ok.append(False)
                 continue
             ok.append(True)
@@ -468,17 +571,23 @@ class Worker:
                                     reason="ended")
                 log.info("call %s: ended; released by %s", cid, self.worker_id)
         if len(after):
-            after.execute()
-        self._start_works(dropped)
+            after.execute(raise_on_error=False)
+        self._start_works(dropped, failed)
+        if errors:
+            raise errors[0]
         return ok
 
-    def _start_works(self, dropped: set[str]) -> None:
+    def _start_works(self, dropped: set[str], failed: set[str] = frozenset()) -> None:
         """Hand this turn's works to the runtime (after the commit: a call
-        found lost starts nothing) and send its cancels."""
+        found lost starts nothing; a call whose commit failed starts them after
+        its next commit) and send its cancels."""
         if self._starts:
             starts, self._starts = self._starts, []
             for cid, work in starts:
                 if cid in dropped:
+                    continue
+                if cid in failed:
+                    self._starts.append((cid, work))
                     continue
                 if self.runtime is None:
                     self.runtime = self._make_runtime()

@@ -8,6 +8,12 @@ so asking for a person beats everything, and "bye" beats a question in the
 same breath. Anything else non-empty gets the generic acknowledgement; an
 empty transcript is ``unintelligible``.
 
+The patterns also cover what the offline recogniser typically keeps of a
+request (measured with ``bench/voice_bench.py intents``): the last word of
+"speak to a real person" or "put me through to customer service" is often
+lost or misheard, so "speak to", "talk to", "to a real" and "put me through"
+hand off too, and "what can you" asks what we can do.
+
 ``action`` tells the agent what to do besides talking: ``handoff`` (hold
 notice, music, transfer to a human), ``goodbye`` (say goodbye, hang up).
 """
@@ -29,7 +35,9 @@ _WORDS = r"\b(?:{})\b"
 RULES: tuple[tuple[str, str, str | None, str], ...] = (
     # name, patterns (regex alternatives), action, reply
     ("handoff", r"human|humans|real person|a person|to a person|someone|somebody|operator|"
-                r"representative|an agent|the agent|live agent|customer service|manager",
+                r"representative|an agent|the agent|live agent|customer service|manager|"
+                # what a recogniser keeps of "speak to a real person" / "put me through to..."
+                r"speak to|talk to|speak with|talk with|to a real|put me through|transfer me|connect me",
      "handoff", ""),
     ("goodbye", r"bye|goodbye|good bye|that is all|that's all|thats all|that is it|that's it|"
                 r"nothing else|no thank you|no thanks|hang up",
@@ -38,7 +46,7 @@ RULES: tuple[tuple[str, str, str | None, str], ...] = (
      None, "We are open Monday to Friday, from nine in the morning to six in the evening."),
     ("order_status", r"order|orders|delivery|deliver|package|parcel|shipment|shipping|track|tracking",
      None, "Your order is on its way. It should arrive within two days. Anything else?"),
-    ("capabilities", r"what can you do|what do you do|who are you|help me|help|what are you",
+    ("capabilities", r"what can you do|what can you|what do you do|who are you|help me|help|what are you",
      None, "I can tell you our opening hours, check on an order, or connect you to a person. "
            "What would you like?"),
     ("thanks", r"thank you|thanks|thank",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from rq import Callback, Queue
 
 from piopiy_voice import callrecord, keys
-from piopiy_voice.errors import PiopiyValidationError
+from piopiy_voice.errors import PiopiyError, PiopiyValidationError
 from piopiy_voice.pcmo_models import (
     BRIDGE_DEFAULTS,
     check_bridge_option,
@@ -303,21 +304,63 @@ def _idem_key(key: str) -> str:
     return keys.dialer_key("idem:" + hashlib.sha256(key.encode()).hexdigest())
 
 
+class RedisFull(PiopiyError):
+    """Redis is at ``maxmemory``: nothing was queued (live calls come first)."""
+
+
+def _queued_record(pipe: Any, call_id: str, record: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The record of a queued call, without a timeline line: a stream costs
+    ~4.7 KB from its first entry, two thirds of what a queued call cost. The
+    timeline starts when the call is dialed; ``queued_at`` keeps the time."""
+    fields = {k: (v if isinstance(v, str) else str(v)) for k, v in {**record, **extra}.items()
+              if v is not None}
+    fields.update(state="queued", queued_at=f"{time.time():.3f}")
+    pipe.hset(keys.call_meta(call_id), mapping=fields)
+    if record.get("campaign"):
+        pipe.hset(keys.campaign_key(record["campaign"], "states"), call_id, "queued")
+        pipe.expire(keys.campaign_key(record["campaign"], "states"), keys.CAMPAIGN_TTL_S)
+
+
 def enqueue_request(conn: redis.Redis, request: CallRequest, *, queue_name: str | None = None,
-                    settings: Settings | None = None) -> Enqueued:
-    """Queue ``request`` for a dialer worker (or schedule it at ``request.start_at``)."""
+                    settings: Settings | None = None, call_id: str | None = None,
+                    extra_record: dict[str, Any] | None = None) -> Enqueued:
+    """Queue ``request`` for a dialer worker (or schedule it at ``request.start_at``).
+
+    ``call_id`` overrides the id derived from the request (a retry's new id);
+    ``extra_record`` adds fields to the record. Raises ``RedisFull`` when Redis
+    refuses the write for lack of memory."""
+    try:
+        return _enqueue(conn, request, queue_name, settings, call_id, extra_record or {})
+    except redis.ResponseError as exc:
+        from piopiy_voice.workers.ownership import is_oom  # noqa: PLC0415
+
+        if is_oom(exc):
+            raise RedisFull(
+                "Redis is out of memory (maxmemory reached): the call was NOT queued; live "
+                "calls keep the memory. Retry later or raise maxmemory (deploy/redis.conf)."
+            ) from None
+        raise
+
+
+def _enqueue(conn: redis.Redis, request: CallRequest, queue_name: str | None,
+             settings: Settings | None, call_id: str | None,
+             extra_record: dict[str, Any]) -> Enqueued:
     settings = settings or Settings.from_env()
     queue = Queue(queue_name or settings.dial_queue, connection=conn)
-    call_id = request.call_id()
+    call_id = call_id or request.call_id()
     job_id = job_id_for(call_id)
     fingerprint = request.fingerprint()
     idem = _idem_key(request.idempotency_key) if request.idempotency_key else None
-    payload = request.model_dump(mode="json")
+    # Only what differs from the defaults (validated again by the job): the
+    # job hash is most of what a queued call costs in Redis.
+    payload = request.model_dump(mode="json", exclude_defaults=True)
     record = dict(
         to=request.to, caller_id=request.caller_id, flow=request.flow, campaign=request.campaign,
         job_id=job_id, listen_mode=request.listen_mode, voice_quality=request.voice_quality,
         start_at=request.start_at.isoformat() if request.start_at else None,
         idempotency_key=request.idempotency_key,
+        # What an explicit retry re-sends (``piopiy_voice.workers.dialer.retry``).
+        request=json.dumps(payload, separators=(",", ":")),
     )
     with conn.pipeline() as pipe:
         for _ in range(10):
@@ -335,10 +378,10 @@ def enqueue_request(conn: redis.Redis, request: CallRequest, *, queue_name: str 
                 if idem:
                     pipe.set(idem, json.dumps({"call_id": call_id, "fingerprint": fingerprint}),
                              ex=IDEMPOTENCY_TTL_S)
-                callrecord.set_state(pipe, call_id, "queued", **record)
+                _queued_record(pipe, call_id, record, extra_record)
                 opts = dict(job_id=job_id, result_ttl=RESULT_TTL_S, pipeline=pipe,
                             on_failure=Callback(JOB_ON_FAILURE),
-                            description=f"dial {request.to} (call {call_id})")
+                            description=f"dial {request.to}")
                 if request.start_at is not None:
                     queue.enqueue_at(request.start_at, JOB_FUNC, args=(call_id, payload),
                                      job_timeout=JOB_TIMEOUT_S, **opts)

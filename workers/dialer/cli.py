@@ -66,6 +66,13 @@ def worker_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     settings = _settings()
     setup_logging("dialer", level=settings.log_level, fmt=settings.log_format)
+    if settings.using_dev_secret and settings.gateway_public_url.startswith("wss://"):
+        # A public (wss://) deployment signing with the published secret: anyone
+        # could forge stream URLs. Refuse rather than warn.
+        print("piopiy-voice dialer: PV_SIGNING_SECRET is the published development default "
+              f"while PV_GATEWAY_PUBLIC_URL is {settings.gateway_public_url}: set a secret of "
+              "your own (e.g. `openssl rand -hex 32`)", file=sys.stderr)
+        return 2
     from rq import Queue, Worker
 
     url = resolve_redis_url(settings.redis_url)  # production role: REDIS_URL or exit 2
@@ -78,10 +85,33 @@ def worker_main(argv: list[str]) -> int:
              redact_url(settings.piopiy_base_url))
     from .jobs import on_horse_killed
 
+    _start_sweeper(url, settings)
     worker = Worker([queue], connection=conn, name=args.name,
                     work_horse_killed_handler=on_horse_killed)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level.upper())
     return 0
+
+
+def _start_sweeper(url: str, settings: Settings) -> None:
+    """Every dialer marks calls stuck in ``dialing`` (a dialer died mid-request)
+    as failed, outcome unknown (see ``jobs.sweep_stuck``)."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from .jobs import sweep_stuck  # noqa: PLC0415
+
+    every = max(1.0, min(15.0, settings.dial_stuck_after_s / 4))
+
+    def loop() -> None:
+        conn = connect(url, socket_timeout=settings.redis_socket_timeout_s)
+        while True:
+            try:
+                sweep_stuck(conn, settings.dial_stuck_after_s)
+            except Exception as exc:  # noqa: BLE001 (never kill the dialer for a sweep)
+                log.warning("stuck-dial sweep failed: %s", exc)
+            time.sleep(every)
+
+    threading.Thread(target=loop, name="dial-sweeper", daemon=True).start()
 
 
 # -- enqueueing ------------------------------------------------------------------
@@ -163,8 +193,36 @@ def _options(args) -> dict[str, Any]:
     )
 
 
+def _retry_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="piopiy-voice call retry",
+                                description="Queue a new attempt of a failed call (new call id, "
+                                            "linked to the old one); prints the new call id.")
+    p.add_argument("call_id")
+    p.add_argument("--force", action="store_true",
+                   help="also retry a call whose outcome is unknown (the person may have been rung)")
+    args = p.parse_args(argv)
+    settings = _settings()
+    from .api import RedisFull
+    from .retry import RetryRefused, retry_call
+
+    try:
+        result = retry_call(_redis(), args.call_id, force=args.force, settings=settings)
+    except (RetryRefused, RedisFull) as exc:
+        print(f"piopiy-voice call retry: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"piopiy-voice call retry: {exc}", file=sys.stderr)
+        return 2
+    print(result.call_id)
+    if not result.created:
+        print(f"(already retried as {result.call_id}: nothing new queued)", file=sys.stderr)
+    return 0
+
+
 @_config_errors_exit_2("call")
 def call_main(argv: list[str]) -> int:
+    if argv[:1] == ["retry"]:
+        return _retry_main(argv[1:])
     p = argparse.ArgumentParser(prog="piopiy-voice call",
                                 description="Enqueue one outbound call; prints its call id.")
     _add_call_options(p, per_call=True)
@@ -179,11 +237,16 @@ def call_main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"piopiy-voice call: {exc}", file=sys.stderr)
         return 2
+    from .api import RedisFull
+
     try:
         result = enqueue_request(_redis(), request, settings=settings)
     except ValueError as exc:  # IdempotencyConflict
         print(f"piopiy-voice call: {exc}", file=sys.stderr)
         return 2
+    except RedisFull as exc:
+        print(f"piopiy-voice call: {exc}", file=sys.stderr)
+        return 1
     print(result.call_id)
     if not result.created:
         print(f"(already enqueued under key {args.idempotency_key!r}: nothing new queued)", file=sys.stderr)
@@ -250,9 +313,27 @@ def campaign_main(argv: list[str]) -> int:
     ps = sub.add_parser("status", help="counts of the campaign's calls by state")
     ps.add_argument("name")
     ps.add_argument("--json", action="store_true")
+    pr = sub.add_parser("retry", help="queue a new attempt of every failed call that did not ring")
+    pr.add_argument("name")
+    pr.add_argument("--force", action="store_true",
+                    help="also retry calls whose outcome is unknown (the person may have been rung)")
     args = p.parse_args(argv)
     settings = _settings()
     from .campaign import campaign_status, enqueue_csv
+
+    if args.cmd == "retry":
+        from .retry import retry_campaign
+
+        try:
+            rep = retry_campaign(_redis(), args.name, force=args.force, settings=settings)
+        except ValueError as exc:
+            print(f"piopiy-voice campaign: {exc}", file=sys.stderr)
+            return 2
+        for cid, why in sorted(rep.skipped.items()):
+            print(f"  skipped {cid}: {why}", file=sys.stderr)
+        print(f"campaign {args.name}: {len(rep.retried)} failed call(s) queued again, "
+              f"{len(rep.skipped)} skipped")
+        return 0
 
     if args.cmd == "status":
         status, rc = _lookup("campaign", lambda: campaign_status(_redis(), args.name),
@@ -296,6 +377,9 @@ def call_status(conn, call_id: str) -> dict[str, Any] | None:
     if not meta and not entries:
         return None
     timeline = [callrecord.decode_record(fields) for _, fields in entries]
+    if meta.get("queued_at") and not any(e.get("event") == "state.queued" for e in timeline):
+        # Queuing writes no timeline line (a stream costs ~4.7 KB): shown from the record.
+        timeline.insert(0, {"event": "state.queued", "t": meta["queued_at"]})
     job = None
     if meta.get("job_id"):
         from rq.exceptions import NoSuchJobError
@@ -343,6 +427,12 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("call_id")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    try:  # cheap (one sorted-set range): a dead dialer's stuck calls say so here too
+        from .jobs import sweep_stuck  # noqa: PLC0415
+
+        sweep_stuck(_redis(), _settings().dial_stuck_after_s)
+    except Exception as exc:  # noqa: BLE001 (status must still show what there is)
+        log.debug("stuck-dial sweep skipped: %s", exc)
     status, rc = _lookup("status", lambda: call_status(_redis(), args.call_id),
                          f"no call {args.call_id!r} (unknown or expired)", as_json=args.json)
     if status is None or args.json:

@@ -22,16 +22,32 @@ A call must ring at most once, and a call that is not placed must say why.
      ``live``/``ended``; if it already did, the state is not moved back);
    * ``PiopiyValidationError`` or a 4xx refusal (other than 429) -> ``failed``
      at once, no retry;
-   * not reached (connection refused, DNS, connect timeout), 429, 5xx ->
-     ``queued`` again with ``retry_in``, and the job returns an RQ ``Retry``
-     with the backoff (or ``Retry-After`` when longer); after
-     ``max_attempts`` the call is ``failed`` ("gave up after N attempts");
+   * not reached (connection refused, DNS, connect timeout), 429 or 503
+     (the platform said it did not process it) -> ``queued`` again with
+     ``retry_in``, and the job returns an RQ ``Retry`` with the backoff (or
+     ``Retry-After`` when longer); after ``max_attempts`` the call is
+     ``failed`` ("gave up after N attempts");
    * **outcome unknown** (read timeout or reset after the request was sent:
-     ``PiopiyNetworkError.reached``) -> ``failed`` with reason
-     ``outcome unknown``, *never* retried: the platform may be ringing the
-     person already, and ringing twice is worse than not ringing. The
-     ``inflight`` marker stays, so even a manual re-run refuses to dial. The
-     same holds if a worker dies mid-request.
+     ``PiopiyNetworkError.reached``; any other 5xx: 500/502/504 may come from
+     a platform that placed the call and then failed to answer) -> ``failed``
+     with reason ``outcome unknown``, *never* retried: the platform may be
+     ringing the person already, and ringing twice is worse than not ringing
+     (the same rule as ``piopiy_voice.rest``). The ``inflight`` marker stays,
+     so even a manual re-run refuses to dial. The same holds if a worker dies
+     mid-request.
+
+Every failed record also says ``outcome``: ``not_placed`` (never reached the
+platform, or gave up on 429/503), ``refused`` (a 4xx: nothing rang) or
+``outcome_unknown`` — what ``piopiy-voice call retry`` (``retry``) checks before
+it dares to dial again.
+
+A whole dialer that crashes mid-request runs no callback at all: its record
+would stay ``dialing`` until RQ's clean-up notices (~14 minutes), or for ever
+with no dialer left. Every claim adds the call to ``keys.dialer_key("dialing")``
+(a sorted set by the time the request went out) and every outcome removes it;
+``sweep_stuck`` — run every few seconds by every dialer and once by
+``piopiy-voice status`` — marks calls still ``dialing`` after
+``PV_DIAL_STUCK_AFTER_S`` as ``failed`` with ``outcome_unknown``.
 
 Final failures raise ``DialFailed`` (the job was enqueued without an RQ
 ``retry``), so they land in RQ's failed registry with the reason, and the
@@ -87,8 +103,11 @@ FAILED_RECORD_TTL_S = 7 * 24 * 3600
 PLACED_RECORD_TTL_S = 2 * 3600
 
 _DONE_STATES = ("placed", "live", "ended")
+#: Failure outcomes (record field ``outcome``).
+NOT_PLACED, REFUSED, OUTCOME_UNKNOWN = "not_placed", "refused", "outcome_unknown"
 
 #: -> {"ok", attempt} | {"done", state} | {"failed", reason} | {"inflight", since}
+#: KEYS: record, dialing index. ARGV: now (s).
 _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'placed' or st == 'live' or st == 'ended' then return {'done', st} end
@@ -97,8 +116,14 @@ local since = redis.call('HGET', KEYS[1], 'inflight')
 if since then return {'inflight', since} end
 local n = redis.call('HINCRBY', KEYS[1], 'dial_attempts', 1)
 redis.call('HSET', KEYS[1], 'inflight', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return {'ok', tostring(n)}
 """
+
+
+def dialing_key() -> str:
+    """Sorted set: call id -> time its make-call request went out (outcome pending)."""
+    return keys.dialer_key("dialing")
 
 
 class DialFailed(Exception):
@@ -114,13 +139,27 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _api_status(exc: PiopiyApiError) -> int:
+    return exc.status if exc.status >= 400 else (exc.code or 0)
+
+
 def is_retryable(exc: Exception) -> bool:
-    """Whether the platform provably did not place the call and asks us to come back."""
+    """Whether the platform provably did not place the call and asks us to come
+    back: never reached, or 429/503. Any other 5xx may be ringing (see the
+    module docstring)."""
     if isinstance(exc, PiopiyNetworkError):
         return not exc.reached
     if isinstance(exc, PiopiyApiError):
-        status = exc.status if exc.status >= 400 else (exc.code or 0)
-        return status == 429 or status >= 500
+        return _api_status(exc) in (429, 503)
+    return False
+
+
+def is_outcome_unknown(exc: Exception) -> bool:
+    """The request may have been processed: never send it again."""
+    if isinstance(exc, PiopiyNetworkError):
+        return exc.reached
+    if isinstance(exc, PiopiyApiError):
+        return _api_status(exc) >= 500 and not is_retryable(exc)
     return False
 
 
@@ -155,11 +194,14 @@ class _Attempt:
 
     # -- record helpers ------------------------------------------------------
 
-    def fail(self, reason: str, *, keep_inflight: bool = False) -> DialFailed:
+    def fail(self, reason: str, *, keep_inflight: bool = False, outcome: str | None = None) -> DialFailed:
+        outcome = outcome or (OUTCOME_UNKNOWN if keep_inflight else NOT_PLACED)
         with self.r.pipeline() as pipe:
             if not keep_inflight:
                 pipe.hdel(keys.call_meta(self.call_id), "inflight")
-            callrecord.set_state(pipe, self.call_id, "failed", reason=reason, campaign=self.campaign)
+            pipe.zrem(dialing_key(), self.call_id)
+            callrecord.set_state(pipe, self.call_id, "failed", reason=reason, outcome=outcome,
+                                 campaign=self.campaign)
             callrecord.expire_call(pipe, self.call_id, FAILED_RECORD_TTL_S)
             pipe.execute()
         if self.campaign and not keep_inflight:
@@ -178,6 +220,7 @@ class _Attempt:
                     state = _s(pipe.hget(meta, "state") or b"")
                     pipe.multi()
                     pipe.hdel(meta, "inflight")
+                    pipe.zrem(dialing_key(), self.call_id)
                     if state in ("live", "ended"):
                         # The platform's socket beat the REST reply: keep the later state.
                         pipe.hset(meta, "request_id", request_id)
@@ -207,6 +250,7 @@ class _Attempt:
             delay = max(delay, math.ceil(retry_after))
         with self.r.pipeline() as pipe:
             pipe.hdel(keys.call_meta(self.call_id), "inflight")
+            pipe.zrem(dialing_key(), self.call_id)
             callrecord.set_state(pipe, self.call_id, "queued", retry_in=delay, last_error=str(exc),
                                  attempt=attempt, campaign=self.campaign)
             pipe.execute()
@@ -253,7 +297,7 @@ class _Attempt:
             # leave it claimed with an attempt that never went out.
             pcmo = build_pcmo(self.settings, call_id, req)
         except ValueError as exc:  # PiopiyValidationError is one too
-            raise self.fail(f"dialer misconfigured: {exc}") from None
+            raise self.fail(f"dialer misconfigured: {exc}", outcome=REFUSED) from None
 
         try:
             if self.campaign:
@@ -276,7 +320,8 @@ class _Attempt:
     def _dial(self, client: RestClient, pcmo: list[dict[str, Any]]) -> dict[str, Any] | Retry:
         call_id, req = self.call_id, self.req
         now = f"{time.time():.3f}"
-        verdict, detail = (_s(x) for x in self.r.eval(_CLAIM, 1, keys.call_meta(call_id), now))
+        verdict, detail = (_s(x) for x in self.r.eval(_CLAIM, 2, keys.call_meta(call_id),
+                                                      dialing_key(), now, call_id))
         if verdict == "done":
             return {"call_id": call_id, "state": detail}
         if verdict == "failed":
@@ -294,7 +339,7 @@ class _Attempt:
             log.info("call %s dialing %s (attempt %d)", call_id, req.to, attempt)
             reply = client.voice.call(req.to, req.caller_id, pcmo, options)
         except PiopiyValidationError as exc:
-            raise self.fail(f"invalid request: {exc}") from None
+            raise self.fail(f"invalid request: {exc}", outcome=REFUSED) from None
         except PiopiyNetworkError as exc:
             if exc.reached:
                 raise self.fail(
@@ -304,11 +349,50 @@ class _Attempt:
         except PiopiyApiError as exc:
             if is_retryable(exc):
                 return self.retry_later(attempt, exc)
-            raise self.fail(f"refused by the platform: {exc}") from None
+            if is_outcome_unknown(exc):
+                raise self.fail(
+                    f"outcome unknown: the platform answered {exc} after receiving the request "
+                    "(it may be ringing); not retried so the callee is not rung twice",
+                    keep_inflight=True) from None
+            raise self.fail(f"refused by the platform: {exc}", outcome=REFUSED) from None
         except Exception as exc:  # noqa: BLE001 - whether it was sent is unknown
             raise self.fail(f"outcome unknown: unexpected error while dialing ({exc!r}); "
                             "not retried so the callee is not rung twice", keep_inflight=True) from exc
         return self.placed(reply)
+
+
+def sweep_stuck(conn: Any, older_than_s: float, *, now: float | None = None) -> list[str]:
+    """Mark calls ``dialing`` for longer than ``older_than_s`` as ``failed``
+    (``outcome_unknown``: their dialer died mid-request, nobody knows whether
+    the phone rang; ``inflight`` is kept so nothing dials them again). Returns
+    the call ids marked. Cheap: one sorted-set range when nothing is stuck."""
+    now = time.time() if now is None else now
+    stuck = [_s(c) for c in conn.zrangebyscore(dialing_key(), "-inf", now - older_than_s)]
+    marked = []
+    for call_id in stuck:
+        meta = keys.call_meta(call_id)
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(meta)
+                rec = {_s(k): _s(v) for k, v in pipe.hgetall(meta).items()}
+                pipe.multi()
+                pipe.zrem(dialing_key(), call_id)
+                if rec.get("state") == "dialing":
+                    since = float(rec.get("inflight") or rec.get("dialing_at") or now)
+                    callrecord.set_state(
+                        pipe, call_id, "failed", outcome=OUTCOME_UNKNOWN,
+                        reason=(f"outcome_unknown: still dialing {now - since:.0f}s after the "
+                                "request went out (its dialer died mid-request); not retried so "
+                                "the callee is not rung twice"),
+                        campaign=rec.get("campaign") or None)
+                    callrecord.expire_call(pipe, call_id, FAILED_RECORD_TTL_S)
+                    marked.append(call_id)
+                pipe.execute()
+            except redis.WatchError:
+                continue  # its outcome arrived just now
+    for call_id in marked:
+        log.warning("call %s: stuck in dialing; marked failed (outcome unknown)", call_id)
+    return marked
 
 
 def _unknown_reason(since: str) -> str:
