@@ -13,6 +13,11 @@ timers run on every frame and the list-building ``next_wakeup``.
 
 ``LevelOnlyAgent`` is the reference floor: the agent with the level-only
 decision of the first ``DefaultAgent`` (no voicing).
+
+    .venv/bin/python bench/legacy_agent.py
+
+runs ``bench/vad_bench.py``'s signals through both VAD versions in one process
+(identical decisions expected; the CPU per frame is the difference).
 """
 
 from __future__ import annotations
@@ -167,3 +172,43 @@ class LevelOnlyAgent(DefaultAgent):
     def __init__(self, call, settings):
         super().__init__(call, settings)
         self.ears.vad = _LevelOnlyVad(call.rate)
+
+
+def compare_vads(seconds: float = 20.0) -> None:
+    """``bench/vad_bench.py``'s signals through the VAD before and after, same input,
+    same process, alternating twice (decisions must be identical, CPU is the change)."""
+    import time
+
+    import vad_bench as vb  # the sibling harness (this script's directory is on sys.path)
+
+    from piopiy_voice.speech.vad import EnergyVoicingVad
+
+    print(f"{'energy VAD':<13}{'rate':>6}{'recall':>8}{'silence':>9}{'white':>7}{'pink':>7}{'brown':>7}"
+          f"{'music':>7}{'babble':>8}{'us/frame':>10}")
+    for rate in (8000, 16000):
+        speech, labels = vb.speech_track(rate)
+        rng = np.random.default_rng(9)
+        others = {"silence": rng.standard_normal(int(rate * seconds)) * 10 ** (-70 / 20),
+                  "white": vb._scale_to(vb.colored_noise(rate, seconds, "white", 2), -30),
+                  "pink": vb._scale_to(vb.colored_noise(rate, seconds, "pink", 3), -30),
+                  "brown": vb._scale_to(vb.colored_noise(rate, seconds, "brown", 4), -30),
+                  "music": vb._scale_to(vb.music(rate, seconds, 5), -26),
+                  "babble": vb._scale_to(vb.babble(rate, seconds, 6), -30)}
+        frames = {"speech": vb._frames(speech, rate), **{k: vb._frames(v, rate) for k, v in others.items()}}
+        for _ in range(2):
+            for name, cls in (("before", LegacyEnergyVoicingVad), ("after", EnergyVoicingVad)):
+                rates, cpus = {}, []
+                for kind, fr in frames.items():
+                    vad = cls(rate)
+                    t = time.process_time()
+                    p = np.array([vad.speech_prob(f) for f in fr])
+                    cpus.append((time.process_time() - t) / len(fr))
+                    rates[kind] = float((p[labels[:p.size]] >= 0.5).mean() if kind == "speech"
+                                        else (p >= 0.5).mean())
+                print(f"{name:<13}{rate:>6}{rates['speech']:>8.1%}{rates['silence']:>9.1%}"
+                      f"{rates['white']:>7.1%}{rates['pink']:>7.1%}{rates['brown']:>7.1%}"
+                      f"{rates['music']:>7.1%}{rates['babble']:>8.1%}{np.mean(cpus) * 1e6:>10.0f}")
+
+
+if __name__ == "__main__":
+    compare_vads()

@@ -357,13 +357,14 @@ class Publisher:
         reader = writer = None
         rd = hiredis.Reader()
         self._wake.set()  # connect now: readiness must not wait for the first entry
+        loop = asyncio.get_running_loop()
         while True:
             if not self._wake.is_set():
-                try:
-                    # Idle for a second: a PING keeps ``connected`` true to fact.
-                    await asyncio.wait_for(self._wake.wait(), IDLE_PING_S)
-                except asyncio.TimeoutError:
-                    self.command("PING")
+                # Idle for a second: a PING keeps ``connected`` true to fact (a
+                # timer handle, not wait_for: this runs once per batch).
+                ping = loop.call_later(IDLE_PING_S, self.command, "PING")
+                await self._wake.wait()
+                ping.cancel()
             if self._closing and not self._n:
                 return
             if writer is None:
