@@ -57,6 +57,9 @@ class SpeechConfig(EnvSection):
     tts_api_key: str = Field("", alias="PV_TTS_API_KEY", repr=False)
     #: http engine: whole-request deadline (s).
     tts_timeout_s: float = Field(10.0, alias="PV_TTS_TIMEOUT_S", ge=0.1, le=300)
+    #: espeak: child processes a worker synthesises in (0 = a thread of the worker,
+    #: whose GIL time then delays every call's frames; BENCHMARKS.md).
+    tts_processes: int = Field(1, alias="PV_TTS_PROCESSES", ge=0, le=64)
     #: Speech must last this long to start a turn (ms).
     turn_onset_ms: int = Field(80, alias="PV_TURN_ONSET_MS", ge=20, le=2000)
     #: Silence this long ends a turn (ms).
@@ -104,5 +107,5 @@ class SpeechConfig(EnvSection):
             return {"url": self.tts_url, "voice": self.tts_voice or "alloy", "model": self.tts_model,
                     "api_key": self.tts_api_key, "timeout_s": self.tts_timeout_s}
         if self.tts == "espeak":
-            return {"voice": self.tts_voice or "en-us"}
+            return {"voice": self.tts_voice or "en-us", "processes": self.tts_processes}
         return {}

@@ -12,10 +12,16 @@ Engines (``make_synthesizer(name, **opts)``):
 - ``espeak`` (default, offline): libespeak-ng from the ``espeakng-loader``
   wheel, driven with ctypes in synchronous mode (``espeak_Synth`` returns when
   the whole text is rendered; a callback collects the samples). The library
-  keeps global state and is not thread-safe: every call holds one process-wide
-  lock and runs in a thread (``asyncio.to_thread``) so the loop never waits on
-  it. espeak renders at 22050 Hz; that is converted to 16 kHz by a windowed-sinc
-  interpolator here, then to the call rate by ``piopiy_voice.audio.resample``.
+  keeps global state and is not thread-safe: every use holds one process-wide
+  lock. espeak renders at 22050 Hz; ``piopiy_voice.audio.resample`` (soxr)
+  converts that to the call rate. The coroutine renders in a small pool of
+  child processes (``processes``, PV_TTS_PROCESSES, default 1), not in a thread
+  of the caller: espeak's sample callbacks and the resampling hold the GIL, and
+  in a worker that GIL time is every other call's frames (measured: stream lag
+  p99 242 ms at 100 calls with espeak on a thread of the worker, 43-53 ms with
+  no synthesis there; BENCHMARKS.md). ``processes=0`` renders on a thread.
+  ``synthesize_sync`` (benches, the sandbox, prompt building) renders in the
+  calling process.
 - ``platform``: returns ``b""``: the agent sends a ``Speak`` command instead and
   the platform's own ``speak`` PCMO action talks.
 - ``http``: an OpenAI-compatible ``POST /v1/audio/speech`` (JSON ``model``,
@@ -32,9 +38,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import io
+import multiprocessing
 import struct
 import threading
 import wave
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 import numpy as np
@@ -150,23 +159,63 @@ class _Espeak:
         return pcm, self.rate
 
 
+def _render_in_child(text: str, voice: str, wpm: int, pitch: int, rate: int) -> tuple[bytes, str]:
+    """Runs in a synthesis process: (pcm, "") or (b"", the error message), so no
+    exception class has to survive pickling."""
+    try:
+        return EspeakSynthesizer(voice, wpm, pitch, processes=0).synthesize_sync(text, rate), ""
+    except Exception as exc:  # noqa: BLE001 - reported to the caller as SynthesisError
+        return b"", str(exc) or type(exc).__name__
+
+
+class _RenderPool:
+    """The process's espeak child processes, started once on first use.
+
+    "spawn", not fork: the worker forks from a process with threads (the agent
+    runtime, redis), and a forked child could inherit a lock held mid-call."""
+
+    _lock = threading.Lock()
+    _pools: dict[int, ProcessPoolExecutor] = {}
+
+    @classmethod
+    def get(cls, n: int) -> ProcessPoolExecutor:
+        with cls._lock:
+            pool = cls._pools.get(n)
+            if pool is None:
+                pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_Espeak.get)
+                cls._pools[n] = pool
+            return pool
+
+    @classmethod
+    def discard(cls, n: int, pool: ProcessPoolExecutor) -> None:
+        """A child died (killed, out of memory): the next call starts a new pool."""
+        with cls._lock:
+            if cls._pools.get(n) is pool:
+                del cls._pools[n]
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 class EspeakSynthesizer:
     """Offline synthesis with libespeak-ng (see the module docstring)."""
 
     name = "espeak"
 
-    def __init__(self, voice: str = "en-us", wpm: int = 165, pitch: int = 50) -> None:
+    def __init__(self, voice: str = "en-us", wpm: int = 165, pitch: int = 50, processes: int = 1) -> None:
         if not 80 <= int(wpm) <= 450:
             raise SpeechError(f"wpm must be in [80, 450], got {wpm}")
         if not 0 <= int(pitch) <= 100:
             raise SpeechError(f"pitch must be in [0, 100], got {pitch}")
+        if not 0 <= int(processes) <= 64:
+            raise SpeechError(f"processes must be in [0, 64], got {processes}")
         self.voice = voice or "en-us"
         self.wpm = int(wpm)
         self.pitch = int(pitch)
-        self._lib = _Espeak.get()
+        self.processes = int(processes)
+        self._lib = _Espeak.get()  # fails here, clearly, when espeak is missing
 
     def synthesize_sync(self, text: str, rate: int) -> bytes:
-        """Blocking form (benches, build-time prompt generation); holds the espeak lock."""
+        """Blocking form, in this process (benches, the sandbox, prompt building)."""
         text = _check_text(text)
         rate = _check_rate(rate)
         if not text:
@@ -175,7 +224,22 @@ class EspeakSynthesizer:
         return to_voice_rate(pcm, src, rate)
 
     async def synthesize(self, text: str, rate: int) -> bytes:
-        return await asyncio.to_thread(self.synthesize_sync, text, rate)
+        if not self.processes:
+            return await asyncio.to_thread(self.synthesize_sync, text, rate)
+        text = _check_text(text)
+        rate = _check_rate(rate)
+        if not text:
+            return b""
+        pool = _RenderPool.get(self.processes)
+        try:
+            pcm, error = await asyncio.get_running_loop().run_in_executor(
+                pool, _render_in_child, text, self.voice, self.wpm, self.pitch, rate)
+        except BrokenProcessPool:
+            _RenderPool.discard(self.processes, pool)
+            raise SynthesisError("an espeak synthesis process died; the next sentence starts a new one") from None
+        if error:
+            raise SynthesisError(error)
+        return pcm
 
 
 class PlatformSynthesizer:

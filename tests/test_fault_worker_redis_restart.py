@@ -77,8 +77,10 @@ def test_worker_and_transcriber_survive_an_empty_restart_and_serve_the_call_agai
         wait_for(lambda: load(r, "rs-1") is not None and load(r, "rs-1").state == {"frames": 60},
                  what="checkpoint recreated from memory")
         wait_for(lambda: r.get(keys.call_asr_lease("rs-1")) == b"t1", what="asr lease re-taken")
-        groups = {g["name"].decode() for g in r.xinfo_groups(keys.CALLS_STREAM)}
-        assert {keys.WORKERS_GROUP, keys.TRANSCRIBERS_GROUP} <= groups
+        # Each role recreates its group on its next group command after the
+        # restart (the transcriber may re-take its lease from memory first).
+        wait_for(lambda: {keys.WORKERS_GROUP, keys.TRANSCRIBERS_GROUP} <= {
+            g["name"].decode() for g in r.xinfo_groups(keys.CALLS_STREAM)}, what="both groups recreated")
         # Each role keeps a start entry pending (a later crash is still taken over).
         wait_for(lambda: r.xpending(keys.CALLS_STREAM, keys.WORKERS_GROUP)["pending"] == 1,
                  what="worker start entry pending")

@@ -263,6 +263,27 @@ def test_handoff_key_transfers_and_switches_to_monitoring():
     assert s.agent.mode == "monitoring" and s.agent.caller_speech_ms > before + 1500
 
 
+def test_rejected_transfer_brings_the_agent_back_with_its_timers():
+    """A bridge the gateway refuses must not leave the caller on hold music
+    with nobody coming: music cut, an apology, and the conversation (silence
+    reprompt, the call's length limit) goes on."""
+    s = Sim()
+    s.silence(500)
+    s.key("0")
+    transfer = s.log[-1][1]
+    assert s.agent.mode == "monitoring"
+    s.event(c.CommandResult(call_id="call-1", command_id=transfer.command_id, command="cmd.transfer",
+                            status="rejected", reason="to: not a phone number"))
+    assert s.kinds()[-2:] == ["cmd.interrupt", "cmd.play_audio:trouble"]
+    assert s.agent.mode == "conversation"
+    assert s.agent.failure_kinds == {"transfer_rejected": 1}
+    n = len(s.log)
+    wake = s.agent.next_wakeup()  # the silence timer, counted from the apology's end
+    assert wake is not None
+    s.silence(int((wake - s.t + 1) * 1000))
+    assert "cmd.play_audio:reprompt" in s.kinds()[n:]  # timers run again
+
+
 def test_handoff_caller_id_falls_back_to_settings():
     s = Sim()
     s.silence(int(GREETING_S * 1000) + 500)

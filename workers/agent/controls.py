@@ -1,7 +1,10 @@
 """Call controls and timers: hand-off, pause/resume, goodbye and hang-up, silence.
 
 - ``handoff``: hold notice, music on hold, ``Transfer`` to a human; then the
-  agent only monitors (listens, never speaks).
+  agent only monitors (listens, never speaks). ``transfer_failed``: the gateway
+  rejected the transfer, so no human is coming: the music is cut, the caller
+  hears an apology and the conversation (with its timers: silence, the
+  call's length limit) goes on with the agent.
 - ``_pause`` / ``_resumed``: ``Pause`` so sensitive input never reaches us,
   ``Resume`` after ``Settings.pause_resume_after_s`` or when someone else
   resumes; ``pause_after_speaking`` waits for what is queued to play.
@@ -43,6 +46,16 @@ class CallControls:
         self.mode = "monitoring"
         self.speaking = None
         return out
+
+    def transfer_failed(self, reason: str, now: float) -> list[Any]:
+        """The bridge was refused: back to the conversation, never dead air."""
+        self.mode = "conversation"
+        # Counted by kind only: ``failures`` counts failed replies in a row,
+        # which hand the call off, and a hand-off is what just failed.
+        self.failure_kinds["transfer_rejected"] = self.failure_kinds.get("transfer_rejected", 0) + 1
+        self.last_activity = now
+        # Interrupt cuts the hold music the platform is playing.
+        return [self.command(c.Interrupt)] + self.say_prompt("trouble", now)
 
     def _pause(self, now: float) -> list[Any]:
         if self.reply_work is not None:

@@ -163,6 +163,8 @@ class ConversationAgent(TurnTaking, Replies, PlayoutHistory, CallControls, Agent
         if isinstance(event, c.CommandResult):
             if event.command == "cmd.resume" and event.status == "applied" and self.mode == "paused":
                 self._resumed(now)  # someone else resumed the stream
+            if event.command == "cmd.transfer" and event.status == "rejected" and self.mode == "monitoring":
+                return self.transfer_failed(event.reason, now)
             return []
         if isinstance(event, c.PlatformEvent):
             key = str(event.data.get("digit", event.data.get("key", "")))
