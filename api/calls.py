@@ -90,7 +90,7 @@ def caller_talking(entries: list[tuple[bytes, dict[bytes, bytes]]], now_ms: int)
     for entry_id, fields in entries:
         if fields.get(b"type") != b"audio":
             continue
-        if now_ms - int(entry_id.split(b"-")[0]) > TALK_RECENT_MS:
+        if now_ms - keys.entry_ms(entry_id) > TALK_RECENT_MS:
             return False
         return rms_dbfs(fields.get(b"pcm", b"")) > TALK_DBFS
     return False

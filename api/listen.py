@@ -207,7 +207,7 @@ def _event(msg: Any, entry_id: bytes) -> dict[str, Any]:
     data = msg.model_dump(mode="json", exclude={"pcm", "v"})
     data["event"] = data.pop("type")
     data["type"] = "event"
-    data["t"] = int(entry_id.split(b"-")[0]) / 1000
+    data["t"] = keys.entry_ms(entry_id) / 1000
     return data
 
 

@@ -64,9 +64,7 @@ while True:
 """
 
 
-def id_ms(entry_id: bytes | str) -> int:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(s.split("-", 1)[0])
+id_ms = keys.entry_ms
 
 
 def speech_frames(pcm: bytes, rate: int) -> tuple[list[bytes], int, int]:

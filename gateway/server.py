@@ -257,7 +257,7 @@ class Gateway:
             p.expire(cmds, GATEWAY_KEYS_TTL_S)
             last = self.reader.last_id
             if last and last != b"0-0":
-                keep_ms = int(last.split(b"-")[0]) - COMMAND_KEEP_S * 1000
+                keep_ms = keys.entry_ms(last) - COMMAND_KEEP_S * 1000
                 if keep_ms > 0:
                     p.xtrim(cmds, minid=str(keep_ms), approximate=True)
             previous = (await p.execute())[0]

@@ -103,6 +103,13 @@ def call_keys(call_id: str) -> list[str]:
     ]
 
 
+def entry_ms(entry_id: str | bytes) -> int:
+    """The millisecond time part of a stream entry id (``"1732550000123-0"``):
+    when Redis appended the entry, on Redis's clock."""
+    head = entry_id.split(b"-", 1)[0] if isinstance(entry_id, bytes) else entry_id.split("-", 1)[0]
+    return int(head)
+
+
 def call_id_of(key: str | bytes) -> str:
     """The call id inside a per-call key name (the hash tag), e.g. from a stream
     name XREAD returned."""

@@ -80,9 +80,7 @@ DEFAULT_STALE_MS = 500
 TICK_QUIET_S = 1.0
 
 
-def id_ms(entry_id: str) -> int:
-    """The millisecond time part of a stream entry id."""
-    return int(entry_id.split("-", 1)[0])
+id_ms = keys.entry_ms  # the name the worker modules use
 
 
 class DeadLetter:

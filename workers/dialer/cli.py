@@ -413,7 +413,7 @@ def call_transcript(conn, call_id: str, batch: int = 500) -> list[dict[str, Any]
                 continue
             if isinstance(t, Transcript) and t.final:
                 eid = eid.decode() if isinstance(eid, bytes) else eid
-                out.append({"t": int(eid.split("-")[0]) / 1000, "channel": t.channel, "segment": t.segment,
+                out.append({"t": keys.entry_ms(eid) / 1000, "channel": t.channel, "segment": t.segment,
                             "start_ms": t.start_ms, "end_ms": t.end_ms, "text": t.text})
         if len(entries) < batch:
             return out
