@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from piopiy_voice import callrecord, keys
+from piopiy_voice import keys
 from piopiy_voice import contracts as c
 from piopiy_voice.audio import resample
 from piopiy_voice.redisconn import MAX_BLOCK_MS

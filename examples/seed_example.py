@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import uuid
-from pathlib import Path
 
 
 from piopiy_voice import PiopiyError, RestClient, StreamAction  # noqa: E402

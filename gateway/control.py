@@ -14,7 +14,6 @@ Exit status 0 applied, 1 rejected, 2 error (unknown call, no answer, bad input).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import uuid

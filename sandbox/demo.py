@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import tempfile
 import time
 import urllib.request

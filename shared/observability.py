@@ -39,13 +39,14 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -190,6 +191,27 @@ _call_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("pv_call_i
 #: Env var holding each role's instance id (others: hostname-pid).
 INSTANCE_ENV = {"gateway": "PV_GATEWAY_ID", "worker": "PV_WORKER_ID", "transcriber": "PV_TRANSCRIBER_ID"}
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_loop_role(role: str, loop: Any, serve: Callable[[str, int], Any] | None, host: str,
+                  port: int | None, max_seconds: float | None) -> int:
+    """The shell of a looping role (worker, transcriber): serve its metrics when
+    asked, turn SIGTERM/SIGINT into ``loop.stop()`` (calls handed back, not
+    dropped), and ``loop.run()`` until then. ``serve(host, port)`` returns the
+    HTTP server (``server_port``)."""
+    log = logging.getLogger(f"piopiy_voice.{role}")
+    if port is not None and serve is not None:
+        server = serve(host, port)
+        log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+
+    def _graceful(signum, _frame):
+        log.info("%s: signal %d, handing calls back", role, signum)
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, _graceful)
+    signal.signal(signal.SIGINT, _graceful)
+    loop.run(max_seconds=max_seconds)
+    return 0
 
 
 @contextlib.contextmanager

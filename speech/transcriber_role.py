@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ import redis
 from piopiy_voice import keys
 from piopiy_voice.contracts import CallEnded, CallStarted, decode, encode
 from piopiy_voice.errors import PiopiyError
-from piopiy_voice.observability import setup_logging
+from piopiy_voice.observability import run_loop_role, setup_logging
 from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url
 from piopiy_voice.settings import Settings
 from piopiy_voice.workers.ownership import LOST, RELET, Ownership, ensure_group, is_nogroup, is_oom
@@ -445,18 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piopiy-voice transcriber: {exc}", file=sys.stderr)
         return 2
     log.info("transcriber %s: redis %s", tid, redact_url(url))
-    if args.metrics_port is not None:
-        server = serve(metrics, args.metrics_host, args.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, server.server_port)
-
-    def _graceful(signum, _frame):
-        log.info("transcriber %s: signal %d, handing calls back", transcriber.id, signum)
-        transcriber.stop()
-
-    signal.signal(signal.SIGTERM, _graceful)
-    signal.signal(signal.SIGINT, _graceful)
-    transcriber.run(max_seconds=args.max_seconds)
-    return 0
+    return run_loop_role("transcriber", transcriber, lambda host, port: serve(metrics, host, port),
+                         args.metrics_host, args.metrics_port, args.max_seconds)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ private redis-server this session starts on a free loopback port (see
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest

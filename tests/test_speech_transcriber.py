@@ -4,7 +4,6 @@ process against a real Redis, including a SIGKILL takeover."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

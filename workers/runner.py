@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from typing import Any
@@ -654,7 +653,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from piopiy_voice.observability import setup_logging  # noqa: PLC0415 (main only)
+    from piopiy_voice.observability import run_loop_role, setup_logging  # noqa: PLC0415 (main only)
 
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -676,18 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"piopiy-voice worker: {exc}", file=sys.stderr)
         return 2
-    if args.metrics_port is not None:
-        server = serve(metrics, args.metrics_host, args.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, server.server_port)
-
-    def _graceful(signum, _frame):
-        log.info("worker %s: signal %d, handing calls back", worker.worker_id, signum)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, _graceful)
-    signal.signal(signal.SIGINT, _graceful)
-    worker.run(max_seconds=args.max_seconds)
-    return 0
+    return run_loop_role("worker", worker, lambda host, port: serve(metrics, host, port),
+                         args.metrics_host, args.metrics_port, args.max_seconds)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from rq import Callback, Queue
 
-from piopiy_voice import callrecord, keys
+from piopiy_voice import keys
 from piopiy_voice.errors import PiopiyError, PiopiyValidationError
 from piopiy_voice.pcmo_models import (
     BRIDGE_DEFAULTS,
