@@ -21,6 +21,19 @@ the bare receiver, frame-sent -> entry-in-Redis latency p50/p99 (each frame
 carries its send time in its first 8 bytes; the entry's stream id carries
 Redis' insertion time in ms, so values are floored to 1 ms), frames lost,
 memory per call (RSS delta / calls) and the redis-server CPU per frame.
+
+``--listeners K`` (the API's effect on the gateway, issue 11): also starts the
+API role (``python -m piopiy_voice.api``) on the same private Redis and a third
+subprocess of K real WebSocket listen clients (``websockets``, authenticated by
+an API key made with ``api.auth.create_key``) on K of the gateway's calls. The
+gateway's load is then split into two phases that alternate slice by slice on
+the SAME gateway process and the SAME call sockets: "no API" slices (no listen
+socket open, the API's call hubs retired) and "K listeners" slices (the K
+sockets connected and streaming). Listen sockets open and close only in
+unmeasured gaps between slices. Printed per phase: the gateway's CPU per frame
+(and per-slice spread), its ratio to the bare receiver and to the other phase,
+the API process's, redis-server's and the listen clients' CPU, the frames the
+listeners received, and the gateway's sent -> Redis latency.
 """
 
 from __future__ import annotations
@@ -77,6 +90,65 @@ def serve_bare() -> None:
             print(next(iter(server.sockets)).getsockname()[1], flush=True)
             asyncio.get_running_loop().add_signal_handler(_signal.SIGTERM, report)
             await asyncio.Future()
+
+    uvloop.run(main())
+
+
+# ----------------------------------------------------------- listen clients
+def serve_listeners() -> None:
+    """K real listen sockets on the API, switched on and off from stdin.
+
+    First stdin line: JSON ``{"base", "key", "cids"}``. Then ``on`` (connect all,
+    wait for each hello, answer ``ready``), ``off`` (close all, answer ``off N``:
+    binary frames received since ``on``), ``quit``. Errors answer ``error ...``."""
+    import json
+
+    import uvloop
+    from websockets.asyncio.client import connect
+
+    cfg = json.loads(sys.stdin.readline())
+    headers = {"Authorization": f"Bearer {cfg['key']}"}
+    count = [0]
+
+    async def listen_one(cid: str, ready: asyncio.Future, socks: list) -> None:
+        async with connect(f"{cfg['base']}/calls/{cid}/listen", additional_headers=headers,
+                           compression=None, open_timeout=10, close_timeout=2) as ws:
+            socks.append(ws)
+            hello = json.loads(await ws.recv())
+            if hello.get("type") != "hello":
+                raise RuntimeError(f"first message is not hello: {hello}")
+            ready.set_result(None)
+            async for m in ws:
+                if isinstance(m, bytes):
+                    count[0] += 1
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task] = []
+        socks: list = []
+        while True:
+            cmd = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+            if cmd == "on":
+                count[0], socks = 0, []
+                readies = [loop.create_future() for _ in cfg["cids"]]
+                tasks = [loop.create_task(listen_one(cid, f, socks))
+                         for cid, f in zip(cfg["cids"], readies)]
+                try:
+                    await asyncio.wait_for(asyncio.gather(*readies), 15)
+                    print("ready", flush=True)
+                except Exception as exc:  # noqa: BLE001 - report, the parent stops the run
+                    failed = [t.exception() for t in tasks if t.done() and t.exception()]
+                    print(f"error {exc!r} {failed[:1]!r}", flush=True)
+            elif cmd == "off":
+                await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
+                done, pending = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
+                for t in pending:
+                    t.cancel()
+                print(f"off {count[0]}", flush=True)
+            else:   # "quit" or stdin closed
+                for t in tasks:
+                    t.cancel()
+                return
 
     uvloop.run(main())
 
@@ -164,6 +236,10 @@ class Target:
         self.cpu_s = self.user_s = 0.0
         self.late = 0.0
         self.rss_connected = self.rss_end = 0
+        self.share: Target | None = None   # drive this target over another's sockets
+        self.slices: list[float] = []      # CPU per frame (us) of each measured slice
+        self.windows: list[tuple[float, float]] = []   # wall-clock span of each slice
+        self.watch_cpu: dict[str, float] = {}          # other processes' CPU in its slices
 
 
 async def _open(target: Target) -> None:
@@ -181,13 +257,20 @@ async def _open(target: Target) -> None:
     target.rss_connected = target.proc.memory_info().rss
 
 
-async def drive(targets: list[Target], seconds: float, rate: int, slice_s: float = 2.0) -> None:
+async def drive(targets: list[Target], seconds: float, rate: int, slice_s: float = 2.0,
+                before_slice=None, watch: dict[str, psutil.Process] | None = None) -> None:
     """Load the targets in alternating slices of ``slice_s`` (each gets ``seconds``
     of measured load plus one unmeasured warm-up slice), so both see the same
-    machine conditions however noisy the machine is."""
+    machine conditions however noisy the machine is. ``before_slice(target)``
+    (async) runs unmeasured before each slice; ``watch`` names other processes
+    whose CPU is added up per target over its measured slices."""
     loop = asyncio.get_running_loop()
+    watch = watch or {}
     for t in targets:
-        await _open(t)
+        if t.share is not None:
+            t.clients, t.rss_connected = t.share.clients, t.share.rss_connected
+        else:
+            await _open(t)
     frame_len = rate * 2 // 50
     body = (bytes(range(256)) * (frame_len // 256 + 1))[8:frame_len]
     groups = 10  # calls are staggered over the 20 ms tick in 10 groups
@@ -195,8 +278,12 @@ async def drive(targets: list[Target], seconds: float, rate: int, slice_s: float
     schedule = [t for t in targets] + [t for _ in range(measured_slices) for t in targets]
     for k, t in enumerate(schedule):
         measure = k >= len(targets)
+        if before_slice is not None:
+            await before_slice(t)
+        w0 = {name: sum(p.cpu_times()[:2]) for name, p in watch.items()}
         c0 = t.proc.cpu_times()
         sent0 = t.sent
+        wall0 = time.time()
         start = loop.time() + 0.01
         ticks = int(slice_s / 0.002)
         for tick in range(ticks):
@@ -217,9 +304,15 @@ async def drive(targets: list[Target], seconds: float, rate: int, slice_s: float
             t.cpu_s += (c1.user + c1.system) - (c0.user + c0.system)
             t.user_s += c1.user - c0.user
             t.window_frames += t.sent - sent0
+            if t.sent > sent0:
+                t.slices.append(((c1.user + c1.system) - (c0.user + c0.system)) / (t.sent - sent0) * 1e6)
+            t.windows.append((wall0, time.time()))
+            for name, p in watch.items():
+                t.watch_cpu[name] = t.watch_cpu.get(name, 0.0) + sum(p.cpu_times()[:2]) - w0[name]
     for t in targets:
         t.rss_end = t.proc.memory_info().rss
-        await asyncio.gather(*(cl.close() for cl in t.clients))
+        if t.share is None:
+            await asyncio.gather(*(cl.close() for cl in t.clients))
 
 
 def _child(args, env=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
@@ -253,19 +346,222 @@ def _stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
+def _read_back(client, ids: list[str]) -> tuple[list[tuple[float, float]], int]:
+    """Wait for the gateway to end the calls, then read every call stream back:
+    ([(sent at, sent -> Redis ms)], audio entries)."""
+    from piopiy_voice import keys
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(client.hget(keys.call_meta(cid), "state") == b"ended" for cid in ids[-5:]):
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    lat, audio = [], 0
+    for cid in ids:
+        last = "-"
+        while True:
+            batch = client.xrange(keys.call_stream(cid), min=last, count=2000)
+            if last != "-":
+                batch = batch[1:]
+            if not batch:
+                break
+            for eid, f in batch:
+                if f.get(b"type") == b"audio":
+                    audio += 1
+                    sent_at = struct.unpack("<d", f[b"pcm"][:8])[0]
+                    lat.append((sent_at, int(eid.split(b"-")[0]) - sent_at * 1000))
+            last = batch[-1][0]
+    return lat, audio
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
+
+
+def main_listeners(args) -> int:
+    """``--listeners K``: the gateway without and with an API streaming K calls."""
+    import json
+
+    import httpx
+    import uvloop
+
+    from piopiy_voice.api import auth
+    from piopiy_voice.redisconn import EmbeddedRedis, connect, free_port
+    from piopiy_voice.signing import sign_stream_url
+
+    k = args.listeners
+    print(f"machine: {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.2f} "
+          f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; {args.calls} calls x {args.seconds:g} s "
+          f"per phase at {args.rate} Hz, 20 ms frames; {k} of them listened in the 'listeners' phase")
+    me = psutil.Process()
+    bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
+    redis = EmbeddedRedis()
+    env = dict(os.environ, REDIS_URL=redis.url, PV_SIGNING_SECRET=SECRET, PV_LOG_LEVEL="INFO",
+               PYTHONPATH=str(ROOT))
+    gw = _child([sys.executable, "-m", "piopiy_voice.gateway.server", "--port", "0", "--gateway-id", "bench"],
+                env=env, stdout=subprocess.DEVNULL)
+    api_port = free_port()
+    api_log = open(os.devnull, "w")
+    api = _child([sys.executable, "-m", "piopiy_voice.api"],
+                 env=dict(env, PV_API_PORT=str(api_port), PV_LOG_LEVEL="WARNING"),
+                 stdout=api_log, stderr=None)
+    lis = subprocess.Popen([sys.executable, __file__, "--serve-listeners"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=None, text=True)
+    api_http = f"http://127.0.0.1:{api_port}"
+    listening = {"on": False, "frames": 0}
+
+    def api_hubs() -> int:
+        return httpx.get(api_http + "/healthz", timeout=2).json()["hubs"]
+
+    async def ask(cmd: str, timeout: float = 20.0) -> str:
+        lis.stdin.write(cmd + "\n")
+        lis.stdin.flush()
+        line = await asyncio.wait_for(asyncio.to_thread(lis.stdout.readline), timeout)
+        if not line or line.startswith("error"):
+            raise RuntimeError(f"listen clients: {line.strip() or 'exited'}")
+        return line.strip()
+
+    async def until_hubs(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while (hubs := await asyncio.to_thread(api_hubs)) != n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"API has {hubs} call hubs, expected {n}")
+            await asyncio.sleep(0.1)
+
+    async def before_slice(t: Target) -> None:
+        """Listen sockets open before each 'listeners' slice and close (hubs
+        retired: the API reads nothing) before any other slice; unmeasured."""
+        want = t is g_on
+        if want and not listening["on"]:
+            await ask("on")
+            await until_hubs(k)
+            await asyncio.sleep(0.3)   # every hub past its first XREVRANGE, blocked in XREAD
+            listening["on"] = True
+        elif not want and listening["on"]:
+            listening["frames"] += int((await ask("off")).split()[1])
+            await until_hubs(0)       # hubs linger api.listen.HUB_LINGER_S after the last listener
+            listening["on"] = False
+
+    try:
+        bport = int(bare.stdout.readline())
+        gport = _wait_port(gw.stderr, r"listening on 127\.0\.0\.1:(\d+)")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api_hubs() == 0:
+                    break
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            if api.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("API did not start")
+            time.sleep(0.1)
+        r = connect(redis.url)
+        _, key = auth.create_key(r, "listen", name="gateway_bench")
+        ids = [f"bench-{i}" for i in range(args.calls)]
+        lis.stdin.write(json.dumps({"base": f"ws://127.0.0.1:{api_port}", "key": key,
+                                    "cids": ids[:k]}) + "\n")
+        lis.stdin.flush()
+        gproc = psutil.Process(gw.pid)
+        time.sleep(0.5)
+        rss0 = gproc.memory_info().rss
+        gpaths = [sign_stream_url(f"ws://127.0.0.1:{gport}", cid, SECRET,
+                                  params={"rate": str(args.rate), "mode": "callee"})
+                  .split(f":{gport}", 1)[1] for cid in ids]
+        b = Target("bare", bport, [f"/x/{i}" for i in range(args.calls)], psutil.Process(bare.pid))
+        g_off = Target("gateway, no API", gport, gpaths, gproc)
+        g_on = Target(f"gateway, {k} listeners", gport, gpaths, gproc)
+        g_on.share = g_off
+        watch = {"api": psutil.Process(api.pid), "redis": psutil.Process(redis.proc.pid),
+                 "clients": psutil.Process(lis.pid)}
+        c0 = sum(me.cpu_times()[:2])
+        uvloop.run(drive([b, g_off, g_on], args.seconds, args.rate, before_slice=before_slice, watch=watch))
+        gen_cpu = sum(me.cpu_times()[:2]) - c0
+        if listening["on"]:
+            listening["frames"] += int(uvloop.run(ask("off")).split()[1])
+        bare.terminate()
+        out, _ = bare.communicate(timeout=10)
+        bare_lat = [float(x) for x in out.split()[-3:]] if out.strip() else None
+        lat, audio = _read_back(r, ids)
+    finally:
+        if lis.poll() is None:
+            try:
+                lis.stdin.write("quit\n")
+                lis.stdin.close()
+                lis.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        for p in (lis, api, bare, gw):
+            _stop(p)
+        api_log.close()
+        redis.close()
+
+    bus = b.cpu_s / b.window_frames * 1e6
+    print(f"bare uvloop receiver  : {bus:6.1f} us CPU/frame "
+          f"(user {b.user_s / b.window_frames * 1e6:.1f}; {b.window_frames} frames measured)")
+    per = {}
+    for t in (g_off, g_on):
+        us = per[t.name] = t.cpu_s / t.window_frames * 1e6
+        sl = sorted(t.slices)
+        print(f"{t.name:<22}: {us:6.1f} us CPU/frame (user {t.user_s / t.window_frames * 1e6:.1f}; "
+              f"{t.window_frames} frames, {len(sl)} slices: min {sl[0]:.1f} median "
+              f"{statistics.median(sl):.1f} max {sl[-1]:.1f})  ratio to bare {us / bus:.2f}x")
+    off_us, on_us = per[g_off.name], per[g_on.name]
+    print(f"with / without API    : {on_us / off_us:.3f}x ({on_us - off_us:+.1f} us CPU per gateway frame)")
+    for name, label in (("api", "API process"), ("redis", "redis-server"), ("clients", "listen clients")):
+        cells = []
+        for t in (g_off, g_on):
+            secs = sum(w1 - w0 for w0, w1 in t.windows)   # measured slices only
+            cpu = t.watch_cpu.get(name, 0.0)
+            cells.append(f"{cpu / t.window_frames * 1e6:5.1f} us/gateway frame "
+                         f"({cpu / secs * 100 if secs else float('nan'):.0f}% of a core)")
+        print(f"{label:<22}: no API {cells[0]}; {k} listeners {cells[1]}")
+    expected = k * g_on.sent // args.calls
+    print(f"listen frames out     : {listening['frames']} received by the {k} listen sockets of "
+          f"{expected} sent on the listened calls in 'listeners' slices")
+    for t in (g_off, g_on):
+        spans = t.windows
+        vs = sorted(v for sent_at, v in lat if any(w0 <= sent_at <= w1 for w0, w1 in spans))
+        if vs:
+            print(f"latency sent->Redis   : {t.name}: p50 {_pct(vs, .5):.1f} ms, p99 {_pct(vs, .99):.1f} ms, "
+                  f"max {vs[-1]:.1f} ms (floored to 1 ms)")
+    if bare_lat:
+        print(f"bare receiver latency : p50 {bare_lat[0]:.1f} ms, p99 {bare_lat[1]:.1f} ms, max {bare_lat[2]:.1f} ms")
+    sent_gw = g_off.sent + g_on.sent
+    print(f"load generator        : {gen_cpu / (b.sent + sent_gw) * 1e6:6.1f} us CPU/frame; worst tick "
+          f"lateness {b.late * 1000:.1f} / {g_off.late * 1000:.1f} / {g_on.late * 1000:.1f} ms "
+          f"(bare / no API / listeners)")
+    lost = sent_gw - audio
+    print(f"frames lost           : {lost} of {sent_gw} sent to the gateway")
+    print(f"memory per call       : {(g_off.rss_end - rss0) / args.calls / 1024:.1f} KiB")
+    la = os.getloadavg()
+    print(f"load avg after run    : {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    return 0 if lost == 0 else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=8000, choices=(8000, 16000))
+    ap.add_argument("--listeners", type=int, default=0, metavar="K",
+                    help="also measure the gateway while an API process streams K of its calls "
+                         "to K listen sockets (two phases alternating on the same gateway)")
     ap.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-listeners", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_bare:
         serve_bare()
         return 0
+    if args.serve_listeners:
+        serve_listeners()
+        return 0
+    if not 0 <= args.listeners <= args.calls:
+        ap.error("--listeners must be between 0 and --calls")
+    if args.listeners:
+        return main_listeners(args)
     import uvloop
 
-    from piopiy_voice import keys
     from piopiy_voice.redisconn import EmbeddedRedis, connect
     from piopiy_voice.signing import sign_stream_url
 
@@ -299,29 +595,7 @@ def main(argv=None) -> int:
         bare.terminate()
         out, _ = bare.communicate(timeout=10)
         bare_lat = [float(x) for x in out.split()[-3:]] if out.strip() else None
-        # Let the gateway finish writing the ends of calls, then read everything back.
-        client = connect(redis.url)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all(client.hget(keys.call_meta(cid), "state") == b"ended" for cid in ids[-5:]):
-                break
-            time.sleep(0.2)
-        time.sleep(0.5)
-        lat, audio = [], 0
-        for cid in ids:
-            last = "-"
-            while True:
-                batch = client.xrange(keys.call_stream(cid), min=last, count=2000)
-                if last != "-":
-                    batch = batch[1:]
-                if not batch:
-                    break
-                for eid, f in batch:
-                    if f.get(b"type") == b"audio":
-                        audio += 1
-                        sent_at = struct.unpack("<d", f[b"pcm"][:8])[0]
-                        lat.append((sent_at, int(eid.split(b"-")[0]) - sent_at * 1000))
-                last = batch[-1][0]
+        lat, audio = _read_back(connect(redis.url), ids)
     finally:
         _stop(bare)
         _stop(gw)

@@ -22,6 +22,12 @@ All writes for a call go through this one ordered byte stream, so the call's
 entries (start, audio, events, results, playout, end) land in Redis in the
 order they were produced.
 
+TLS (``rediss://``): the connection is opened with the one client context of
+``redisconn.tls_context_for`` (the ``PV_REDIS_TLS_*`` settings); TLS lives
+below the stream API, so the hot path is the same bytes either way. A
+certificate that fails verification is an outage with a one-line reason naming
+the setting (``last_error``, the log), retried like any other.
+
 Outage: when the connection fails the in-flight batch is put back in front of
 the buffer (resent after reconnect: at-least-once; consumers drop duplicates
 by ``seq``) and the flusher reconnects with exponential backoff. *Any* failure
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any, Mapping
 
@@ -55,6 +62,7 @@ import hiredis
 from redis.asyncio.connection import ConnectionPool
 
 from piopiy_voice import contracts, keys
+from piopiy_voice.redisconn import RedisTls, tls_context_for, tls_error
 
 from .metrics import Metrics
 
@@ -89,16 +97,17 @@ class Publisher:
                  buffer_frames: int = 50_000, stream_maxlen: int = keys.CALL_STREAM_MAXLEN,
                  connect_timeout: float = 3.0, reply_timeout: float = 10.0,
                  linger_s: float = 0.002, batch_min: int = 128,
-                 event_bytes: int = 4 << 20, call_frames: int | None = None) -> None:
+                 event_bytes: int = 4 << 20, call_frames: int | None = None,
+                 tls: RedisTls | None = None) -> None:
         if buffer_frames <= 0:
             raise ValueError(f"buffer_frames must be > 0, got {buffer_frames}")
         if linger_s < 0 or batch_min < 1:
             raise ValueError("linger_s must be >= 0 and batch_min >= 1")
         self.linger = linger_s
         self.batch_min = batch_min
-        if url.split(":", 1)[0].lower() == "rediss":
-            # This writer speaks plain RESP over TCP or a unix socket, no TLS.
-            raise ValueError(f"rediss:// (TLS) is not supported by the gateway writer: {url!r}")
+        #: Client TLS context for rediss:// (None: plain TCP or a unix socket);
+        #: PiopiyConfigError naming the setting when a CA/cert file is unusable.
+        self._ssl = tls_context_for(url, tls)
         kw = ConnectionPool.from_url(url).connection_kwargs
         self._addr = kw.get("path"), kw.get("host", "127.0.0.1"), kw.get("port", 6379)
         self._auth = (kw.get("username"), kw.get("password"))
@@ -315,9 +324,14 @@ class Publisher:
         path, host, port = self._addr
         if path:
             fut = asyncio.open_unix_connection(path)
+        elif self._ssl is not None:
+            fut = asyncio.open_connection(host, port, ssl=self._ssl, server_hostname=host)
         else:
             fut = asyncio.open_connection(host, port)
-        reader, writer = await asyncio.wait_for(fut, self.connect_timeout)
+        try:
+            reader, writer = await asyncio.wait_for(fut, self.connect_timeout)
+        except ssl.SSLError as exc:
+            raise tls_error(exc, host, port) from None
         hello = []
         user, password = self._auth
         if password:

@@ -108,7 +108,14 @@ def _redis():
     url = os.environ.get("REDIS_URL")
     if not url:
         raise redis.ConnectionError("REDIS_URL is not set")
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+    from .redisconn import TLS_KWARG, TlsConnection, tls_context_for  # noqa: PLC0415
+
+    try:
+        ctx = tls_context_for(url)  # rediss://: the roles' TLS settings
+    except ValueError as exc:  # PiopiyConfigError: an unusable CA/cert file, reported in one line
+        raise redis.ConnectionError(str(exc)) from None
+    tls = {"connection_class": TlsConnection, TLS_KWARG: ctx} if ctx is not None else {}
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, **tls)
 
 
 def check_worker_heartbeat(now: float | None = None) -> tuple[bool, str]:

@@ -15,6 +15,28 @@ Resolution (``resolve_redis_url``):
 
 Never log a URL as given: ``redact_url`` hides the password (``redis://:***@host``).
 
+TLS (``rediss://``; managed Redis requires it): ``ssl_context`` is the one place
+that builds the client ``ssl.SSLContext``, from ``RedisTls`` (the settings
+``PV_REDIS_TLS_CA_FILE`` — the CA that signed the server's certificate, default
+the system's trusted CAs —, ``PV_REDIS_TLS_CERT_FILE`` / ``PV_REDIS_TLS_KEY_FILE``
+— a client certificate for mutual TLS — and ``PV_REDIS_TLS_VERIFY``, default
+true; false is allowed but logged loudly). One context per process and
+configuration (cached). Every client uses it: ``connect`` / ``connect_async``
+(redis-py, hence RQ, which rebuilds its connections from the pool's kwargs),
+``async_redis`` (the worker's agent runtime) and the gateway's hand-written
+writer (``tls_context_for``). ``redis://`` URLs never touch any of it. TLS
+options in the URL's query (``ssl_cert_reqs=...``) are ignored: the settings
+are the one source. Without an explicit ``RedisTls`` the settings are read from
+the environment (and ``.env``), like ``Settings.from_env()``.
+
+Errors are one line naming the setting, never a traceback: an unreadable CA,
+certificate or key raises ``PiopiyConfigError`` when the client is built (CLIs
+exit 2); a server certificate that fails verification, or a refused handshake,
+raises ``RedisTlsError`` (a ``PiopiyConfigError`` *and* a
+``redis.ConnectionError``, so a role's outage handling logs it and retries: a
+rotated CA then heals without a restart). Messages name host and port only,
+never the URL (it may hold the password).
+
 Client options follow redis-py 8 lessons: a blocking read's ``block`` must stay
 below ``socket_timeout`` (else a dead connection hangs it for about a minute),
 and ``from_url`` installs no retry unless given one.
@@ -27,14 +49,19 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ExceptionType
 from redis.retry import Retry
 
 from .errors import PiopiyConfigError
@@ -63,6 +90,173 @@ def redact_url(url: str | None) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+# --------------------------------------------------------------------- TLS
+
+#: Settings fields of the TLS options (their aliases are the variables).
+_TLS_FIELDS = {"ca_file": "redis_tls_ca_file", "cert_file": "redis_tls_cert_file",
+               "key_file": "redis_tls_key_file", "verify": "redis_tls_verify"}
+CA_VAR, CERT_VAR, KEY_VAR, VERIFY_VAR = ("PV_REDIS_TLS_CA_FILE", "PV_REDIS_TLS_CERT_FILE",
+                                         "PV_REDIS_TLS_KEY_FILE", "PV_REDIS_TLS_VERIFY")
+#: Connection kwarg carrying our context through redis-py's pools (and RQ's copies of them).
+TLS_KWARG = "pv_ssl_context"
+
+
+class RedisTlsError(PiopiyConfigError, redis.ConnectionError):
+    """A TLS handshake with Redis failed (certificate not verified, client certificate refused)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # (redis-py's own fields: its __init__ is not reached through ValueError's)
+        self.error_type = ExceptionType.TLS
+        self.status_code = None
+
+    def __repr__(self) -> str:  # redis-py's repr drops the message, which is the point here
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """The TLS options of every Redis client (used for ``rediss://`` URLs only)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "RedisTls":
+        return cls(**{name: getattr(settings, field) for name, field in _TLS_FIELDS.items()})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "RedisTls":
+        """From the environment over ``.env`` (``environ`` None), or that mapping only;
+        parsed and validated by ``Settings`` (the one declaration of the variables)."""
+        from .settings import Settings, env_values  # noqa: PLC0415 (settings is heavier; TLS only)
+
+        names = {Settings.model_fields[f].alias for f in _TLS_FIELDS.values()}
+        return cls.from_settings(Settings.from_env(env_values(names, environ)))
+
+
+def is_tls_url(url: str) -> bool:
+    return url.split(":", 1)[0].lower() == "rediss"
+
+
+def _read_error(var: str, path: str, exc: Exception) -> PiopiyConfigError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return PiopiyConfigError(f"{var}: cannot use {path}: {why}")
+
+
+@lru_cache(maxsize=8)
+def ssl_context(tls: RedisTls) -> ssl.SSLContext:
+    """The client context for ``tls`` (cached: one per process and configuration).
+
+    Verifying (the default): the server's certificate must chain to ``ca_file``
+    (else the system's trusted CAs) and name the URL's host. ``PiopiyConfigError``
+    naming the variable when a file is missing or not what it should be."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # TLS >= 1.2, host name checked
+    if tls.ca_file:
+        if not os.path.isfile(tls.ca_file):
+            raise PiopiyConfigError(f"{CA_VAR}: no such file {tls.ca_file} (the CA certificate "
+                                    "that signed the Redis server's certificate, PEM)")
+        try:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise _read_error(CA_VAR, tls.ca_file, exc) from None
+    if tls.key_file and not tls.cert_file:
+        raise PiopiyConfigError(f"{KEY_VAR} is set without {CERT_VAR} (mutual TLS needs both)")
+    if tls.cert_file:
+        for var, path in ((CERT_VAR, tls.cert_file), (KEY_VAR, tls.key_file)):
+            if path and not os.path.isfile(path):
+                raise PiopiyConfigError(f"{var}: no such file {path}")
+        try:
+            ctx.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise PiopiyConfigError(
+                f"{CERT_VAR} / {KEY_VAR}: {tls.cert_file} and {tls.key_file or '(key in the same file)'} "
+                f"are not a PEM certificate and its private key: {getattr(exc, 'reason', None) or exc}"
+            ) from None
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        log.warning("INSECURE: %s=false: the Redis server's TLS certificate is NOT verified; anyone "
+                    "on the network path can pose as Redis and read or forge every call. Set %s "
+                    "to the server's CA instead.", VERIFY_VAR, CA_VAR)
+    return ctx
+
+
+def tls_context_for(url: str, tls: RedisTls | None = None) -> ssl.SSLContext | None:
+    """The context for ``url``: None for ``redis://`` / ``unix://``; for ``rediss://`` the
+    one built from ``tls`` (default: the settings in the environment)."""
+    if not is_tls_url(url):
+        return None
+    return ssl_context(tls if tls is not None else RedisTls.from_env())
+
+
+def tls_error(exc: ssl.SSLError, host: str, port: int) -> RedisTlsError:
+    """One line naming the setting to fix, for a failed handshake with ``host:port``."""
+    where = f"Redis at {host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return RedisTlsError(
+            f"TLS: the certificate of {where} failed verification ({exc.verify_message}): set "
+            f"{CA_VAR} to the CA that signed it (and use the host name the certificate names in REDIS_URL)")
+    return RedisTlsError(f"TLS handshake with {where} failed ({exc.reason or exc}); a server that "
+                         f"requires client certificates needs {CERT_VAR} and {KEY_VAR}")
+
+
+class TlsConnection(redis.SSLConnection):
+    """redis-py's TLS connection, with our context instead of one built from URL options."""
+
+    def __init__(self, *, pv_ssl_context: ssl.SSLContext, **kw: Any) -> None:
+        self.pv_ssl_context = pv_ssl_context
+        super().__init__(**kw)
+
+    def _wrap_socket_with_ssl(self, sock: socket.socket) -> ssl.SSLSocket:
+        try:
+            return self.pv_ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLError as exc:
+            raise tls_error(exc, self.host, self.port) from None
+
+
+class AsyncTlsConnection(aioredis.SSLConnection):
+    """The asyncio twin of ``TlsConnection``."""
+
+    def __init__(self, *, pv_ssl_context: ssl.SSLContext, **kw: Any) -> None:
+        self.pv_ssl_context = pv_ssl_context
+        super().__init__(**kw)
+
+    def _connection_arguments(self) -> Mapping:
+        return {"host": self.host, "port": self.port, "ssl": self.pv_ssl_context,
+                "server_hostname": self.host}
+
+    async def _connect(self) -> None:
+        try:
+            await super()._connect()
+        except ssl.SSLError as exc:
+            raise tls_error(exc, self.host, self.port) from None
+
+
+def _use_tls(pool: Any, ctx: ssl.SSLContext | None, connection_class: type) -> Any:
+    if ctx is not None:
+        pool.connection_class = connection_class
+        pool.connection_kwargs[TLS_KWARG] = ctx
+    return pool
+
+
+def async_redis(**kw: Any) -> aioredis.Redis:
+    """``aioredis.Redis(**kw)``, where ``kw`` may carry a sync client's TLS context
+    (``TLS_KWARG`` from its ``connection_pool.connection_kwargs``)."""
+    ctx = kw.pop(TLS_KWARG, None)
+    if ctx is None:
+        return aioredis.Redis(**kw)
+    if "unix_socket_path" in kw:
+        raise PiopiyConfigError("TLS over a unix socket is not supported")
+    return aioredis.Redis.from_pool(aioredis.ConnectionPool(
+        connection_class=AsyncTlsConnection, **{TLS_KWARG: ctx}, **kw))
+
+
+# ------------------------------------------------------------------ clients
+
+
 def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5)
 
@@ -82,16 +276,23 @@ def _client_kwargs(socket_timeout: float) -> dict:
     )
 
 
-def connect(url: str | None = None, *, socket_timeout: float = 10.0, **kw) -> redis.Redis:
-    """A synchronous client (bytes responses) with our timeouts and retry."""
+def connect(url: str | None = None, *, socket_timeout: float = 10.0, tls: RedisTls | None = None,
+            **kw) -> redis.Redis:
+    """A synchronous client (bytes responses) with our timeouts and retry; TLS
+    for ``rediss://`` (``tls``, default: from the environment)."""
     opts = _client_kwargs(socket_timeout)
     opts.update(kw)
-    return redis.Redis.from_url(url or resolve_redis_url(), **opts)
+    url = url or resolve_redis_url()
+    ctx = tls_context_for(url, tls)
+    if ctx is not None:
+        opts.update(connection_class=TlsConnection, **{TLS_KWARG: ctx})
+    return redis.Redis.from_url(url, **opts)
 
 
 def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, blocking_pool: bool = False,
-                  max_connections: int | None = None, pool_timeout_s: float = 5.0, **kw) -> aioredis.Redis:
-    """An asyncio client (bytes responses) with our timeouts and retry.
+                  max_connections: int | None = None, pool_timeout_s: float = 5.0,
+                  tls: RedisTls | None = None, **kw) -> aioredis.Redis:
+    """An asyncio client (bytes responses) with our timeouts and retry; TLS as ``connect``.
 
     ``blocking_pool``: at most ``max_connections``; a caller beyond waits up to
     ``pool_timeout_s`` for a free connection instead of failing at once (a
@@ -100,14 +301,19 @@ def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, block
     opts = _client_kwargs(socket_timeout)
     opts.update(kw)
     url = url or resolve_redis_url()
+    ctx = tls_context_for(url, tls)
     if not blocking_pool:
         if max_connections is not None:
             opts["max_connections"] = max_connections
-        return aioredis.Redis.from_url(url, **opts)
+        if ctx is None:
+            return aioredis.Redis.from_url(url, **opts)
+        # (the asyncio from_url lets the URL's scheme pick the connection class)
+        pool = aioredis.ConnectionPool.from_url(url, **opts)
+        return aioredis.Redis.from_pool(_use_tls(pool, ctx, AsyncTlsConnection))
     retry = opts.pop("retry")
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections or 50,
                                                     timeout=pool_timeout_s, **opts)
-    return aioredis.Redis(connection_pool=pool, retry=retry)
+    return aioredis.Redis(connection_pool=_use_tls(pool, ctx, AsyncTlsConnection), retry=retry)
 
 
 def _ping(host: str, port: int, timeout: float = 0.3) -> bool:

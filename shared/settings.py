@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     # --- Redis -----------------------------------------------------------
     redis_url: str | None = Field(None, alias="REDIS_URL")
     redis_socket_timeout_s: float = Field(10.0, alias="PV_REDIS_SOCKET_TIMEOUT_S", gt=0)
+    #: TLS to Redis (``rediss://`` URLs only; see ``redisconn.ssl_context``): the CA
+    #: certificate (PEM) that signed the server's certificate (default: the system's
+    #: trusted CAs), and a client certificate + key for mutual TLS.
+    redis_tls_ca_file: str | None = Field(None, alias="PV_REDIS_TLS_CA_FILE")
+    redis_tls_cert_file: str | None = Field(None, alias="PV_REDIS_TLS_CERT_FILE")
+    redis_tls_key_file: str | None = Field(None, alias="PV_REDIS_TLS_KEY_FILE")
+    #: false: do not verify the server's certificate (logged as INSECURE; tests only).
+    redis_tls_verify: bool = Field(True, alias="PV_REDIS_TLS_VERIFY")
 
     # --- Gateway ---------------------------------------------------------
     gateway_id: str = Field(default_factory=_default_instance_id, alias="PV_GATEWAY_ID")

@@ -19,11 +19,16 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tls_url_is_refused_not_silently_sent_in_clear():
-    # Review fix: the hand-written RESP writer speaks plain TCP only; a
-    # rediss:// URL was accepted and then failed forever (or leaked in clear).
-    with pytest.raises(ValueError, match="rediss"):
-        Publisher("rediss://127.0.0.1:6380/0")
+def test_tls_url_is_never_sent_in_clear():
+    # Review fix: a rediss:// URL was once accepted and then sent in clear. Now
+    # it gets a verifying TLS context (tests/test_redis_tls.py runs it for real).
+    import ssl
+
+    from piopiy_voice.redisconn import RedisTls
+
+    pub = Publisher("rediss://127.0.0.1:6380/0", tls=RedisTls())
+    assert isinstance(pub._ssl, ssl.SSLContext) and pub._ssl.verify_mode == ssl.CERT_REQUIRED
+    assert Publisher("redis://127.0.0.1:6380/0")._ssl is None
 
 
 def test_close_reports_what_could_not_be_written(caplog):
