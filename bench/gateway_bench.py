@@ -240,6 +240,7 @@ class Target:
         self.slices: list[float] = []      # CPU per frame (us) of each measured slice
         self.windows: list[tuple[float, float]] = []   # wall-clock span of each slice
         self.watch_cpu: dict[str, float] = {}          # other processes' CPU in its slices
+        self.watch_slices: dict[str, list[float]] = {}  # ... and in each of them (s)
 
 
 async def _open(target: Target) -> None:
@@ -308,7 +309,9 @@ async def drive(targets: list[Target], seconds: float, rate: int, slice_s: float
                 t.slices.append(((c1.user + c1.system) - (c0.user + c0.system)) / (t.sent - sent0) * 1e6)
             t.windows.append((wall0, time.time()))
             for name, p in watch.items():
-                t.watch_cpu[name] = t.watch_cpu.get(name, 0.0) + sum(p.cpu_times()[:2]) - w0[name]
+                used = sum(p.cpu_times()[:2]) - w0[name]
+                t.watch_cpu[name] = t.watch_cpu.get(name, 0.0) + used
+                t.watch_slices.setdefault(name, []).append(used)
     for t in targets:
         t.rss_end = t.proc.memory_info().rss
         if t.share is None:
@@ -516,6 +519,8 @@ def main_listeners(args) -> int:
             cells.append(f"{cpu / t.window_frames * 1e6:5.1f} us/gateway frame "
                          f"({cpu / secs * 100 if secs else float('nan'):.0f}% of a core)")
         print(f"{label:<22}: no API {cells[0]}; {k} listeners {cells[1]}")
+    print("API CPU per slice (s) : no API " + " ".join(f"{x:.2f}" for x in g_off.watch_slices["api"])
+          + f"; {k} listeners " + " ".join(f"{x:.2f}" for x in g_on.watch_slices["api"]))
     expected = k * g_on.sent // args.calls
     print(f"listen frames out     : {listening['frames']} received by the {k} listen sockets of "
           f"{expected} sent on the listened calls in 'listeners' slices")
