@@ -228,11 +228,11 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
                     yield f"event: error\ndata: {json.dumps({'reason': repr(exc)})}\n\n"
                     await asyncio.sleep(SSE_INTERVAL_S)
                     continue
-                body = json.dumps({"calls": rows, "now": time.time()})
-                changed = json.dumps(rows) != last
-                if changed:
-                    last = json.dumps(rows)
+                snapshot = json.dumps(rows)
+                if snapshot != last:
+                    last = snapshot
                     quiet = 0.0
+                    body = json.dumps({"calls": rows, "now": time.time()})
                     yield f"event: calls\ndata: {body}\n\n"
                 else:
                     quiet += SSE_INTERVAL_S

@@ -25,6 +25,8 @@ from pydantic import Field, field_validator
 from piopiy_voice.pcmo_models import LISTEN_MODES, VOICE_QUALITIES, parse_pcmo
 from piopiy_voice.settings import EnvSection
 
+_CHOICES = {"answer_listen_mode": LISTEN_MODES, "answer_voice_quality": VOICE_QUALITIES}
+
 
 class ApiSettings(EnvSection):
     SECRETS = ("answer_token",)
@@ -59,18 +61,12 @@ class ApiSettings(EnvSection):
     #: Longest wait for Redis while answering (s); then the answer goes out anyway.
     answer_redis_timeout_s: float = Field(0.5, alias="PV_ANSWER_REDIS_TIMEOUT_S", gt=0, le=5)
 
-    @field_validator("answer_listen_mode")
+    @field_validator("answer_listen_mode", "answer_voice_quality")
     @classmethod
-    def _mode(cls, v: str) -> str:
-        if v not in LISTEN_MODES:
-            raise ValueError(f"must be one of {LISTEN_MODES}")
-        return v
-
-    @field_validator("answer_voice_quality")
-    @classmethod
-    def _vq(cls, v: int) -> int:
-        if v not in VOICE_QUALITIES:
-            raise ValueError(f"must be one of {VOICE_QUALITIES}")
+    def _choice(cls, v: Any, info) -> Any:
+        allowed = _CHOICES[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"must be one of {allowed}")
         return v
 
     @field_validator("answer_allow_ips")

@@ -54,7 +54,7 @@ import numpy as np
 
 from piopiy_voice import keys
 from piopiy_voice import contracts as c
-from piopiy_voice.audio import resample
+from piopiy_voice.audio import FRAME_MS, SAMPLE_WIDTH, resample
 from piopiy_voice.redisconn import MAX_BLOCK_MS
 
 from . import metrics
@@ -62,7 +62,6 @@ from .calls import transcript_item
 
 log = logging.getLogger(__name__)
 
-FRAME_MS = 20
 SEND_TIMEOUT_S = 5.0
 #: Without inbound frames for this long, the hub paces agent audio itself.
 STALL_S = 0.1
@@ -94,12 +93,10 @@ class StereoMixer:
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
+        self.frame_bytes = rate * FRAME_MS // 1000 * SAMPLE_WIDTH
+        self._silence = bytes(self.frame_bytes)
         self._queue: deque[list[Any]] = deque()   # [utterance_id, bytearray]
         self._queued = 0
-
-    @property
-    def frame_bytes(self) -> int:
-        return self.rate * FRAME_MS // 1000 * 2
 
     @property
     def agent_playing(self) -> bool:
@@ -137,7 +134,7 @@ class StereoMixer:
 
     def agent_only(self) -> bytes:
         """One stereo frame of our audio over silence (inbound stalled)."""
-        return interleave(b"\0" * self.frame_bytes, self._agent(self.frame_bytes))
+        return interleave(self._silence, self._agent(self.frame_bytes))
 
 
 class Listener:
@@ -223,10 +220,10 @@ class CallHub:
         self.task: asyncio.Task | None = None
         self.ended = False
         self.last_inbound = time.monotonic()
-        self.frames = 0
 
     def broadcast(self, msg: bytes | str) -> None:
-        for listener in list(self.listeners):
+        # No copy: offer() never awaits nor leaves the set (listen() does, in its own task).
+        for listener in self.listeners:
             listener.offer(msg)
 
     def agent_audio(self, cmd_fields: dict[bytes, bytes]) -> None:
@@ -276,7 +273,6 @@ class CallHub:
         mtype = fields.get(b"type")
         if mtype == b"audio":
             self.last_inbound = time.monotonic()
-            self.frames += 1
             metrics.LISTEN_FRAMES.inc()
             self.broadcast(self.mixer.frame(fields.get(b"pcm", b"")))
             return

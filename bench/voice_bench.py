@@ -36,6 +36,7 @@ import random
 import sys
 import time
 
+from asr_bench import wer_counts  # one word-error counter for the benches
 from callsim import Caller, Gateway, System, pct, speech_frames
 
 from piopiy_voice.speech.tts import EspeakSynthesizer
@@ -237,7 +238,7 @@ def intents(args: argparse.Namespace) -> int:
                             heard.append(tr.text)
                 cpu += time.process_time() - t
                 hyp = " ".join(heard)
-                e, w = _wer(text, hyp)
+                e, w = wer_counts(text, hyp)
                 errs, words = errs + e, words + w
                 got = classify(hyp).name
                 n += 1
@@ -254,17 +255,6 @@ def intents(args: argparse.Namespace) -> int:
               f"asked {false}/{n - n_hand}; most frequent confusions (expected->got): "
               + (", ".join(f"{a}->{b} x{k}" for (a, b), k in top) or "none"))
     return 0
-
-
-def _wer(ref: str, hyp: str) -> tuple[int, int]:
-    r, h = ref.split(), hyp.split()
-    d = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        nd = [i] + [0] * len(h)
-        for j in range(1, len(h) + 1):
-            nd[j] = min(d[j] + 1, nd[j - 1] + 1, d[j - 1] + (r[i - 1] != h[j - 1]))
-        d = nd
-    return d[-1], len(r)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,10 @@ from websockets.exceptions import ConnectionClosed
 from piopiy_voice import callrecord, contracts, keys
 
 from .metrics import Metrics
+from .registry import LiveCall, Registry, close_ws
 
 #: The only keys a command's ``reply_to`` may name.
 REPLY_PREFIX = keys.reply_stream("")
-from .registry import LiveCall, Registry, close_ws
 
 log = logging.getLogger("gateway")
 

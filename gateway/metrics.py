@@ -23,6 +23,11 @@ from piopiy_voice.observability import (
 
 P = "pv_gateway_"
 _DROPPED_HELP = "audio frames dropped, by reason"
+_THROTTLED_HELP = ("times a socket was paused for exceeding its call's ingress limits "
+                   "(bytes, frames or text per second), by limit")
+_EVENTS_HELP = "platform events that were not published as is, by outcome"
+_CALLS_HELP = "call sockets by lifecycle event"
+_COMMANDS_HELP = "commands from workers by outcome"
 
 #: Internal key -> exported family (+ labels). Keys are what the code increments.
 COUNTERS: dict[str, CounterSpec] = {
@@ -39,17 +44,12 @@ COUNTERS: dict[str, CounterSpec] = {
     "frames_dropped_closing": CounterSpec(P + "audio_frames_dropped_total", _DROPPED_HELP,
                                           {"reason": "writer_closed"}),
     "ingress_throttled": CounterSpec(P + "ingress_throttled_total",
-                                     "times a socket was paused for exceeding its call's ingress "
-                                     "limits (bytes, frames or text per second), by limit",
+                                     _THROTTLED_HELP,
                                      {"limit": "bytes"}),
     "ingress_throttled_frames": CounterSpec(P + "ingress_throttled_total",
-                                            "times a socket was paused for exceeding its call's "
-                                            "ingress limits (bytes, frames or text per second), "
-                                            "by limit", {"limit": "frames"}),
+                                            _THROTTLED_HELP, {"limit": "frames"}),
     "ingress_throttled_text": CounterSpec(P + "ingress_throttled_total",
-                                          "times a socket was paused for exceeding its call's "
-                                          "ingress limits (bytes, frames or text per second), "
-                                          "by limit", {"limit": "text"}),
+                                          _THROTTLED_HELP, {"limit": "text"}),
     "bytes_in": CounterSpec(P + "audio_received_bytes_total", "binary bytes received from the platform"),
     "odd_frames": CounterSpec(P + "odd_frames_total",
                               "binary frames of odd length (byte carried to the next frame)"),
@@ -59,36 +59,36 @@ COUNTERS: dict[str, CounterSpec] = {
     "text_malformed": CounterSpec(P + "text_frames_malformed_total",
                                   "text frames that were not a JSON object with an event"),
     "events_dropped": CounterSpec(P + "platform_events_total",
-                                  "platform events that were not published as is, by outcome",
+                                  _EVENTS_HELP,
                                   {"outcome": "dropped"}),
     "events_unknown": CounterSpec(P + "platform_events_total",
-                                  "platform events that were not published as is, by outcome",
+                                  _EVENTS_HELP,
                                   {"outcome": "unknown_name"}),
-    "calls_started": CounterSpec(P + "calls_total", "call sockets by lifecycle event", {"event": "started"}),
-    "calls_ended": CounterSpec(P + "calls_total", "call sockets by lifecycle event", {"event": "ended"}),
-    "calls_replaced": CounterSpec(P + "calls_total", "call sockets by lifecycle event", {"event": "replaced"}),
-    "calls_suspended": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+    "calls_started": CounterSpec(P + "calls_total", _CALLS_HELP, {"event": "started"}),
+    "calls_ended": CounterSpec(P + "calls_total", _CALLS_HELP, {"event": "ended"}),
+    "calls_replaced": CounterSpec(P + "calls_total", _CALLS_HELP, {"event": "replaced"}),
+    "calls_suspended": CounterSpec(P + "calls_total", _CALLS_HELP,
                                    {"event": "suspended"}),
-    "calls_resumed": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+    "calls_resumed": CounterSpec(P + "calls_total", _CALLS_HELP,
                                  {"event": "resumed"}),
-    "calls_swept": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+    "calls_swept": CounterSpec(P + "calls_total", _CALLS_HELP,
                                {"event": "grace_expired"}),
-    "calls_reregistered": CounterSpec(P + "calls_total", "call sockets by lifecycle event",
+    "calls_reregistered": CounterSpec(P + "calls_total", _CALLS_HELP,
                                       {"event": "reregistered"}),
-    "commands_applied": CounterSpec(P + "commands_total", "commands from workers by outcome",
+    "commands_applied": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                     {"outcome": "applied"}),
-    "commands_rejected": CounterSpec(P + "commands_total", "commands from workers by outcome",
+    "commands_rejected": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                      {"outcome": "rejected"}),
-    "commands_duplicate": CounterSpec(P + "commands_total", "commands from workers by outcome",
+    "commands_duplicate": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                       {"outcome": "duplicate"}),
-    "commands_malformed": CounterSpec(P + "commands_total", "commands from workers by outcome",
+    "commands_malformed": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                       {"outcome": "malformed"}),
     "messages_out": CounterSpec(P + "messages_sent_total", "messages sent to the platform"),
     "send_timeouts": CounterSpec(P + "send_timeouts_total",
                                  "sockets closed because the platform stopped reading (send timed out)"),
-    "reply_to_refused": CounterSpec(P + "commands_total", "commands from workers by outcome",
+    "reply_to_refused": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                     {"outcome": "bad_reply_to"}),
-    "commands_oversize": CounterSpec(P + "commands_total", "commands from workers by outcome",
+    "commands_oversize": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                      {"outcome": "oversize"}),
     "writer_restarts": CounterSpec(P + "redis_writer_restarts_total",
                                    "times the Redis writer task died and was restarted"),
@@ -129,9 +129,6 @@ GAUGE_HELP = {
     "calls_suspended": "calls whose socket dropped, held resumable for the reconnect grace",
     "handshakes_pending": "connections still in the HTTP handshake",
 }
-
-# Kept for callers that listed the keys through it.
-_HELP = {key: spec.help for key, spec in COUNTERS.items()}
 
 for _spec in COUNTERS.values():
     check_name(_spec.family, "counter")

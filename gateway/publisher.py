@@ -178,6 +178,11 @@ class Publisher:
             self._wake.set()
         return True
 
+    def room_for(self, prefix: bytes) -> bool:
+        """``add_audio`` would take a frame of this call now (neither the buffer
+        nor this call's share of it is full)."""
+        return self.frames < self.limit and self._per_call.get(prefix, 0) < self.call_limit
+
     def full_for(self, prefix: bytes) -> str:
         """Why ``add_audio`` refused a frame of this call: ``redis_unavailable``
         (the whole buffer is full: Redis is away or too slow) or ``call_backlog``

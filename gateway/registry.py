@@ -116,10 +116,10 @@ class LiveCall:
         """The one way an inbound frame is published: a pending gap report goes
         first when the buffer has room again, then the frame takes its seq."""
         s = self.session
-        if s.gap_pending:
-            pub = self._publisher
-            if pub.frames < pub.limit:
-                self.publish(s.gap_entry())
+        # Only when this frame can get through too (the call's own share
+        # included): else each dropped frame would add a one-frame report.
+        if s.gap_pending and self._publisher.room_for(self._prefix):
+            self.publish(s.gap_entry())
         if not self._add_audio(self._prefix, s.next_seq(), pcm):
             reason = self._publisher.full_for(self._prefix)
             s.frame_dropped(reason)
@@ -362,7 +362,7 @@ class Registry:
                  live.call_id, why, self.settings.reconnect_grace_s)
 
     def forget(self, live: LiveCall) -> None:
-        """Drop a suspended call's local session (it ended, or went on elsewhere)."""
+        """Drop a call's local session (it ended, or went on elsewhere)."""
         self._suspended.pop(live.call_id, None)
         if self._calls.get(live.call_id) is live:
             del self._calls[live.call_id]
@@ -453,10 +453,7 @@ class Registry:
                             s.call_id, self.settings.max_frame_bytes)
         finally:
             if done:
-                self._suspended.pop(s.call_id, None)
-                if self._calls.get(s.call_id) is live:
-                    del self._calls[s.call_id]
-                live.done.set()
+                self.forget(live)
 
     def end(self, live: LiveCall, reason: str) -> None:
         entries = live.session.end(reason, asyncio.get_running_loop().time())

@@ -47,7 +47,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosedError
@@ -185,7 +185,7 @@ class Gateway:
                 ws = live.ws
                 live.drained = True
                 if isinstance(ws, DirectConnection):
-                    ws.set_sink(self._after_suspend)
+                    ws.set_sink(self._after_suspend(live.session.frame_bytes))
                 self.registry.suspend(live, "drained")
                 sockets.append(ws)
             if not await self.publisher.flush(5.0):
@@ -206,11 +206,16 @@ class Gateway:
             except asyncio.TimeoutError:
                 log.warning("call %s: handler did not finish after close", live.call_id)
 
-    def _after_suspend(self, binary: bool, msg: Any) -> None:
-        """Frames that arrive on a drained socket between its suspension and its
-        close: past the recorded seq, so not published; counted."""
-        if binary:
-            self.metrics.inc("frames_dropped_suspended", max(1, len(msg) // 320))
+    def _after_suspend(self, frame_bytes: int) -> Callable[[bool, Any], None]:
+        """The sink of a drained socket between its suspension and its close:
+        frames past the recorded seq, so not published; counted (in the
+        call's own 20 ms frames: 320 bytes only at 8 kHz)."""
+        inc = self.metrics.inc
+
+        def sink(binary: bool, msg: Any) -> None:
+            if binary:
+                inc("frames_dropped_suspended", max(1, len(msg) // frame_bytes))
+        return sink
 
     async def stop(self) -> None:
         """Close the listener and any remaining sockets (reason ``gateway_stopped``),

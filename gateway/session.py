@@ -14,8 +14,8 @@ socket, a clock or Redis.
 * Inbound audio. The platform's binary frames are a byte stream of 16-bit LE
   mono PCM whose frame size is not documented. ``frames_of`` cuts it into 20 ms
   frames (``piopiy_voice.audio.pcm.Reframer``). The common case (the platform
-  already sends 20 ms, nothing buffered) passes the frame through untouched:
-  the one fast path, so the hot path allocates nothing. An odd-length frame is
+  already sends 20 ms, nothing buffered) passes the frame through untouched
+  (no copy, no reframing; only a one-item tuple): the one fast path. An odd-length frame is
   *not* an error: the odd byte waits for the next frame (``odd_frames``);
   only a trailing odd byte at the end of the call is dropped (``tail``).
   Frames are never closed over alignment: the platform's framing is not ours

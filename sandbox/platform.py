@@ -75,6 +75,8 @@ from .report import Timeline, Tracks, write_report
 from .scenario import Scenario, say_texts
 
 log = logging.getLogger(__name__)
+#: listen_mode as seen from an inbound call, where the scripted person is the caller.
+_INBOUND_LISTEN = {"caller": "callee", "callee": "caller"}
 
 #: Events worth one INFO line each; the rest log at DEBUG.
 _LOGGED = frozenset({"answered", "ws_connected", "ws_closed", "stream_failed", "stream_paused",
@@ -330,7 +332,7 @@ class SandboxCall:
         if stream is not None:
             mode = stream.listen_mode
             if self.direction == "inbound":  # the person is the caller here
-                mode = {"caller": "callee", "callee": "caller"}.get(mode, mode)
+                mode = _INBOUND_LISTEN.get(mode, mode)
             if mode == "caller":
                 up = human or frame
             elif mode == "both":

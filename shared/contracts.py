@@ -41,8 +41,10 @@ from typing import Annotated, Any, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from .audio.pcm import SUPPORTED_RATES as VOICE_RATES  # one constant for the stream rates
+from .pcmo_models import BRIDGE_DEFAULTS, BRIDGE_LIMITS, BRIDGE_RING_TYPES
+
 PROTOCOL_VERSION = 1
-from .audio.pcm import SUPPORTED_RATES as VOICE_RATES  # noqa: E402  (one constant for the stream rates)
 
 
 class UnknownMessage(ValueError):
@@ -242,9 +244,6 @@ class Interrupt(_Command):
 
 class Hangup(_Command):
     type: Literal["cmd.hangup"] = "cmd.hangup"
-
-
-from .pcmo_models import BRIDGE_DEFAULTS, BRIDGE_LIMITS, BRIDGE_RING_TYPES  # noqa: E402
 
 
 class Transfer(_Command):

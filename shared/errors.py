@@ -134,7 +134,14 @@ def json_depth(text: str | bytes) -> int:
 def load_json(text: str | bytes, field: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """``json.loads`` for text from outside: ``PiopiyValidationError`` naming
     ``field`` when it is not JSON or nests deeper than ``max_depth``."""
-    if json_depth(text) > max_depth:
+    # Fewer opening brackets than the limit cannot nest deeper (the common case:
+    # a streamAudio message is one object around base64), so skip the scan.
+    if isinstance(text, str):
+        opening = text.count("[") + text.count("{")
+    else:
+        text = bytes(text)
+        opening = text.count(b"[") + text.count(b"{")
+    if opening > max_depth and json_depth(text) > max_depth:
         raise PiopiyValidationError(field, f"nests deeper than {max_depth} levels")
     try:
         return json.loads(text)

@@ -283,7 +283,7 @@ class Bridge(_Model):
     duration: _BridgeInt("duration") = BRIDGE_DEFAULTS["duration"]
     timeout: _BridgeInt("timeout") = BRIDGE_DEFAULTS["timeout"]
     loop: _BridgeInt("loop") = BRIDGE_DEFAULTS["loop"]
-    ring_type: Literal["group"] | None = None
+    ring_type: Literal[BRIDGE_RING_TYPES] | None = None  # type: ignore[valid-type]
 
 
 class Stream(_Model):
@@ -418,17 +418,13 @@ def _convert(exc: ValidationError, prefix: str) -> PiopiyValidationError:
     return PiopiyValidationError(_field_path(loc, prefix), message + extra)
 
 
-def _load_json(text: str | bytes, field: str) -> Any:
-    return load_json(text, field)
-
-
 def _as_action_list(obj: Any, field: str) -> list[Any]:
     from .pcmo import PcmoBuilder  # the builders import this module
 
     if isinstance(obj, PcmoBuilder):
         return obj.actions()
     if isinstance(obj, (str, bytes, bytearray)):
-        obj = _load_json(obj, field)
+        obj = load_json(obj, field)
     if isinstance(obj, dict):
         raise PiopiyValidationError(field, "must be a list of actions, got a single object (wrap it in [...])")
     if not isinstance(obj, (list, tuple)):
@@ -471,7 +467,7 @@ def parse_ws_message(text: str | bytes) -> StreamAudio | StreamControl | list[An
 
     Returns a ``StreamAudio``, a ``StreamControl``, or a list of PCMO action models.
     """
-    obj = _load_json(text, "message")
+    obj = load_json(text, "message")
     if isinstance(obj, list):
         return parse_pcmo(obj, "message")
     if not isinstance(obj, dict):

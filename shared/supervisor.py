@@ -82,7 +82,6 @@ class Child:
 class Supervisor:
     grace_s: float = DEFAULT_GRACE_S
     children: list[Child] = field(default_factory=list)
-    _stopped: bool = False
 
     def __post_init__(self) -> None:
         atexit.register(self.stop)
@@ -138,7 +137,6 @@ class Supervisor:
         # Anything left in a child's group (a forked helper) goes too.
         for child in self.children:
             child.signal_group(signal.SIGKILL)
-        self._stopped = True
         return {c.name: (c.proc.returncode if c.proc else None) for c in self.children}
 
     def __enter__(self) -> "Supervisor":

@@ -263,7 +263,7 @@ class _Stream:
             self._dec.end_utt()
             hyp = self._dec.hyp()
         except Exception as exc:  # noqa: BLE001
-            self._release(ended=True)
+            self._release()
             raise RecognitionError(f"pocketsphinx failed to finish: {exc!r}") from None
         text = hyp.hypstr.strip() if hyp is not None else ""
         if text:
@@ -274,7 +274,7 @@ class _Stream:
                 conf = round(min(1.0, max(0.0, self._dec.logmath.exp(hyp.prob))), 3)
             except Exception:  # noqa: BLE001 (posterior not computed)
                 conf = None
-        self._release(ended=True)
+        self._release()
         return Hyp(text, True, conf)
 
     def close(self) -> None:
@@ -283,9 +283,9 @@ class _Stream:
                 self._dec.end_utt()
             except Exception:  # noqa: BLE001
                 pass
-            self._release(ended=True)
+            self._release()
 
-    def _release(self, ended: bool) -> None:
+    def _release(self) -> None:
         if self._open:
             self._open = False
             self._rec._idle[self._rate].append(self._dec)

@@ -126,7 +126,7 @@ class CallTranscriber:
         return out
 
     def _in_segment(self) -> bool:
-        return self._stream is not None or self.turns.speaking or self.turns.to_state()["run_start"] is not None
+        return self._stream is not None or self.turns.in_turn
 
     def _advance_safe(self, entry_id: str) -> None:
         """Idle: the safe point trails the newest entry by the pre-roll window."""

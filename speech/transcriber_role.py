@@ -135,7 +135,6 @@ class Transcriber:
         self._next_scan = 0.0
         self._adopted_restart = False
         self._shed_until = 0.0
-        self.transcripts_total = 0
         #: Redis failures by kind (nogroup, oom, unavailable, other): logged and counted.
         self.redis_errors: dict[str, int] = {}
 
@@ -336,7 +335,7 @@ class Transcriber:
                            or (oc.dirty and now - oc.last_commit >= CHECKPOINT_EVERY_S)])
 
     # -------------------------------------------------------------- commits
-    def _commit_many(self, ocs: list[OwnedCall], *, handback: bool = False) -> list[bool]:
+    def _commit_many(self, ocs: list[OwnedCall]) -> list[bool]:
         if not ocs:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -367,15 +366,13 @@ class Transcriber:
                 ok.append(False)
                 continue
             if reply == -1:
-                log.warning("call %s: asr commit refused (%s); dropping the call", cid,
-                            reply if isinstance(reply, Exception) else "lease lost")
+                log.warning("call %s: asr commit refused (lease lost); dropping the call", cid)
                 oc.core.close()
                 self.calls.pop(cid, None)
                 self.metrics.counters["commits_refused_total"] += 1
                 ok.append(False)
                 continue
             ok.append(True)
-            self.transcripts_total += len(oc.pending)
             self.metrics.count(oc.pending)
             for t in oc.pending:
                 if t.segment > oc.last_segment:

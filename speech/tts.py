@@ -37,19 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import io
 import multiprocessing
 import struct
 import threading
-import wave
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
-import numpy as np
-
 from piopiy_voice.audio import resample
 from piopiy_voice.audio.pcm import check_rate
+from piopiy_voice.audio.wav import read_wav
 
 from .errors import EngineUnavailable, SpeechError, SynthesisError
 
@@ -261,19 +258,12 @@ class PlatformSynthesizer:
 def decode_wav(body: bytes) -> tuple[bytes, int]:
     """16-bit PCM WAV -> (mono PCM, rate); ``SynthesisError`` for anything else."""
     try:
-        with wave.open(io.BytesIO(body), "rb") as w:
-            if w.getsampwidth() != 2:
-                raise SynthesisError(f"WAV reply has {8 * w.getsampwidth()}-bit samples; need 16-bit")
-            rate, channels = w.getframerate(), w.getnchannels()
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError, struct.error) as exc:
-        raise SynthesisError(f"reply is not a readable WAV file ({exc})") from None
+        pcm, rate = read_wav(body)
+    except (ValueError, struct.error) as exc:
+        raise SynthesisError(f"WAV reply: {exc}") from None
     if not 4000 <= rate <= 96000:
         raise SynthesisError(f"WAV reply has an implausible sample rate {rate}")
-    x = np.frombuffer(frames[: len(frames) // (2 * channels) * 2 * channels], dtype="<i2")
-    if channels > 1:
-        x = x.reshape(-1, channels).mean(axis=1).astype("<i2")
-    return x.tobytes(), rate
+    return pcm, rate
 
 
 class HttpSynthesizer:

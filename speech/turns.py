@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import SpeechError
+from piopiy_voice.audio.pcm import FRAME_MS
 
-FRAME_MS = 20
+from .errors import SpeechError
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class TurnDetector:
             self._quiet_ms = 0
             return [TurnEvent("speech_end", self._last_speech_end)]
         return []
+
+    @property
+    def in_turn(self) -> bool:
+        """Speaking, or a run of speech frames under way that may become a turn."""
+        return self.speaking or self._run_start is not None
 
     def to_state(self) -> dict[str, Any]:
         return {"speaking": self.speaking, "run_start": self._run_start,

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from piopiy_voice.audio.pcm import frame_bytes
+from piopiy_voice.audio.pcm import check_rate, frame_bytes
 from piopiy_voice.audio.resample import Resampler
 from piopiy_voice.audio.vad import EnergyVad
 
@@ -70,9 +70,10 @@ def _check_frame(pcm: bytes, size: int, rate: int) -> None:
 
 
 def _check_rate(rate: Any) -> int:
-    if rate not in (8000, 16000, 32000) or isinstance(rate, bool):
-        raise SpeechError(f"VAD rate must be 8000, 16000 or 32000, got {rate!r}")
-    return int(rate)
+    try:
+        return check_rate(rate, "VAD rate")
+    except ValueError as exc:
+        raise SpeechError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------

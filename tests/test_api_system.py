@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from piopiy_voice import callrecord, keys
 from piopiy_voice import contracts as c

@@ -111,3 +111,27 @@ def test_writer_prefix_follows_the_contract_not_its_own_copy(redis_url, r, monke
     [(_, fields)] = r.xrange(keys.call_stream("call-v"))
     assert fields[b"v"] == b"9" and fields[b"codec"] == b"l16"
     assert fields[b"seq"] == b"1" and fields[b"pcm"] == b"\x01\x00" * 160
+
+
+def test_a_call_over_its_backlog_share_gets_one_gap_report_not_one_per_frame():
+    # Review fix: the pending gap report went out whenever the *whole* buffer
+    # had room, so a call over its own share (call_frames) added a one-frame
+    # StreamGap (and a warning) for every frame it dropped.
+    from piopiy_voice.gateway.handshake import Admission  # noqa: PLC0415
+    from piopiy_voice.gateway.metrics import Metrics  # noqa: PLC0415
+    from piopiy_voice.gateway.registry import Registry  # noqa: PLC0415
+    from piopiy_voice.settings import Settings  # noqa: PLC0415
+
+    async def main():
+        pub = Publisher(f"redis://127.0.0.1:{_closed_port()}/0", buffer_frames=1000,
+                        call_frames=10)
+        registry = Registry(gateway_id="gw", settings=Settings.from_env({}, signing_secret="x" * 16),
+                            publisher=pub, metrics=Metrics())
+        live = registry.attach(None, Admission("call-b", 8000, "callee", None))
+        entries = len(pub._kinds)
+        for _ in range(100):
+            live.publish_frame(bytes(320))
+        assert pub._kinds[entries:] == bytearray([1] * 10)  # 10 frames, no gap entries
+        assert live.session.gap_pending == 90 and live.session.frames_dropped == 90
+
+    asyncio.run(asyncio.wait_for(main(), 10))

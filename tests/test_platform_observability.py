@@ -140,3 +140,31 @@ def test_json_logs_carry_role_instance_and_call_id():
     assert [ln.get("call_id") for ln in lines] == ["c-42", "c-7", None]
     assert all(ln["role"] == "worker" and ln["instance"] == "w-1" for ln in lines)
     assert lines[0]["message"] == "call c-42: sent cmd.hangup" and lines[1]["level"] == "WARNING"
+
+
+def test_every_counter_the_worker_runtime_counts_is_exported():
+    """The runner counts works, Redis errors and recovery events; each name must
+    be a declared family, or it would be counted and never scraped."""
+    from piopiy_voice.workers.metrics import Metrics
+
+    m = Metrics()
+    for name in ("works_started_total", "works_lost_total", "work_results_ignored_total",
+                 "redis_oom_total", "redis_group_recreated_total", "leases_retaken_total",
+                 "calls_reannounced_total", "calls_resumed_after_reconnect_total",
+                 "stale_commands_suppressed_total"):
+        m.inc(name, 3)
+    m.works_in_flight = 2
+    text = m.render()
+    for line in ('pv_worker_works_total{outcome="started"} 3.0',
+                 'pv_worker_works_total{outcome="lost"} 3.0',
+                 'pv_worker_works_total{outcome="result_ignored"} 3.0',
+                 'pv_worker_redis_errors_total{kind="oom"} 3.0',
+                 'pv_worker_redis_errors_total{kind="nogroup"} 3.0',
+                 "pv_worker_leases_retaken_total 3.0",
+                 "pv_worker_calls_reannounced_total 3.0",
+                 "pv_worker_calls_resumed_after_reconnect_total 3.0",
+                 "pv_worker_stale_commands_suppressed_total 3.0",
+                 "pv_worker_works_in_flight 2.0"):
+        assert line in text, line
+    with pytest.raises(KeyError):
+        m.inc("not_a_declared_counter")

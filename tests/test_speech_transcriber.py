@@ -98,9 +98,6 @@ def test_core_drops_duplicate_seq_and_counts_gaps(recognizer):
 
 # ---------------------------------------------------------------- the role
 
-pytestmark_integration = pytest.mark.integration
-
-
 def _start(env, tid):
     return subprocess.Popen(
         [sys.executable, "-m", "piopiy_voice.speech.transcriber_role", "--id", tid, "--lease-ms", "1000"],

@@ -43,12 +43,9 @@ from piopiy_voice.observability import (
 LAG_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 #: Recent lag samples kept for exact quantiles (GET /lag); bounded memory.
 LAG_SAMPLES = 500_000
-COUNTERS = (
-    "decisions_total", "entries_total", "claims_after_crash_total", "handbacks_total",
-    "dead_letters_total", "frames_skipped_total", "leases_lost_total", "calls_finished_total",
-    "calls_gateway_lost_total",
-)
 P = "pv_worker_"
+_WORKS = "works of the agent runtime, by outcome"
+_REDIS = "Redis errors the loop survived, by kind"
 COUNTER_SPECS: dict[str, CounterSpec] = {
     "decisions_total": CounterSpec(P + "decisions_total", "commands published to gateways"),
     "entries_total": CounterSpec(P + "entries_total", "stream entries processed"),
@@ -63,7 +60,26 @@ COUNTER_SPECS: dict[str, CounterSpec] = {
                                         {"reason": "ended"}),
     "calls_gateway_lost_total": CounterSpec(P + "calls_finished_total", "calls this worker saw end, by reason",
                                             {"reason": "gateway_lost"}),
+    "works_started_total": CounterSpec(P + "works_total", _WORKS, {"outcome": "started"}),
+    "works_failed_total": CounterSpec(P + "works_total", _WORKS, {"outcome": "failed"}),
+    "works_timed_out_total": CounterSpec(P + "works_total", _WORKS, {"outcome": "timeout"}),
+    "works_cancelled_total": CounterSpec(P + "works_total", _WORKS, {"outcome": "cancelled"}),
+    "works_lost_total": CounterSpec(P + "works_total", _WORKS, {"outcome": "lost"}),
+    "work_results_ignored_total": CounterSpec(P + "works_total", _WORKS, {"outcome": "result_ignored"}),
+    "redis_oom_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "oom"}),
+    "redis_unavailable_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "unavailable"}),
+    "redis_group_recreated_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "nogroup"}),
+    "redis_errors_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "other"}),
+    "leases_retaken_total": CounterSpec(P + "leases_retaken_total",
+                                        "leases re-taken from memory after Redis lost them"),
+    "calls_reannounced_total": CounterSpec(P + "calls_reannounced_total",
+                                           "start entries re-published after Redis lost them"),
+    "calls_resumed_after_reconnect_total": CounterSpec(
+        P + "calls_resumed_after_reconnect_total", "calls resumed from a done checkpoint after a reconnect"),
+    "stale_commands_suppressed_total": CounterSpec(
+        P + "stale_commands_suppressed_total", "speech not sent while replaying a backlog after a takeover"),
 }
+COUNTERS = tuple(COUNTER_SPECS)
 for _spec in COUNTER_SPECS.values():
     check_name(_spec.family, "counter")
 #: /healthz fails when the decision loop has not turned for this long.
@@ -76,6 +92,8 @@ class Metrics:
     def __init__(self) -> None:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._calls_owned = 0
+        #: works of the agent runtime running now (the runner sets it once per turn)
+        self.works_in_flight = 0
         #: monotonic time of the last loop turn (the runner sets calls_owned once per turn)
         self.last_turn: float | None = None
         self._exporter: Exporter | None = None
@@ -137,6 +155,7 @@ class Metrics:
 
     def collect(self):
         yield gauge_family(P + "calls_owned", "calls this worker holds the lease of", self._calls_owned)
+        yield gauge_family(P + "works_in_flight", "works of the agent runtime running now", self.works_in_flight)
         yield from counter_families(self.counters, COUNTER_SPECS)
         yield histogram_family(P + "stream_lag_seconds",
                                "time from an entry's arrival in Redis to its processing",

@@ -72,7 +72,7 @@ from piopiy_voice.settings import Settings
 from . import orphans
 from .agent.base import Agent, load_agent_class
 from .checkpoint import Checkpoint, Committer, LeaseLost, load
-from .driver import CallDriver, Outcome
+from .driver import CallDriver, Outcome, _type_of
 from .metrics import Metrics, serve
 from .ownership import LOST, RELET, Ownership, ensure_group, is_nogroup, is_oom
 from .runtime import DEFAULT_CONCURRENCY, AgentRuntime, RedisPublisher
@@ -492,10 +492,7 @@ class Worker:
             self._count("stale_commands_suppressed_total", out.stale)
 
     def _count(self, name: str, n: int = 1) -> None:
-        try:
-            self.metrics.inc(name, n)
-        except KeyError:  # a Metrics that predates the agent runtime's counters
-            self.metrics.counters[name] = self.metrics.counters.get(name, 0) + n
+        self.metrics.inc(name, n)  # every name is a declared family (workers.metrics)
 
     # -------------------------------------------------------------- commits
     def _commit_due(self) -> None:
@@ -630,11 +627,6 @@ class Worker:
             "call_id": cid, "entry_id": eid, "stream": stream, "reason": reason[:500],
             "type": etype, "worker": self.worker_id, "t": f"{time.time():.3f}",
         }, maxlen=keys.DEAD_LETTER_MAXLEN, approximate=True)
-
-
-def _type_of(fields: Any) -> str:
-    t = fields.get(b"type", fields.get("type", b"")) if hasattr(fields, "get") else b""
-    return t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
 
 
 # ------------------------------------------------------------------- CLI

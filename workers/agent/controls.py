@@ -35,10 +35,7 @@ class CallControls:
     def handoff(self, now: float, cut: bool) -> list[Any]:
         """Hold notice, music, bridge to a human; then only monitor."""
         s = self.settings
-        out = self._stop_speaking(now) if cut else []
-        if self.reply_work is not None:
-            out.append(self.cancel(self.reply_work))
-            self.reply_work = self.reply_deadline = None
+        out = (self._stop_speaking(now) if cut else []) + self._cancel_reply()
         out += self.say_prompt("hold", now)
         out.append(self.command(c.PlayMusic, file=self.call.params.get("hold_music", s.hold_music)))
         caller_id = self.call.params.get("caller_id") or s.piopiy_caller_id or ""
@@ -58,11 +55,7 @@ class CallControls:
         return [self.command(c.Interrupt)] + self.say_prompt("trouble", now)
 
     def _pause(self, now: float) -> list[Any]:
-        if self.reply_work is not None:
-            cancel = [self.cancel(self.reply_work)]
-            self.reply_work = self.reply_deadline = None
-        else:
-            cancel = []
+        cancel = self._cancel_reply()
         self.mode = "paused"
         self.pause_at = None
         self.resume_at = now + self.settings.pause_resume_after_s

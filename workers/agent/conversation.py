@@ -49,9 +49,6 @@ __all__ = [
     "say_sentences",
 ]
 
-#: The name this module had before ``config.env_config``.
-_env_config = env_config
-
 
 class ConversationAgent(TurnTaking, Replies, PlayoutHistory, CallControls, Agent):
     """The call-level machinery shared by the talking agents (module docstring)."""

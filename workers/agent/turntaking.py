@@ -128,15 +128,9 @@ class TurnTaking:
         return []
 
     def _barge_in(self, now: float) -> list[Any]:
-        out: list[Any] = []
-        if self._is_speaking(now):
-            out.append(self.command(c.Interrupt))
-            self._mark_interrupted(now)
-            self.speaking = None
-            self.queue_end = now
-        if self.reply_work is not None:
-            out.append(self.cancel(self.reply_work))
-            self.reply_work = self.reply_deadline = None
+        cancel = self._cancel_reply()
+        out = self._stop_speaking(now) + cancel
+        if cancel:
             self._drop_unsaid()
         self.pause_at = None
         return out

@@ -257,9 +257,9 @@ class WebhookAgent(DefaultAgent):
             if kind == "caller_turn":
                 self.reply_work = work.id
                 self.reply_deadline = now + work.timeout_s + 2.0
-                for msg in reversed(self.history[-4:]):
-                    if msg.get("work") == ev.work_id:
-                        msg["work"] = work.id
+                msg = self._reply_msg_any(ev.work_id)
+                if msg is not None:
+                    msg["work"] = work.id
             return [work]
         if kind == "caller_turn":
             self.reply_work = ev.work_id  # say_part adds to this reply's message
@@ -356,7 +356,7 @@ class WebhookAgent(DefaultAgent):
                 self.speaking = cmd.utterance_id
                 self.queue_end = max(now, self.queue_end) + len(cmd.pcm) / (2 * cmd.rate)
                 self.speaking_until = self.queue_end + PLAYOUT_SLACK_S
-            elif cmd.type == "cmd.speak" and not cmd.text.strip() == "":
+            elif cmd.type == "cmd.speak" and cmd.text.strip():
                 if self.speaking is None or not str(self.speaking).startswith(f"{self.call.call_id}:say:"):
                     self.speaking = f"speak:{cmd.command_id}"
                     self.queue_end = max(now, self.queue_end) + SPEAK_S_PER_CHAR * len(cmd.text)

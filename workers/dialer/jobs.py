@@ -78,7 +78,7 @@ from rq import Retry, get_current_job
 from piopiy_voice import callrecord, keys
 from piopiy_voice.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
 from piopiy_voice.pcmo import StreamAction
-from piopiy_voice.rest import RestClient
+from piopiy_voice.rest import RETRY_STATUSES, RestClient
 from piopiy_voice.settings import Settings
 from piopiy_voice.signing import sign_stream_url
 
@@ -150,7 +150,7 @@ def is_retryable(exc: Exception) -> bool:
     if isinstance(exc, PiopiyNetworkError):
         return not exc.reached
     if isinstance(exc, PiopiyApiError):
-        return _api_status(exc) in (429, 503)
+        return _api_status(exc) in RETRY_STATUSES
     return False
 
 
