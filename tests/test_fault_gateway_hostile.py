@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from piopiy_voice import contracts as c
 from piopiy_voice import keys
-from piopiy_voice.redisconn import connect_async, free_port
+from piopiy_voice.redisconn import free_port
 from piopiy_voice.signing import sign_stream_url
 from test_fault_gateway_reconnect import _start_gateway, _stop
 from test_gateway_server import GW, SECRET, result_for, run, running, send_cmd, url

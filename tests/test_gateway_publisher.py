@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 
-import pytest
 
 from piopiy_voice import contracts as c
 from piopiy_voice import keys
