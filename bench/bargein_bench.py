@@ -1,7 +1,7 @@
 """Barge-in latency on one worker while every call's model takes 1 s to answer.
 
     .venv/bin/python bench/bargein_bench.py [--calls 100] [--seconds 40] [--warmup 8]
-        [--model-delay 1.0] [--rate 8000]
+        [--model-delay 1.0] [--rate 8000] [--workers 1]
 
 One worker process (``LlmAgent``) against the fake OpenAI-compatible server of
 ``tests/fake_openai.py`` (its own process; every reply's first token after
@@ -21,8 +21,9 @@ warm-up: speech onset (the entry time of the caller's first speech frame) ->
 real gateway would read it and send ``break``), p50/p95/p99/max; this
 includes the time the turn detector needs on that audio (computed offline
 for each utterance: the VAD must hear ``PV_TURN_ONSET_MS``, 80 ms, of loud
-*voiced* speech, so an utterance opening on an unvoiced consonant waits for
-its first vowel), shown separately with the rest (worker + Redis). Also the worker's stream lag (entry time -> processed, from its
+speech, of which at most ``PV_TURN_LEAD_IN_MS``, 60 ms, may be the unvoiced
+consonant before the first vowel), shown separately with the rest (worker +
+Redis). Also the worker's stream lag (entry time -> processed, from its
 ``/lag``), its CPU, and question end -> first reply audio.
 """
 
@@ -46,7 +47,7 @@ REPLY = ("We are open from nine in the morning to six in the evening, Monday to 
          "Is there anything else I can help you with today?")
 
 
-def vad_delay_ms(frames: list[bytes], first: int, rate: int, onset_ms: int) -> int:
+def vad_delay_ms(frames: list[bytes], first: int, rate: int, onset_ms: int, lead_in_ms: int = 60) -> int:
     """When the call's turn detector (default energy VAD, after 2 s of silence)
     fires ``speech_start`` on this utterance: ms from the arrival of its first
     speech frame to the arrival of the frame that fires it (frames arrive
@@ -54,7 +55,7 @@ def vad_delay_ms(frames: list[bytes], first: int, rate: int, onset_ms: int) -> i
     from piopiy_voice.speech.turns import TurnDetector
     from piopiy_voice.speech.vad import make_vad
 
-    vad, turns = make_vad("energy", rate), TurnDetector(onset_ms=onset_ms)
+    vad, turns = make_vad("energy", rate), TurnDetector(onset_ms=onset_ms, lead_in_ms=lead_in_ms)
     for i in range(100):
         turns.feed(vad.speech_prob(bytes(len(frames[0]))), i * 20)
     for i, f in enumerate(frames):
@@ -150,17 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-delay", type=float, default=1.0, help="first-token delay of the fake model (s)")
     ap.add_argument("--rate", type=int, default=8000, choices=(8000, 16000))
     ap.add_argument("--onset-ms", type=int, default=80, help="PV_TURN_ONSET_MS for the worker")
+    ap.add_argument("--lead-in-ms", type=int, default=60, help="PV_TURN_LEAD_IN_MS for the worker")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes sharing the calls")
     ap.add_argument("--tts", default="espeak", choices=("espeak", "platform"),
                     help="the worker's synthesizer (platform: Speak commands, no synthesis in the worker)")
     args = ap.parse_args(argv)
 
     synth = EspeakSynthesizer()
     speech = {t: speech_frames(synth.synthesize_sync(t, args.rate), args.rate) for t in QUESTIONS + BARGES}
-    floor = {t: vad_delay_ms(fr, first, args.rate, args.onset_ms) for t, (fr, first, _) in speech.items()}
+    floor = {t: vad_delay_ms(fr, first, args.rate, args.onset_ms, args.lead_in_ms)
+             for t, (fr, first, _) in speech.items()}
     load0 = os.getloadavg()[0]
     system = System("piopiy_voice.workers.agent.llm:LlmAgent",
-                    {"PV_TURN_ONSET_MS": str(args.onset_ms), "PV_TTS": args.tts},
-                    llm_delay_s=args.model_delay, llm_text=REPLY)
+                    {"PV_TURN_ONSET_MS": str(args.onset_ms), "PV_TURN_LEAD_IN_MS": str(args.lead_in_ms),
+                     "PV_TTS": args.tts},
+                    llm_delay_s=args.model_delay, llm_text=REPLY, workers=args.workers)
     callers = [BargeCaller(f"barge-{os.getpid()}-{i}", args.rate, speech, random.Random(i))
                for i in range(args.calls)]
     gw = Gateway(system, callers)
@@ -183,15 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         gw.stop()
         system.close()
     lat, beyond, missed, reply = measure(callers, marks["since"], floor)
-    cpu = usage["worker"][0] - marks["usage"]["worker"][0]
-    loop_cpu = usage["worker"][2] - marks["usage"]["worker"][2]
-    print(f"barge-in bench: {args.calls} calls @ {args.rate} Hz on 1 worker (LlmAgent, {args.tts}), fake model "
+    workers = [n for n in usage if n.startswith("worker")]
+    cpu = sum(usage[n][0] - marks["usage"][n][0] for n in workers)
+    loop_cpu = sum(usage[n][2] - marks["usage"][n][2] for n in workers)
+    print(f"barge-in bench: {args.calls} calls @ {args.rate} Hz on {args.workers} worker(s) (LlmAgent, {args.tts}), fake model "
           f"first token after {args.model_delay:g} s, fake gateway on Redis; {args.seconds:.0f} s window "
           f"(+{args.warmup:.0f} s warm-up); load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     if lat:
         print(f"  barge-in onset -> interrupt command: n={len(lat)} missed={missed}  p50 {pct(lat, 50):.0f}  "
               f"p95 {pct(lat, 95):.0f}  p99 {pct(lat, 99):.0f}  max {max(lat):.0f} ms")
-        print(f"    the turn detector alone on the same audio (onset {args.onset_ms} ms) fires after "
+        print(f"    the turn detector alone on the same audio (onset {args.onset_ms} ms, lead-in "
+              f"{args.lead_in_ms} ms) fires after "
               + ", ".join(f"{v} ms" for v in sorted(set(floor[t] for t in BARGES)))
               + f"; beyond that (worker + Redis): p50 {pct(beyond, 50):.0f}  p95 {pct(beyond, 95):.0f}  "
               f"p99 {pct(beyond, 99):.0f}  max {max(beyond):.0f} ms")
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max {lag['max'] * 1000:.1f} (n={lag['n']})")
     print(f"  worker CPU {100 * cpu / window:.0f}% of a core (loop thread {100 * loop_cpu / window:.0f}%, "
           f"agent runtime + synthesis threads {100 * (cpu - loop_cpu) / window:.0f}%), "
-          f"RSS {usage['worker'][1]:.0f} MB")
+          f"RSS {sum(usage[n][1] for n in workers):.0f} MB" + (" (all workers)" if len(workers) > 1 else ""))
     print(f"  questions without a reply in 6 s: {sum(c.no_reply for c in callers)}; replies that "
           f"failed (the \"trouble\" apology): {sum(c.apologies for c in callers)}")
     if gw.late_ticks:

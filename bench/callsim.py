@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 ``System`` starts, all on loopback and all private: a redis-server
 (``EmbeddedRedis``), one ``piopiy-voice worker`` process (the agent under
-test), optionally transcriber processes (``piopiy-voice transcriber``: the
-real recognition role) and a fake OpenAI-compatible model server
-(``tests/fake_openai.py`` in its own process, answering after a fixed delay).
+test; or several sharing the calls, ``workers=N``), optionally transcriber
+processes (``piopiy-voice transcriber``: the real recognition role) and a
+fake OpenAI-compatible model server (``tests/fake_openai.py`` in its own
+process, answering after a fixed delay).
 No real gateway runs: ``Gateway`` plays its part on Redis, like
 ``bench/worker_bench.py`` does, which isolates the worker (and transcriber):
 
@@ -105,7 +106,7 @@ class System:
     """Redis + worker (+ transcribers, + fake model): see the module docstring."""
 
     def __init__(self, agent: str, env: dict[str, str] | None = None, *, transcribers: int = 0,
-                 llm_delay_s: float | None = None, llm_text: str = "") -> None:
+                 llm_delay_s: float | None = None, llm_text: str = "", workers: int = 1) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.redis = EmbeddedRedis()
         self.r = connect(self.redis.url)
@@ -123,10 +124,12 @@ class System:
             base.update(PV_LLM_BASE_URL=url, PV_LLM_MODEL="fake",
                         PV_LLM_FIRST_TOKEN_S="5", PV_LLM_TIMEOUT_S="10")
         self.env = base
-        self.metrics_port = free_port()
-        self.procs["worker"] = subprocess.Popen(
-            [sys.executable, "-m", "piopiy_voice.workers.runner", "--worker-id", "sim-w1",
-             "--metrics-port", str(self.metrics_port), "--agent", agent], env=base, cwd=ROOT)
+        #: Worker processes are named "worker", "worker2", ... (their /lag ports in order).
+        self.metrics_ports = [free_port() for _ in range(workers)]
+        for i, port in enumerate(self.metrics_ports):
+            self.procs["worker" if i == 0 else f"worker{i + 1}"] = subprocess.Popen(
+                [sys.executable, "-m", "piopiy_voice.workers.runner", "--worker-id", f"sim-w{i + 1}",
+                 "--metrics-port", str(port), "--agent", agent], env=base, cwd=ROOT)
         for i in range(transcribers):
             self.procs[f"transcriber{i + 1}"] = subprocess.Popen(
                 [sys.executable, "-m", "piopiy_voice.speech.transcriber_role", "--id", f"sim-t{i + 1}",
@@ -136,20 +139,31 @@ class System:
     def _wait_worker(self) -> None:
         import urllib.request
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/lag", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.procs["worker"].poll() is not None:
-                    raise SystemExit("worker did not start")
-                time.sleep(0.1)
+        for port in self.metrics_ports:
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/lag", timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or any(
+                            p.poll() is not None for n, p in self.procs.items() if n.startswith("worker")):
+                        raise SystemExit("worker did not start")
+                    time.sleep(0.1)
         time.sleep(1.0 if len(self.procs) > 1 else 0)  # transcribers: model loaded
 
     def lag(self, reset: bool = False) -> dict:
+        """The workers' stream lag; with several workers, each quantile is the
+        worst worker's (``n`` and ``entries_total`` are summed)."""
         import urllib.request
-        url = f"http://127.0.0.1:{self.metrics_port}/lag" + ("?reset=1" if reset else "")
-        return json.loads(urllib.request.urlopen(url, timeout=5).read())
+        each = [json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/lag" + ("?reset=1" if reset else ""), timeout=5).read())
+            for port in self.metrics_ports]
+        out = dict(each[0])
+        for lag in each[1:]:
+            for k, v in lag.items():
+                if isinstance(v, (int, float)) and k in out:
+                    out[k] = out[k] + v if k in ("n", "entries_total") else max(out[k], v)
+        return out
 
     def usage(self) -> dict[str, tuple[float, float, float]]:
         """(cpu seconds, RSS MB, main-thread cpu seconds) per process under test."""

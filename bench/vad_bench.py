@@ -20,6 +20,14 @@ rate on each non-speech signal (frames with prob >= 0.5), and CPU per 20 ms
 frame (``time.process_time``). ``energy-level`` is the energy VAD's level
 test alone (what the worker used before), ``energy`` the default engine.
 Each engine instance is fresh per signal (one per call), as in production.
+
+Then the same probabilities through the turn detector (``speech.turns``,
+onset 80 ms) with and without its lead-in (``lead_in_ms``: loud unvoiced
+frames just before a voiced run count toward the onset), per engine: the
+onset delay on each utterance that starts a turn (first speech frame ->
+the frame that fires ``speech_start``: the floor of barge-in latency) and
+the false turn starts per minute on each non-speech signal (what would
+barge in on the agent).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 from piopiy_voice.audio.pcm import frame_bytes
 from piopiy_voice.audio.vad import EnergyVad
 from piopiy_voice.speech.tts import EspeakSynthesizer
+from piopiy_voice.speech.turns import TurnDetector
 from piopiy_voice.speech.vad import level_only_prob, make_vad
 
 SENTENCES = [
@@ -72,11 +81,12 @@ def _scale_to(x: np.ndarray, dbfs: float) -> np.ndarray:
     return x * 10 ** ((dbfs - _db(x)) / 20) if x.size else x
 
 
-def speech_track(rate: int) -> tuple[np.ndarray, np.ndarray]:
-    """(signal in float full-scale units, per-frame speech labels)."""
+def speech_track(rate: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(signal in float full-scale units, per-frame speech labels, the frame
+    index of each utterance's first speech frame)."""
     rng = np.random.default_rng(1)
     n = frame_bytes(rate) // 2
-    parts, labels = [], []
+    parts, labels, firsts, at = [], [], [], 0
     for i, text in enumerate(SENTENCES):
         voice, wpm, pitch = VOICES[i % len(VOICES)]
         pcm = EspeakSynthesizer(voice, wpm, pitch).synthesize_sync(text, rate)
@@ -88,10 +98,12 @@ def speech_track(rate: int) -> tuple[np.ndarray, np.ndarray]:
         fr = x.reshape(-1, n)
         lv = 10 * np.log10((fr ** 2).mean(axis=1) + 1e-12)
         labels.append(lv >= lv.max() - 35)
+        firsts.append(at + int(np.argmax(labels[-1])))
+        at += fr.shape[0]
         parts.append(x)
     sig = np.concatenate(parts)
     sig = sig + rng.standard_normal(sig.size) * 10 ** (-60 / 20)
-    return sig, np.concatenate(labels)
+    return sig, np.concatenate(labels), firsts
 
 
 def colored_noise(rate: int, seconds: float, kind: str, seed: int) -> np.ndarray:
@@ -171,6 +183,31 @@ def _run(engine: str, rate: int, frames: list[bytes]) -> tuple[np.ndarray, float
     return probs, (time.process_time() - t) / max(1, len(frames))
 
 
+def turn_starts(probs: np.ndarray, lead_in_ms: int) -> list[int]:
+    """The frame indices that fired ``speech_start``, from per-frame probabilities."""
+    td = TurnDetector(onset_ms=80, hangover_ms=400, lead_in_ms=lead_in_ms)
+    out = []
+    for i, p in enumerate(probs):
+        if td.feed(float(p), i * 20) and td.speaking:
+            out.append(i)
+    return out
+
+
+def onset_delays(probs: np.ndarray, firsts: list[int], lead_in_ms: int) -> list[int]:
+    """ms from each utterance's first speech frame to the frame firing its
+    ``speech_start`` (utterances that continue a turn still on are skipped)."""
+    starts = turn_starts(probs, lead_in_ms)
+    delays = []
+    for k, f in enumerate(firsts):
+        nxt = firsts[k + 1] if k + 1 < len(firsts) else len(probs)
+        # the start that belongs to this utterance: the first within it (a start a
+        # few frames early means the lead-in reached back into the gap's hiss: 0)
+        hit = [j for j in starts if f - 4 <= j < nxt]
+        if hit:
+            delays.append(max(0, hit[0] - f) * 20)
+    return delays
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each non-speech signal")
@@ -180,8 +217,9 @@ def main() -> None:
     engines = args.engines.split(",")
     print(f"{'engine':<13}{'rate':>6}{'recall':>8}{'silence':>9}{'white':>7}{'pink':>7}{'brown':>7}"
           f"{'music':>7}{'babble':>8}{'us/frame':>10}")
+    turn_rows = []
     for rate in map(int, args.rates.split(",")):
-        sp, labels = speech_track(rate)
+        sp, labels, firsts = speech_track(rate)
         secs = args.seconds
         rng = np.random.default_rng(9)
         others = {
@@ -207,6 +245,21 @@ def main() -> None:
             print(f"{engine:<13}{rate:>6}{recall:>8.1%}{fa['silence']:>9.1%}{fa['white']:>7.1%}"
                   f"{fa['pink']:>7.1%}{fa['brown']:>7.1%}{fa['music']:>7.1%}{fa['babble']:>8.1%}"
                   f"{np.mean(cpus) * 1e6:>10.0f}")
+            if engine == "energy-level":
+                continue
+            other_probs = {k: _run(engine, rate, fr)[0] for k, fr in other_frames.items()}
+            for lead in (0, 40, 60):
+                d = onset_delays(probs, firsts, lead)
+                false = {k: len(turn_starts(p, lead)) * 60 / (len(p) * 0.02) for k, p in other_probs.items()}
+                turn_rows.append((engine, rate, lead, d, false))
+    print("\nturn detector, onset 80 ms: onset delay on utterances that start a turn (ms), "
+          "false turn starts per minute")
+    print(f"{'engine':<9}{'rate':>6}{'lead-in':>8}{'n':>4}{'p50':>6}{'p90':>6}{'max':>6}"
+          f"{'white':>7}{'pink':>7}{'brown':>7}{'music':>7}{'babble':>8}")
+    for engine, rate, lead, d, false in turn_rows:
+        print(f"{engine:<9}{rate:>6}{lead:>8}{len(d):>4}{np.percentile(d, 50):>6.0f}{np.percentile(d, 90):>6.0f}"
+              f"{max(d):>6.0f}{false['white']:>7.1f}{false['pink']:>7.1f}{false['brown']:>7.1f}"
+              f"{false['music']:>7.1f}{false['babble']:>8.1f}")
 
 
 if __name__ == "__main__":

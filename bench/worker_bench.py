@@ -15,6 +15,9 @@ frame (from /proc). Prints one summary; exits 1 if p99 >= 100 ms.
 ``bench.legacy_agent:BeforeAgent``: the per-frame path before the cost work)
 on its own private redis-server at the same time, fed the same frames in the
 same feeder turn: both see the same machine, so their CPU per frame compare.
+``--compare-rev REV`` runs the second worker on the code of git revision
+REV instead (``bench/revtree.py``), same agent: the working tree's loop
+against an earlier one's, side by side.
 ``--agent-only`` measures the agent classes alone in this process (no Redis,
 no worker loop): the agent's own share of the per-frame cost.
 """
@@ -94,7 +97,8 @@ def agent_cost(specs: list[str], calls: int, rate: int, frames: int = 600) -> di
 class Target:
     """One system under test: a private redis-server and one worker process."""
 
-    def __init__(self, label: str, agent: str | None, profile: str | None, url: str | None) -> None:
+    def __init__(self, label: str, agent: str | None, profile: str | None, url: str | None,
+                 code: Path | None = None) -> None:
         self.label = label
         self.server = None
         if not url:
@@ -104,7 +108,8 @@ class Target:
         self.r = connect(url)
         self.port = free_port()
         env = dict(os.environ, REDIS_URL=url, PV_LOG_LEVEL="WARNING",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(code) if code else None, str(ROOT),
+                                                            os.environ.get("PYTHONPATH")])),
                    PV_SILENCE_TIMEOUT_S="30")
         self.worker = subprocess.Popen(
             [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []),
@@ -144,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", metavar="AGENT",
                     help="run a second worker with this agent class at the same time, on its own "
                          "redis-server, fed the same frames (e.g. bench.legacy_agent:BeforeAgent)")
+    ap.add_argument("--compare-rev", metavar="REV",
+                    help="run a second worker on the code of git revision REV, same agent, at the "
+                         "same time (e.g. HEAD: the last commit against the working tree)")
     ap.add_argument("--profile", metavar="FILE", help="run the worker under cProfile, stats to FILE")
     ap.add_argument("--agent-only", action="store_true",
                     help="no Redis, no worker: CPU per frame of the agent (and --compare) alone")
@@ -163,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     url = os.environ.get("REDIS_URL")
-    if url and args.compare:
+    if args.compare and args.compare_rev:
+        raise SystemExit("--compare and --compare-rev: one at a time")
+    if url and (args.compare or args.compare_rev):
         raise SystemExit("--compare needs private redis-servers: unset REDIS_URL")
     if url:
         print(f"using REDIS_URL={url} (keys of pv:* are written)")
@@ -171,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.compare:
             targets.append(Target(args.compare, args.compare, None, None))
+        elif args.compare_rev:
+            from revtree import package_root
+
+            targets[0].label = "working tree"
+            targets.append(Target(f"revision {args.compare_rev}", args.agent, None, None,
+                                  code=package_root(args.compare_rev)))
         for t in targets:
             t.wait_up()
         scripts = [_script(i, args.rate) for i in range(args.calls)]

@@ -68,14 +68,14 @@ class _Point:
 
 class CallTranscriber:
     def __init__(self, call_id: str, rate: int, recognizer: Recognizer, *, vad: str = "energy",
-                 onset_ms: int = 80, hangover_ms: int = 400, preroll_ms: int = 200,
+                 onset_ms: int = 80, hangover_ms: int = 400, preroll_ms: int = 200, lead_in_ms: int = 60,
                  max_segment_ms: int = 30_000, state: dict[str, Any] | None = None) -> None:
         self.call_id = call_id
         self.rate = rate
         self.recognizer = recognizer
         self.engine = getattr(recognizer, "name", type(recognizer).__name__)
         self.vad = make_vad(vad, rate)
-        self.turns = TurnDetector(onset_ms, hangover_ms)
+        self.turns = TurnDetector(onset_ms, hangover_ms, lead_in_ms=lead_in_ms)
         self.preroll_ms = int(preroll_ms)
         self.max_segment_ms = int(max_segment_ms)
         ring = (self.preroll_ms + onset_ms) // FRAME_MS + 1
@@ -114,7 +114,8 @@ class CallTranscriber:
         elif isinstance(msg, CommandResult):
             if msg.command == "cmd.transfer" and msg.status == "applied" and self.channel != "conversation":
                 out = self._close_segment(self.frames * FRAME_MS)  # the caller's words end here
-                self.turns = TurnDetector(self.turns.onset_ms, self.turns.hangover_ms, self.turns.threshold)
+                self.turns = TurnDetector(self.turns.onset_ms, self.turns.hangover_ms, self.turns.threshold,
+                                          self.turns.lead_in_ms)
                 self.channel = "conversation"
         elif isinstance(msg, CallEnded):
             out = self._close_segment(self.frames * FRAME_MS)

@@ -10,9 +10,10 @@ Engines:
 
 - ``energy`` (default, no extra package). The level test of
   ``piopiy_voice.audio.vad.EnergyVad`` (absolute threshold plus an adaptive
-  noise floor) is kept, and two cheap spectral tests are added, from one FFT
-  of the last 40 ms, because loudness alone calls a TV, hold music or a crowd
-  "speech" (measured: 91% of music frames, 89% of babble):
+  noise floor) is kept, and two cheap spectral tests are added, from one
+  spectrum of the last 40 ms (its bins up to 1.1 kHz only), because loudness
+  alone calls a TV, hold music or a crowd "speech" (measured: 91% of music
+  frames, 89% of babble):
     * voicing: the peak of the autocorrelation of the spectrally *whitened*
       80-1000 Hz band in the 2.5-12.5 ms pitch-lag range. Whitening (dividing
       the power spectrum by its local average) makes white, pink and brown
@@ -41,6 +42,7 @@ import math
 import threading
 from bisect import bisect_left, insort
 from collections import deque
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,6 +96,50 @@ _MAX_AN_RATE = 16000    # the voicing analysis rate at most (32 kHz is decimated
 _BIN_HZ = 7.8125        # FFT resolution the thresholds were tuned with (1024 points at 8 kHz)
 
 
+class _VoicingTables:
+    """The voicing analysis' constant tables for one analysis rate, shared by
+    every call at that rate (built once per process: they are ~0.1-0.3 MB,
+    too much to hold per call)."""
+
+    def __init__(self, an_rate: int, m: int) -> None:
+        nfft = int(round(an_rate / _BIN_HZ))
+        win = 2 * m
+        bin_hz = an_rate / nfft
+        self.k_lo, self.k_hi = int(np.ceil(80 / bin_hz)), int(1000 // bin_hz)
+        # Whitening: each band bin's power over a ~200 Hz moving average around it.
+        self.half = max(3, int(200 / bin_hz) | 1) // 2
+        self.klen = 2 * self.half + 1
+        # The spectrum is needed only up to k_hi + half: a DFT of just those bins
+        # (rows: cos then -sin), zero-padded to nfft, with the Hann window folded
+        # in, is one float32 matrix-vector product. Measured cheaper than numpy's
+        # rfft of the whole padded window, whose cost is mostly its call overhead.
+        self.bins = self.k_hi + self.half + 1
+        # The whitening's moving average as a banded matrix (one product, not
+        # running sums): row i averages bins k_lo+i-half .. k_lo+i+half, bins
+        # below 0 counting as zero power ("same"-mode edges).
+        self.smooth = np.zeros((self.k_hi - self.k_lo + 1, self.bins), dtype=np.float32)
+        for i, kc in enumerate(range(self.k_lo, self.k_hi + 1)):
+            self.smooth[i, max(0, kc - self.half): kc + self.half + 1] = 1.0 / self.klen
+        k, n = np.arange(self.bins), np.arange(win)
+        phase = 2 * np.pi * np.outer(k, n) / nfft
+        window = np.hanning(win)
+        self.dft = (np.concatenate((np.cos(phase), -np.sin(phase))) * window).astype(np.float32)
+        lag_lo, lag_hi = int(an_rate * 0.0025), int(an_rate * 0.0125)
+        self.lag_lo = lag_lo
+        lags = np.concatenate(([0], np.arange(lag_lo, lag_hi + 1)))
+        ks = np.arange(self.k_lo, self.k_hi + 1)
+        # irfft of a real spectrum that is zero outside the band, at these lags only
+        # (its constant factor dropped: only ratios to lag 0 are used).
+        self.cos = np.cos(2 * np.pi * np.outer(lags, ks) / nfft).astype(np.float32)
+        # Unbias for the shrinking overlap of a finite window (row 0 is lag 0).
+        self.unbias = (win / (win - lags[1:])).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _voicing_tables(an_rate: int, m: int) -> _VoicingTables:
+    return _VoicingTables(an_rate, m)
+
+
 class EnergyVoicingVad:
     """Level (``EnergyVad``'s floor logic) gated by voicing and pitch movement.
 
@@ -104,9 +150,12 @@ class EnergyVoicingVad:
     background percentile comes from a sorted window kept with ``bisect`` (no
     partition of 75 values per frame); the voicing runs only on frames that
     are not quiet (at the call's rate; 32 kHz is low-passed and decimated to
-    16 kHz: the band is 80-1000 Hz), the whitening by running sums over the
-    band only, and the autocorrelation at the pitch lags only (a cosine table
-    times the band), in preallocated buffers.
+    16 kHz: the band is 80-1000 Hz) as three float32 matrix products with
+    tables shared by all calls at a rate: the spectrum of the needed bins only
+    (a DFT matrix, the window folded in), the whitening's local means over the
+    band only (a banded averaging matrix) and the autocorrelation at the pitch
+    lags only (a cosine table). Each replaced numpy calls whose fixed overhead
+    was most of their cost (an rfft of the padded window, running sums).
     """
 
     def __init__(self, rate: int, threshold_db: float = -45.0, snr_db: float = 9.0) -> None:
@@ -124,10 +173,7 @@ class EnergyVoicingVad:
         # --- voicing analysis: a 40 ms Hann window over the last two frames
         an_rate = min(self.rate, _MAX_AN_RATE)
         self._dec = self.rate // an_rate
-        self._nfft = nfft = int(round(an_rate / _BIN_HZ))
         m = n // self._dec
-        self._m = m
-        self._win = 2 * m
         self._prev = np.zeros(m, dtype=np.float32)   # the previous frame (at the analysis rate)
         if self._dec > 1:
             # Anti-alias low-pass (windowed sinc, cut-off 3.6 kHz) before keeping every
@@ -138,26 +184,7 @@ class EnergyVoicingVad:
             h = 2 * fc * np.sinc(2 * fc * t) * np.hamming(taps)
             self._lp = (h / h.sum()).astype(np.float32)
             self._lp_in = np.zeros(taps - 1 + n, dtype=np.float32)
-        self._seg = np.zeros(self._win, dtype=np.float32)
-        window = np.hanning(self._win).astype(np.float32)
-        self._win_prev, self._win_this = window[:m].copy(), window[m:].copy()
-        bin_hz = an_rate / nfft
-        k_lo, k_hi = int(np.ceil(80 / bin_hz)), int(1000 // bin_hz)
-        # Whitening: each band bin's power over a ~200 Hz moving average around it.
-        half = max(3, int(200 / bin_hz) | 1) // 2
-        self._k_lo, self._k_hi, self._half = k_lo, k_hi, half
-        # Running sums with ``half`` leading zeros: "same"-mode edges count as zero power.
-        self._csum = np.zeros(half + k_hi + half + 2, dtype=np.float64)
-        lag_lo, lag_hi = int(an_rate * 0.0025), int(an_rate * 0.0125)
-        self._lag_lo = lag_lo
-        lags = np.concatenate(([0], np.arange(lag_lo, lag_hi + 1)))
-        ks = np.arange(k_lo, k_hi + 1)
-        # irfft of a real spectrum that is zero outside the band, at these lags only
-        # (its constant factor dropped: only ratios to lag 0 are used).
-        self._cos = np.cos(2 * np.pi * np.outer(lags, ks) / nfft).astype(np.float32)
-        # Unbias for the shrinking overlap of a finite window (row 0 is lag 0).
-        self._unbias = (self._win / (self._win - lags[1:])).astype(np.float32)
-        self._klen = 2 * half + 1
+        self._t = _voicing_tables(an_rate, m)
         self._since_voiced = 10_000
         self._lags: deque[int] = deque(maxlen=_STEADY_FRAMES)
         self.voicing = 0.0
@@ -170,25 +197,18 @@ class EnergyVoicingVad:
         self.background_db = seed
 
     def _voicing(self, x: np.ndarray) -> tuple[float, int]:
-        seg, m = self._seg, self._m
-        np.multiply(self._prev, self._win_prev, out=seg[:m])
-        np.multiply(x, self._win_this, out=seg[m:])
-        spec = np.fft.rfft(seg, self._nfft)[: self._k_hi + self._half + 1]
-        p = spec.real * spec.real + spec.imag * spec.imag
-        cs = self._csum
-        lo, hi, h = self._k_lo, self._k_hi, self._half
-        np.cumsum(p, out=cs[h + 1:])
-        # sum of p[k-h .. k+h] = cs[h + k + h + 1] - cs[h + k - h]; whitened = power over
-        # that local mean
-        smooth = cs[lo + 2 * h + 1: hi + 2 * h + 2] - cs[lo: hi + 1]
-        smooth /= self._klen
-        smooth += 1e-9
-        ac = self._cos @ (p[lo: hi + 1] / smooth).astype(np.float32)
+        t = self._t
+        z = t.dft @ np.concatenate((self._prev, x))   # windowed spectrum: re then im
+        z *= z
+        p = z[: t.bins] + z[t.bins:]                 # power, bins 0 .. k_hi + half
+        local = t.smooth @ p                         # each band bin's local mean power
+        local += 1e-9
+        ac = t.cos @ (p[t.k_lo: t.k_hi + 1] / local)  # whitened band -> autocorrelation
         if ac[0] <= 0:
             return 0.0, 0
-        r = ac[1:] * self._unbias
+        r = ac[1:] * t.unbias
         i = int(r.argmax())
-        return float(r[i] / ac[0]), self._lag_lo + i
+        return float(r[i] / ac[0]), t.lag_lo + i
 
     def _background(self, level: float) -> float:
         old = self._levels[self._li]

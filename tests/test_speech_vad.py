@@ -177,3 +177,37 @@ def test_energy_engine_background_is_the_10th_percentile_of_the_last_1_5_s():
     # The level is the frame's RMS in dBFS (what the agent's DTMF gate reuses).
     x = np.frombuffer(pcm, "<i2").astype(float)
     assert vad.level_db == pytest.approx(10 * np.log10(np.mean(x ** 2) / 32768 ** 2), abs=1e-3)
+
+
+def test_turn_detector_lead_in_counts_an_unvoiced_opening_toward_the_onset():
+    # 0.2 = loud but not voiced (the energy VAD's score for an "s" or "h").
+    probs = [0.0] * 10 + [0.2] * 4 + [0.9] * 10 + [0.0] * 30
+    fired = {}
+    for lead in (0, 60):
+        td = TurnDetector(onset_ms=80, hangover_ms=400, lead_in_ms=lead)
+        for i, p in enumerate(probs):
+            for e in td.feed(p, i * 20):
+                fired.setdefault(lead, (e.kind, i, e.t_ms))
+    # plain rule: 4 voiced frames (frames 14..17) -> fires on frame 17, starting at 280 ms
+    assert fired[0] == ("speech_start", 17, 280)
+    # lead-in: 60 ms of the 80 ms "s" count, so the first voiced frame fires,
+    # and the turn starts 60 ms before it
+    assert fired[60] == ("speech_start", 14, 280 - 60)
+
+
+def test_turn_detector_lead_in_needs_a_voiced_run_and_is_capped():
+    # Loud unvoiced sound alone never starts a turn, however long.
+    td = TurnDetector(onset_ms=80, lead_in_ms=60)
+    assert not any(td.feed(0.2, i * 20) for i in range(200))
+    # ... and a quiet frame between the lead-in and the voice breaks the lead-in.
+    td = TurnDetector(onset_ms=80, lead_in_ms=60)
+    events = [e for i, p in enumerate([0.2] * 5 + [0.0] + [0.9] * 2) for e in td.feed(p, i * 20)]
+    assert events == []
+    # The lead-in is capped at the onset less one frame: one voiced frame is always needed.
+    td = TurnDetector(onset_ms=40, lead_in_ms=60)
+    assert td.lead_in_ms == 20
+    events = [(e.kind, i) for i, p in enumerate([0.2] * 5 + [0.9] * 3) for e in td.feed(p, i * 20)]
+    assert events == [("speech_start", 5)]
+    # A checkpoint written before the lead-in existed still loads.
+    td.load_state({"speaking": False, "run_start": None, "last_speech_end": 0, "quiet_ms": 0})
+    assert td.to_state()["lead_ms"] == 0

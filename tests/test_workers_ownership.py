@@ -373,13 +373,34 @@ def test_repeated_announcement_of_an_owned_call_is_acked(r, redis_url):
     assert "call-rep" in w.calls
     again = c.encode(c.CallStarted(call_id="call-rep", seq=1, gateway_id="gw1", rate=8000))
     r.xadd(keys.CALLS_STREAM, again)
-    w._next_new = 0.0
     w.step()
     pending = r.xpending_range(keys.CALLS_STREAM, keys.WORKERS_GROUP, "-", "+", 10)
     assert [p["message_id"].decode() for p in pending] == [start_id]
     gw.end()
     wait_for(lambda: (w.step() or "call-rep" not in w.calls), timeout=5, what="call end")
     assert r.xpending(keys.CALLS_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+
+
+def test_a_busy_worker_takes_a_new_call_in_the_round_trip_of_its_next_turn(r, redis_url):
+    # Before: while owning calls, new calls were polled every 100 ms, so every
+    # greeting could start up to 100 ms late. Now the new-call read rides in
+    # the XREAD round trip of every turn.
+    w = Worker(_settings(), CountingAgent, r=connect(redis_url), worker_id="wa", lease_ms=1000)
+    busy = FakeGateway(r, "call-busy")
+    busy.start()
+    w.step()
+    assert set(w.calls) == {"call-busy"}
+    for _ in range(3):
+        busy.audio(FRAME)
+    w.step()  # now busy: the next new call must not wait for a poll period
+    fresh = FakeGateway(r, "call-fresh")
+    fresh.start()
+    busy.audio(FRAME)
+    w.step()
+    assert set(w.calls) == {"call-busy", "call-fresh"}
+    # The greeting of CountingAgent-style agents is committed with the first
+    # checkpoint, in the same turn.
+    assert load(r, "call-fresh") is not None
 
 
 def test_call_of_a_dead_gateway_is_ended_by_its_owner(r, redis_url, monkeypatch):

@@ -204,14 +204,18 @@ class Ownership:
     # -- the calls stream ----------------------------------------------
     def read_new(self, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
         """New entries for this worker (``>``), each as (entry id, raw fields)."""
-        resp = self.r.xreadgroup(
-            self.group, self.worker_id, {keys.CALLS_STREAM: ">"}, count=count, block=block_ms
-        )
-        out = []
-        for _stream, entries in resp or ():
-            for eid, fields in entries:
-                out.append((eid.decode(), fields))
-        return out
+        return self.new_entries(self.queue_read_new(self.r, count, block_ms))
+
+    def queue_read_new(self, pipe: Any, count: int, block_ms: int | None = None) -> Any:
+        """The read of ``read_new`` on ``pipe`` (a pipeline, so a busy worker
+        takes new calls in the round trip it reads its calls with; a client
+        runs it at once). Its reply goes to ``new_entries``."""
+        return pipe.xreadgroup(self.group, self.worker_id, {keys.CALLS_STREAM: ">"},
+                               count=count, block=block_ms)
+
+    @staticmethod
+    def new_entries(resp: Any) -> list[tuple[str, dict]]:
+        return [(eid.decode(), fields) for _stream, entries in resp or () for eid, fields in entries]
 
     def ack(self, entry_id: str) -> None:
         self.r.xack(keys.CALLS_STREAM, self.group, entry_id)

@@ -9,11 +9,16 @@ an ``Outcome``; this module only executes outcomes. Each turn of the loop:
 1. renews leases (every lease/3) and drops at once any call whose lease is lost;
 2. scans for calls to take over (every min(lease/4, 1 s)): start entries idle
    longer than the lease (dead owner) or handed back (see ``ownership``);
-3. takes new calls from the calls stream (consumer group; blocking when idle,
-   polled every 100 ms while busy);
+3. takes new calls from the calls stream (consumer group): a blocking read
+   while it owns no call; while busy the same read (not blocking) goes in the
+   round trip of step 4, so a new call's greeting waits for no poll period;
 4. ONE blocking ``XREAD`` (block <= 200 ms while owning calls) over the
    streams of all owned calls, each from its own last processed id; each
-   call's entries go to its driver strictly in order;
+   call's entries go to its driver strictly in order. Turns start at least
+   ``PV_WORKER_MIN_TURN_MS`` (5) apart: with hundreds of calls an XREAD that
+   returned as soon as any one frame arrived would carry ~0.2 entries per
+   stream and the per-turn work (packing the XREAD, parsing, timers, commit
+   scan: all proportional to the calls owned) would dominate the CPU;
 5. timers: a ``Tick`` for calls whose agent asked for one and that are not
    behind; for calls just taken over and now read to the stream's end, the
    works lost with the previous owner (``CallDriver.caught_up``);
@@ -83,7 +88,13 @@ READ_COUNT = 50
 CHECKPOINT_EVERY_S = 1.0
 IDLE_BLOCK_MS = 1000
 BUSY_BLOCK_MS = 200
-NEW_CALLS_POLL_S = 0.1
+#: New calls taken per read.
+NEW_CALLS_PER_READ = 20
+#: The switch interval of the worker process once the agent runtime's thread
+#: runs (Python's default is 5 ms): the loop thread gives up the GIL at every
+#: Redis call and numpy operation, and waiting up to 5 ms each time to get it
+#: back from a busy runtime thread delays every call's frames (BENCHMARKS.md).
+GIL_SWITCH_S = 0.001
 #: After Redis refused a write for lack of memory, no new call is taken for this long (s).
 OOM_SHED_S = 5.0
 #: On a graceful stop, works still running (e.g. a ``call_ended`` webhook) get this long.
@@ -151,8 +162,9 @@ class Worker:
         self._next_scan = 0.0
         self._next_log = time.monotonic() + 30.0
         self._adopted_restart = False
-        self._next_new = 0.0
         self._xread_ms = 0.0
+        self.min_turn_s = max(0, int(getattr(settings, "worker_min_turn_ms", 0) or 0)) / 1000.0
+        self._turn_at = 0.0
         #: Until then (monotonic) no new call is taken: Redis said OOM.
         self._shed_until = 0.0
         #: Calls whose last read hit READ_COUNT (more entries waiting): no Tick for them.
@@ -249,17 +261,17 @@ class Worker:
                 for eid, fields in self.own.claim_stale(limit=min(room, self.own.claim_limit)):
                     self._adopt(eid, fields, claimed=True)
             self._next_scan = now + min(self.lease_ms / 4000.0, 1.0)
-        if (not self.calls or now >= self._next_new) and self._room() > 0:
-            # While busy, new calls are polled every NEW_CALLS_POLL_S, not every turn.
-            block = None if self.calls else self._block_ms(IDLE_BLOCK_MS)
-            for eid, fields in self.own.read_new(count=min(20, self._room()), block_ms=block):
-                self._adopt(eid, fields, claimed=False)
-            self._next_new = time.monotonic() + NEW_CALLS_POLL_S
-        elif not self.calls:
-            time.sleep(min(0.2, max(0.0, self._next_scan - time.monotonic())))
+        room = self._room()
+        if not self.calls:
+            if room > 0:
+                for eid, fields in self.own.read_new(count=min(NEW_CALLS_PER_READ, room),
+                                                     block_ms=self._block_ms(IDLE_BLOCK_MS)):
+                    self._adopt(eid, fields, claimed=False)
+            else:
+                time.sleep(min(0.2, max(0.0, self._next_scan - time.monotonic())))
         t1 = time.monotonic()
         if self.calls:
-            self._read_calls(self._block_ms(BUSY_BLOCK_MS))
+            self._read_calls(self._block_ms(BUSY_BLOCK_MS), min(NEW_CALLS_PER_READ, room))
         t2 = time.monotonic()
         self._timers()
         self._commit_due()
@@ -434,10 +446,19 @@ class Worker:
         return oc
 
     # ------------------------------------------------------------ the audio
-    def _read_calls(self, block_ms: int) -> None:
+    def _read_calls(self, block_ms: int, new_calls: int) -> None:
+        """Step 4 (and 3 while busy): one round trip reads the owned calls'
+        streams and, with ``new_calls`` > 0, up to that many new calls."""
+        wait = self._turn_at + self.min_turn_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # batch by time: see the module docstring, step 4
         streams = {keys.call_stream(cid): c.ckpt.last_id for cid, c in self.calls.items()}
-        t = time.monotonic()
-        resp = self.r.xread(streams, count=READ_COUNT, block=block_ms)
+        pipe = self.r.pipeline(transaction=False)
+        if new_calls > 0:
+            self.own.queue_read_new(pipe, new_calls)
+        pipe.xread(streams, count=READ_COUNT, block=block_ms)
+        t = self._turn_at = time.monotonic()
+        *new, resp = pipe.execute()
         self._xread_ms = (time.monotonic() - t) * 1000
         behind: set[str] = set()
         wall = time.time()
@@ -450,6 +471,8 @@ class Worker:
                 behind.add(cid)
             self._apply(oc, oc.driver.feed(entries, wall))
         self._behind = behind
+        for eid, fields in self.own.new_entries(new[0] if new else None):
+            self._adopt(eid, fields, claimed=False)
 
     def _timers(self) -> None:
         behind = self._behind
@@ -596,6 +619,7 @@ class Worker:
                     self.runtime.cancel(work_id)
 
     def _make_runtime(self) -> AgentRuntime:
+        sys.setswitchinterval(GIL_SWITCH_S)
         publisher = RedisPublisher(self.r.connection_pool.connection_kwargs, self.worker_id)
         concurrency = getattr(self.settings, "agent_runtime_concurrency", DEFAULT_CONCURRENCY)
         log.info("worker %s: agent runtime up (at most %d works at once)", self.worker_id,

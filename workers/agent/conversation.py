@@ -67,7 +67,8 @@ class ConversationAgent(TurnTaking, Replies, PlayoutHistory, CallControls, Agent
         p = call.params
         vad = p.get("vad") if p.get("vad") in ("energy", "webrtc", "silero") else cfg.speech.vad
         self.tts = p.get("tts") if p.get("tts") in ("espeak", "platform", "http") else cfg.speech.tts
-        self.ears = Ears(vad, call.rate, cfg.speech.turn_onset_ms, cfg.speech.turn_hangover_ms)
+        self.ears = Ears(vad, call.rate, cfg.speech.turn_onset_ms, cfg.speech.turn_hangover_ms,
+                         cfg.speech.turn_lead_in_ms)
         self.dtmf = DtmfDetector(call.rate)
         self.frame_len = frame_bytes(call.rate)
         self.mode = "conversation"  # paused | monitoring | ending | ended

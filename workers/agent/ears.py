@@ -24,9 +24,10 @@ from piopiy_voice.speech.vad import make_vad
 class Ears:
     """The call's VAD + ``speech.turns.TurnDetector``: 20 ms frames -> turn events."""
 
-    def __init__(self, vad_name: str, rate: int, onset_ms: int, hangover_ms: int) -> None:
+    def __init__(self, vad_name: str, rate: int, onset_ms: int, hangover_ms: int,
+                 lead_in_ms: int = 60) -> None:
         self.vad = make_vad(vad_name, rate)
-        self.turns = TurnDetector(onset_ms=onset_ms, hangover_ms=hangover_ms)
+        self.turns = TurnDetector(onset_ms=onset_ms, hangover_ms=hangover_ms, lead_in_ms=lead_in_ms)
         self.t_ms = 0          # call-audio time: frames heard x 20 ms
         self.level_db = -120.0
 
@@ -43,7 +44,7 @@ class Ears:
         return events[-1].kind if events else None
 
     def reset(self) -> None:
-        self.turns.load_state({"speaking": False, "run_start": None,
+        self.turns.load_state({"speaking": False, "run_start": None, "lead_ms": 0,
                                "last_speech_end": self.t_ms, "quiet_ms": 0})
 
     def to_state(self) -> dict[str, Any]:
