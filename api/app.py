@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket
 
 from piopiy_voice import keys
 from piopiy_voice.errors import PiopiyValidationError, load_json
-from piopiy_voice.gateway.control import CallNotFound, CommandTimeout
+from piopiy_voice.gateway.control import CallNotFound, CallNotLive, CommandTimeout, send_async
 from piopiy_voice.redisconn import connect, connect_async
 from piopiy_voice.settings import Settings
 
@@ -298,8 +298,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
                                     issued_by=f"api:{principal.key_id or 'signed-url'}")
         action = body["action"].replace("-", "_")
         try:
-            result = await control.send_command(state.ar, cmd, state.api.control_timeout_s)
-        except control.CallNotLive as exc:
+            result = await send_async(state.ar, cmd, state.api.control_timeout_s)
+        except CallNotLive as exc:
             status = 410 if exc.state == "ended" else 409
             raise HttpError(status, str(exc), "not_live", "call_id") from None
         except CallNotFound as exc:

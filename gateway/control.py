@@ -6,6 +6,10 @@ stream with ``reply_to`` set to a private reply stream, and waits for the
 gateway's ``CommandResult`` (applied, or rejected with a reason). The reply
 stream is deleted afterwards (the gateway also gives it a TTL in case we die).
 
+That exchange is written once, as pure steps (``holder_of``, ``addressed``,
+``result_in``) with two thin shells: ``CallHandle.send`` (sync) and
+``send_async`` (asyncio: the API role).
+
 CLI: ``piopiy-voice control <call_id> pause|resume|stop|interrupt|hangup|
 play-music FILE|speak TEXT...|transfer NUMBER... [--caller-id N]|pcmo JSON``.
 Exit status 0 applied, 1 rejected, 2 error (unknown call, no answer, bad input).
@@ -32,8 +36,78 @@ class CallNotFound(CallControlError):
     """No live call with that id (never existed, not yet live, or ended)."""
 
 
+class CallNotLive(CallNotFound):
+    """The call exists but is not live (queued, dialing, placed or ended)."""
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
 class CommandTimeout(CallControlError):
     """The gateway did not answer in time."""
+
+
+# ------------------------------------------------------- the exchange, pure
+def holder_of(raw_record: Any, call_id: str) -> str:
+    """The gateway holding the call, from its raw record (HGETALL);
+    ``CallNotFound`` (unknown) or ``CallNotLive`` (any other state)."""
+    rec = callrecord.decode_record(raw_record)
+    if not rec:
+        raise CallNotFound(f"call {call_id!r} is unknown")
+    state = rec.get("state", "?")
+    if state != "live" or not rec.get("gateway_id"):
+        extra = f" ({rec['end_reason']})" if rec.get("end_reason") else ""
+        raise CallNotLive(f"call {call_id!r} is not live: state {state}{extra}", state)
+    return rec["gateway_id"]
+
+
+def addressed(cmd: Any, gateway_id: str, prefix: str) -> tuple[str, dict, str]:
+    """(command stream, encoded command, reply stream): ``cmd`` with a fresh
+    private ``reply_to``, ready to XADD to the holding gateway."""
+    reply = keys.reply_stream(f"{prefix}-{uuid.uuid4().hex}")
+    return (keys.gateway_commands(gateway_id), c.encode(cmd.model_copy(update={"reply_to": reply})),
+            reply)
+
+
+def result_in(got: Any, command_id: str, last: str) -> tuple[str, c.CommandResult | None]:
+    """Scan an XREAD reply of the reply stream: (last entry id read, the
+    ``CommandResult`` for ``command_id`` if it came)."""
+    for _stream, entries in got or ():
+        for entry_id, fields in entries:
+            last = entry_id
+            try:
+                msg = c.decode(fields)
+            except ValueError:
+                continue
+            if isinstance(msg, c.CommandResult) and msg.command_id == command_id:
+                return last, msg
+    return last, None
+
+
+def _timeout(gw: str, call_id: str, timeout_s: float) -> CommandTimeout:
+    return CommandTimeout(f"no answer from gateway {gw!r} for call {call_id!r} within "
+                          f"{timeout_s:g}s (is the gateway running?)")
+
+
+async def send_async(ar: Any, cmd: Any, timeout_s: float, prefix: str = "api") -> c.CommandResult:
+    """``CallHandle.send`` for asyncio code: deliver ``cmd`` (its ``call_id``
+    set) to the gateway holding its call and wait for the result. ``ar`` must
+    have a socket timeout above ``MAX_BLOCK_MS`` (``connect_async``)."""
+    gw = holder_of(await ar.hgetall(keys.call_meta(cmd.call_id)), cmd.call_id)
+    stream, fields, reply = addressed(cmd, gw, prefix)
+    try:
+        await ar.xadd(stream, fields, maxlen=keys.COMMAND_STREAM_MAXLEN, approximate=True)
+        deadline, last = time.monotonic() + timeout_s, "0-0"
+        while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+            last, result = result_in(await ar.xread({reply: last}, count=10,
+                                                    block=min(left_ms, MAX_BLOCK_MS)),
+                                     cmd.command_id, last)
+            if result is not None:
+                return result
+        raise _timeout(gw, cmd.call_id, timeout_s)
+    finally:
+        await ar.delete(reply)
 
 
 class CallHandle:
@@ -49,50 +123,29 @@ class CallHandle:
 
     # ----------------------------------------------------------- plumbing
     def gateway_id(self) -> str:
-        """The gateway holding the call; CallNotFound unless it is live."""
-        rec = callrecord.decode_record(self.redis.hgetall(keys.call_meta(self.call_id)))
-        if not rec:
-            raise CallNotFound(f"call {self.call_id!r} is unknown")
-        state = rec.get("state", "?")
-        if state != "live" or not rec.get("gateway_id"):
-            extra = f" ({rec['end_reason']})" if rec.get("end_reason") else ""
-            raise CallNotFound(f"call {self.call_id!r} is not live: state {state}{extra}")
-        return rec["gateway_id"]
+        """The gateway holding the call; CallNotFound (CallNotLive) unless it is live."""
+        return holder_of(self.redis.hgetall(keys.call_meta(self.call_id)), self.call_id)
 
     def send(self, cmd: Any) -> c.CommandResult:
         """Deliver one command model and wait for the gateway's result."""
         if not c.is_command(cmd):
             raise TypeError(f"not a command: {type(cmd).__name__}")
-        gw = self.gateway_id()
-        reply = keys.reply_stream(f"ctl-{uuid.uuid4().hex}")
-        cmd = cmd.model_copy(update={"call_id": self.call_id, "reply_to": reply,
+        cmd = cmd.model_copy(update={"call_id": self.call_id,
                                      "issued_by": cmd.issued_by or self.issued_by})
+        gw = self.gateway_id()
+        stream, fields, reply = addressed(cmd, gw, "ctl")
         try:
-            self.redis.xadd(keys.gateway_commands(gw), c.encode(cmd),
-                            maxlen=keys.COMMAND_STREAM_MAXLEN, approximate=True)
-            return self._wait(reply, cmd.command_id, gw)
+            self.redis.xadd(stream, fields, maxlen=keys.COMMAND_STREAM_MAXLEN, approximate=True)
+            deadline, last = time.monotonic() + self.timeout, "0-0"
+            while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+                last, result = result_in(self.redis.xread({reply: last}, count=10,
+                                                          block=min(left_ms, MAX_BLOCK_MS)),
+                                         cmd.command_id, last)
+                if result is not None:
+                    return result
+            raise _timeout(gw, self.call_id, self.timeout)
         finally:
             self.redis.delete(reply)
-
-    def _wait(self, reply: str, command_id: str, gw: str) -> c.CommandResult:
-        deadline = time.monotonic() + self.timeout
-        last = "0-0"
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise CommandTimeout(
-                    f"no answer from gateway {gw!r} for call {self.call_id!r} within "
-                    f"{self.timeout:g}s (is the gateway running?)")
-            got = self.redis.xread({reply: last}, count=10, block=min(left_ms, MAX_BLOCK_MS))
-            for _stream, entries in got or ():
-                for entry_id, fields in entries:
-                    last = entry_id
-                    try:
-                        msg = c.decode(fields)
-                    except ValueError:
-                        continue
-                    if isinstance(msg, c.CommandResult) and msg.command_id == command_id:
-                        return msg
 
     # ------------------------------------------------------------ commands
     def _cmd(self, model: type, **kw: Any) -> c.CommandResult:
