@@ -111,7 +111,6 @@ class Api:
         self.ar: Any = None
         self.r: Any = None
         self.listen: ListenService | None = None
-        self.transcripts = calls.TranscriptCache()
         self.started = time.time()
 
     async def start(self) -> None:
@@ -119,7 +118,7 @@ class Api:
         # failing; each listened call's reader holds one while it blocks.
         self.ar = connect_async(self.redis_url, blocking_pool=True, max_connections=REDIS_MAX_CONNECTIONS)
         self.r = connect(self.redis_url)
-        self.listen = ListenService(self.ar, self.transcripts, queue=self.api.listen_queue,
+        self.listen = ListenService(self.ar, queue=self.api.listen_queue,
                                     max_stall_s=self.api.listen_max_stall_s,
                                     max_listeners=self.api.max_listeners)
 
@@ -282,7 +281,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         if not record:
             raise HttpError(404, f"call {cid!r} is unknown (or expired)", "unknown_call", "call_id")
         timeline = await calls.read_timeline(state.ar, cid)
-        transcript = await state.transcripts.read(state.ar, cid)
+        transcript = await calls.read_transcript(state.ar, cid)
         row = calls.summarize(cid, record, time.time(),
                               calls.talking_label(False, state.listen.agent_talking(cid)))
         return JSONResponse({"call": row, "record": record, "timeline": timeline,

@@ -17,15 +17,14 @@ is the person and the human agent: it is the conversation); ``agent`` when our
 audio is playing (known from the gateway command streams while this process
 taps them, see ``listen``); both, or ``none``.
 
-The transcript is the final ``Transcript`` entries of the call's stream. The
-stream is mostly audio (50 entries/s), so each call's position is remembered
-(``TranscriptCache``): a call is scanned once, then only what is new.
+The transcript is the call's final segments, in their own small stream
+(``keys.call_transcript``, written by the transcriber; the inbound stream's
+audio lives only ~30 s): one XRANGE.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import Any, Callable
 
 from piopiy_voice import callrecord, keys
@@ -39,10 +38,6 @@ LIST_MAX = 200
 TALK_DBFS = -45.0
 TALK_RECENT_MS = 1000
 TIMELINE_MAX = 500
-#: Entries read per XRANGE while scanning a call stream for transcripts.
-SCAN_CHUNK = 5000
-#: At most this many entries scanned per request (the rest on the next one).
-SCAN_BUDGET = 60_000
 
 _FIELDS = ("state", "direction", "to", "from", "caller_id", "rate", "voice_quality", "listen_mode",
            "owner", "gateway_id", "campaign", "flow", "end_reason", "reason", "request_id")
@@ -155,44 +150,9 @@ def transcript_item(msg: c.Transcript) -> dict[str, Any]:
             "engine": msg.engine}
 
 
-class TranscriptCache:
-    """Final transcript segments per call, with the stream position reached.
-
-    One owner: the API process's event loop (no locking). Bounded LRU."""
-
-    def __init__(self, max_calls: int = 1000) -> None:
-        self.max_calls = max_calls
-        self._calls: OrderedDict[str, tuple[str, list[dict[str, Any]]]] = OrderedDict()
-
-    def add_final(self, call_id: str, item: dict[str, Any]) -> None:
-        """A final segment seen live (by a listen reader); kept only for a call already cached."""
-        got = self._calls.get(call_id)
-        if got and not any(i["segment"] == item["segment"] and i["channel"] == item["channel"]
-                           for i in got[1]):
-            got[1].append(item)
-
-    async def read(self, ar: Any, call_id: str) -> list[dict[str, Any]]:
-        pos, items = self._calls.pop(call_id, ("-", []))
-        budget = SCAN_BUDGET
-        while budget > 0:
-            start = pos if pos == "-" else f"({pos}"
-            chunk = await ar.xrange(keys.call_stream(call_id), min=start, max="+", count=SCAN_CHUNK)
-            if not chunk:
-                break
-            for entry_id, fields in chunk:
-                if fields.get(b"type") == b"transcript":
-                    try:
-                        msg = c.decode(fields)
-                    except ValueError:
-                        continue
-                    if msg.final and not any(i["segment"] == msg.segment and i["channel"] == msg.channel
-                                             for i in items):
-                        items.append(transcript_item(msg))
-            pos = chunk[-1][0].decode()
-            budget -= len(chunk)
-            if len(chunk) < SCAN_CHUNK:
-                break
-        self._calls[call_id] = (pos, items)
-        while len(self._calls) > self.max_calls:
-            self._calls.popitem(last=False)
-        return sorted(items, key=lambda i: (i["start_ms"], i["segment"]))
+async def read_transcript(ar: Any, call_id: str) -> list[dict[str, Any]]:
+    """The call's final transcript segments, in call-audio order."""
+    entries = await ar.xrange(keys.call_transcript(call_id), min="-", max="+",
+                              count=keys.TRANSCRIPT_MAXLEN)
+    items = [transcript_item(t) for _eid, t in callrecord.transcript_finals(entries)]
+    return sorted(items, key=lambda i: (i["start_ms"], i["segment"]))

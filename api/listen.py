@@ -281,10 +281,7 @@ class CallHub:
         except ValueError:
             return
         if isinstance(msg, c.Transcript):
-            item = transcript_item(msg)
-            if msg.final:
-                self.service.transcripts.add_final(self.call_id, item)
-            self.broadcast(json.dumps({"type": "transcript", **item}))
+            self.broadcast(json.dumps({"type": "transcript", **transcript_item(msg)}))
             return
         if isinstance(msg, c.Playout) and msg.state == "interrupted":
             self.mixer.cut(msg.utterance_id)
@@ -359,10 +356,9 @@ class CommandTap:
 class ListenService:
     """Owns the hubs and taps of this API process (one event loop, no locks)."""
 
-    def __init__(self, ar: Any, transcripts: Any, *, queue: int = 50, max_stall_s: float = 5.0,
+    def __init__(self, ar: Any, *, queue: int = 50, max_stall_s: float = 5.0,
                  max_listeners: int = 5000) -> None:
         self.ar = ar
-        self.transcripts = transcripts
         self.queue = queue
         self.max_stall_s = max_stall_s
         self.max_listeners = max_listeners

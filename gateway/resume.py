@@ -95,10 +95,10 @@ if rec[1] ~= 'suspended' then return 0 end
 if (rec[2] or '') ~= ARGV[2] or (rec[3] or '') ~= ARGV[3] then return -1 end
 if (tonumber(ARGV[2]) or 0) > tonumber(ARGV[1]) then return 2 end
 redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_at', ARGV[1], 'end_reason', ARGV[7])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 9))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 10))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', 'state.ended', 't', ARGV[1],
            'end_reason', ARGV[7], 'gateway_id', ARGV[8])
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], i == 2 and ARGV[9] or ARGV[5]) end
 return 1
 """
 
@@ -208,7 +208,8 @@ class Sweeper:
         res = await self.redis.eval(
             _END, len(all_keys), *all_keys,
             f"{now:.3f}", by_s, last_s, keys.CALL_STREAM_MAXLEN, keys.CALL_KEY_TTL_AFTER_END,
-            callrecord.TIMELINE_MAXLEN, END_REASON, self.gateway_id, *flat)
+            callrecord.TIMELINE_MAXLEN, END_REASON, self.gateway_id,
+            keys.ttl_after_end(keys.call_stream(cid), cid), *flat)
         if res != 1:
             if res == 0:
                 await self.redis.zrem(callrecord.SUSPENDED_ZSET, cid)

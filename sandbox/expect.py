@@ -4,7 +4,7 @@ The sandbox plays the platform, so it only hears audio. The words are on the
 app's side, in Redis:
 
 * what the app *heard*: the final ``Transcript`` entries the transcriber role
-  appended to the call's stream (``keys.call_stream``), channel ``caller``
+  appended to the call's transcript (``keys.call_transcript``), channel ``caller``
   before a hand-off and ``conversation`` (the monitored person + human) after;
 * what the agent *said*: the ``text`` of every ``PlayAudio``/``Speak`` the
   gateway applied, from its timeline notes (``command.play_audio``,
@@ -28,8 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from piopiy_voice import keys
-from piopiy_voice.contracts import Transcript, decode
+from piopiy_voice import callrecord, keys
 
 from .scenario import Expectations
 
@@ -116,13 +115,9 @@ def _s(v: Any) -> str:
 def read_call_words(r: Any, call_id: str) -> CallWords:
     """Final transcripts and the agent's spoken texts of ``call_id``, in order."""
     lines: list[Line] = []
-    for entry_id, fields in r.xrange(keys.call_stream(call_id)):
-        if fields.get(b"type") != b"transcript":
-            continue
-        msg = decode(fields)
-        if isinstance(msg, Transcript) and msg.final and msg.text.strip():
-            ms = int(_s(entry_id).split("-")[0])
-            lines.append(Line(ms / 1000, msg.channel, msg.text.strip(), msg.start_ms))
+    for entry_id, msg in callrecord.transcript_finals(r.xrange(keys.call_transcript(call_id))):
+        if msg.text.strip():
+            lines.append(Line(keys.entry_ms(entry_id) / 1000, msg.channel, msg.text.strip(), msg.start_ms))
     for _, fields in r.xrange(keys.call_timeline(call_id)):
         f = {_s(k): _s(v) for k, v in fields.items()}
         event = f.get("event", "")

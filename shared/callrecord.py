@@ -16,7 +16,7 @@ import json
 import time
 from typing import Any
 
-from . import keys
+from . import contracts, keys
 
 #: ``suspended``: the gateway lost the call's socket without an end (a drop, a
 #: drain) and keeps it resumable for the reconnect grace (``resume_by``); the
@@ -61,9 +61,26 @@ def set_state(pipe: Any, call_id: str, state: str, **fields: Any) -> None:
 
 
 def expire_call(pipe: Any, call_id: str, ttl_s: int = keys.CALL_KEY_TTL_AFTER_END) -> None:
-    """Every key of an ended call expires after ``ttl_s``."""
+    """Every key of an ended call expires after ``ttl_s`` (its audio sooner:
+    ``keys.ttl_after_end``)."""
     for key in keys.call_keys(call_id):
-        pipe.expire(key, ttl_s)
+        pipe.expire(key, keys.ttl_after_end(key, call_id, ttl_s))
+
+
+def transcript_finals(entries: Any) -> list[tuple[str, Any]]:
+    """(entry id, ``Transcript``) of each final segment among ``entries`` (an
+    XRANGE of ``keys.call_transcript``), in order; undecodable entries skipped."""
+    out = []
+    for eid, fields in entries:
+        if fields.get(b"type") != b"transcript":
+            continue
+        try:
+            t = contracts.decode(fields)
+        except ValueError:
+            continue
+        if isinstance(t, contracts.Transcript) and t.final:
+            out.append((eid.decode() if isinstance(eid, bytes) else eid, t))
+    return out
 
 
 def decode_record(raw: dict[bytes, bytes]) -> dict[str, str]:

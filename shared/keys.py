@@ -27,14 +27,25 @@ WORKERS_ZSET = f"{PREFIX}:workers"
 #: Sorted set transcriber id -> last heartbeat (epoch s).
 TRANSCRIBERS_ZSET = f"{PREFIX}:transcribers"
 
-#: Stream maxlen (approximate trimming) for per-call inbound streams.
-#: 20 ms frames: 30_000 entries = 10 minutes of audio behind the reader.
-CALL_STREAM_MAXLEN = 30_000
+#: Stream maxlen (approximate trimming) for per-call inbound streams: about
+#: 2 minutes of 20 ms frames (with the call's other entries), so a live call
+#: holds at most ~2.2 MB of Redis (8 kHz) however long it lasts. Its readers
+#: (the owning worker and transcriber, resuming from checkpoints at most a
+#: lease old; the API's live listeners) are normally milliseconds behind; one
+#: 2 minutes behind loses frames, which it counts as a gap. (It was 30 000 =
+#: 10 minutes, kept an hour after the call: RELIABILITY.md "Memory".)
+CALL_STREAM_MAXLEN = 6_000
+#: Final transcript segments kept per call (their own small stream).
+TRANSCRIPT_MAXLEN = 2_000
 CALLS_STREAM_MAXLEN = 100_000
 COMMAND_STREAM_MAXLEN = 10_000
 DEAD_LETTER_MAXLEN = 10_000
-#: How long a call's keys live after the call ended (seconds).
+#: How long a call's keys live after the call ended (seconds): its record,
+#: timeline, transcript and checkpoints, for ``status`` and the API.
 CALL_KEY_TTL_AFTER_END = 3600
+#: ... except its inbound stream (the audio): only until its readers have
+#: read the end (they are at most a lease behind), not for an hour.
+CALL_STREAM_TTL_AFTER_END = 60
 #: A campaign's bookkeeping (states, info) expires this long after its last change.
 CAMPAIGN_TTL_S = 30 * 24 * 3600
 
@@ -58,6 +69,13 @@ def _call(call_id: str, suffix: str) -> str:
 def call_stream(call_id: str) -> str:
     """Inbound stream of one call: audio frames, platform events, results, playout."""
     return _call(call_id, "in")
+
+
+def call_transcript(call_id: str) -> str:
+    """Stream: the call's final ``Transcript`` entries, as the transcriber
+    writes them into the inbound stream too (that one's audio is short-lived;
+    ``status`` and the API read the transcript here)."""
+    return _call(call_id, "transcript")
 
 
 def call_meta(call_id: str) -> str:
@@ -90,10 +108,16 @@ def call_asr_checkpoint(call_id: str) -> str:
     return _call(call_id, "asr:ckpt")
 
 
+def ttl_after_end(key: str, call_id: str, ttl_s: int = CALL_KEY_TTL_AFTER_END) -> int:
+    """The life of one of ``call_keys(call_id)`` once the call ended."""
+    return min(ttl_s, CALL_STREAM_TTL_AFTER_END) if key == call_stream(call_id) else ttl_s
+
+
 def call_keys(call_id: str) -> list[str]:
     """All keys a call may create (for expiry and clean-up checks)."""
     return [
         call_stream(call_id),
+        call_transcript(call_id),
         call_meta(call_id),
         call_timeline(call_id),
         call_lease(call_id),

@@ -8,7 +8,10 @@ Plain ints bumped by the one loop thread, exported at scrape time through
 "partial"|"final"}`` (Transcript entries committed), ``pv_transcriber_decode_cpu_seconds_total``
 (CPU time of the loop thread spent in VAD + recognition: the capacity signal,
 one core per process), ``pv_transcriber_commits_refused_total`` (lease lost at
-commit) and ``pv_transcriber_loop_last_turn_seconds``. ``/healthz`` is 200
+commit), ``pv_transcriber_redis_errors_total{kind="unavailable"|"oom"|"nogroup"|
+"other"}`` (Redis failures the loop survived, the same family and kinds as the
+worker's ``pv_worker_redis_errors_total``: an alert written for one fits the
+other) and ``pv_transcriber_loop_last_turn_seconds``. ``/healthz`` is 200
 while the loop turned within ``HEALTHY_TURN_S``.
 """
 
@@ -27,6 +30,7 @@ from piopiy_voice.observability import (
 )
 
 P = "pv_transcriber_"
+_REDIS = "Redis errors the loop survived, by kind"
 COUNTER_SPECS: dict[str, CounterSpec] = {
     "segments_total": CounterSpec(P + "segments_total", "speech segments recognized"),
     "partials_total": CounterSpec(P + "transcripts_total", "Transcript entries committed, by kind",
@@ -37,7 +41,14 @@ COUNTER_SPECS: dict[str, CounterSpec] = {
                                             "CPU seconds spent in VAD and recognition"),
     "commits_refused_total": CounterSpec(P + "commits_refused_total",
                                          "commits refused because the asr lease was lost"),
+    "redis_oom_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "oom"}),
+    "redis_unavailable_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "unavailable"}),
+    "redis_group_recreated_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "nogroup"}),
+    "redis_errors_total": CounterSpec(P + "redis_errors_total", _REDIS, {"kind": "other"}),
 }
+#: ``Transcriber.on_redis_error``'s kinds -> the counter each one bumps.
+REDIS_ERROR_COUNTERS = {"oom": "redis_oom_total", "unavailable": "redis_unavailable_total",
+                        "nogroup": "redis_group_recreated_total", "other": "redis_errors_total"}
 for _spec in COUNTER_SPECS.values():
     check_name(_spec.family, "counter")
 #: /healthz fails when the loop has not turned for this long (a decode is far shorter).

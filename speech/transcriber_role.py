@@ -64,7 +64,7 @@ from .asr import Recognizer, make_recognizer
 from .config import SpeechConfig
 from .errors import SpeechError
 from .transcriber import CallTranscriber
-from .transcriber_metrics import TranscriberMetrics, serve
+from .transcriber_metrics import REDIS_ERROR_COUNTERS, TranscriberMetrics, serve
 
 log = logging.getLogger("piopiy_voice.speech.transcriber")
 
@@ -78,7 +78,10 @@ OOM_SHED_S = 5.0
 
 # The lease is ours, or missing while the checkpoint is missing or still ours
 # (Redis restarted empty: see piopiy_voice.workers.ownership): then re-taken.
-# ARGV[7] is the lease in ms.
+# KEYS: lease, inbound stream, asr checkpoint, transcript stream. ARGV: id,
+# stream maxlen, checkpoint, done, ttl (0: live), n entries, lease ms,
+# transcript maxlen; then per entry its field count, "1" if it is a final
+# (also appended to the transcript stream, which outlives the audio), fields.
 _COMMIT_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur ~= ARGV[1] then
@@ -88,16 +91,22 @@ if cur ~= ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[7])
 end
 local n = tonumber(ARGV[6])
-local i = 8
+local i = 9
 for _ = 1, n do
-  local nf = tonumber(ARGV[i]); i = i + 1
-  local args = {KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
-  for j = 0, nf * 2 - 1 do args[#args + 1] = ARGV[i + j] end
+  local nf = tonumber(ARGV[i]); local final = ARGV[i + 1]; i = i + 2
+  local fields = {}
+  for j = 0, nf * 2 - 1 do fields[#fields + 1] = ARGV[i + j] end
   i = i + nf * 2
-  redis.call('XADD', unpack(args))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+  if final == '1' then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(fields)) end
 end
 redis.call('HSET', KEYS[3], 'state', ARGV[3], 'done', ARGV[4], 'owner', ARGV[1])
-if tonumber(ARGV[5]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) else redis.call('PERSIST', KEYS[3]) end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+else
+  redis.call('PERSIST', KEYS[3])
+end
 return n
 """
 
@@ -170,6 +179,7 @@ class Transcriber:
                 else "unavailable" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
                 else "other")
         self.redis_errors[kind] = self.redis_errors.get(kind, 0) + 1
+        self.metrics.counters[REDIS_ERROR_COUNTERS[kind]] += 1  # exported as redis_errors_total{kind}
         if kind == "nogroup":
             log.warning("transcriber %s: group gone (%s): Redis restarted empty? recreating it",
                         self.id, exc)
@@ -284,6 +294,7 @@ class Transcriber:
         c = self.config
         try:
             core = CallTranscriber(cid, started.rate, self.recognizer, vad=c.vad, onset_ms=c.turn_onset_ms,
+                                   lead_in_ms=c.turn_lead_in_ms,
                                    hangover_ms=c.turn_hangover_ms, preroll_ms=c.asr_preroll_ms,
                                    state=state)
         except (SpeechError, ValueError) as exc:
@@ -344,14 +355,15 @@ class Transcriber:
             args: list[Any] = [self.id, keys.CALL_STREAM_MAXLEN, json.dumps(oc.core.checkpoint()),
                                "1" if oc.core.ended else "0",
                                keys.CALL_KEY_TTL_AFTER_END if oc.core.ended else 0, len(oc.pending),
-                               self.lease_ms]
+                               self.lease_ms, keys.TRANSCRIPT_MAXLEN]
             for t in oc.pending:
                 f = encode(t)
-                args.append(len(f))
+                args += [len(f), "1" if t.final else "0"]
                 for k, v in f.items():
                     args += [k, v]
             self._commit_script(keys=[keys.call_asr_lease(cid), keys.call_stream(cid),
-                                      keys.call_asr_checkpoint(cid)], args=args, client=pipe)
+                                      keys.call_asr_checkpoint(cid), keys.call_transcript(cid)],
+                                args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False)
         ok = []
         after = self.r.pipeline(transaction=False)

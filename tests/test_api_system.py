@@ -151,11 +151,15 @@ def test_inbound_call_is_answered_recorded_and_listed(system):
 def test_transcript_entries_show_in_the_call(system):
     r = system.s.r
     cid = system.call_id
-    for seg, (text, final) in enumerate([("hello th", False), ("hello there", True)]):
-        r.xadd(keys.call_stream(cid), c.encode(c.Transcript(call_id=cid, segment=0, text=text, final=final,
-                                                            start_ms=100, end_ms=900, engine="test")))
-    r.xadd(keys.call_stream(cid), c.encode(c.Transcript(call_id=cid, segment=1, text="second", final=True,
-                                                        start_ms=1000, end_ms=1500)))
+    # As the transcriber role writes: segments into the inbound stream, finals
+    # also into the transcript stream (what the API reads).
+    for text, final, seg, start, end in [("hello th", False, 0, 100, 900), ("second", True, 1, 1000, 1500),
+                                         ("hello there", True, 0, 100, 900)]:
+        fields = c.encode(c.Transcript(call_id=cid, segment=seg, text=text, final=final,
+                                       start_ms=start, end_ms=end, engine="test"))
+        r.xadd(keys.call_stream(cid), fields)
+        if final:
+            r.xadd(keys.call_transcript(cid), fields)
     detail = httpx.get(f"{system.base}/calls/{cid}", headers=H(system.reader), timeout=10).json()
     assert [(t["segment"], t["text"]) for t in detail["transcript"]] == [(0, "hello there"), (1, "second")]
 

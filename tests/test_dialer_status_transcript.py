@@ -18,15 +18,19 @@ def conn(monkeypatch):
 
 
 def _say(r, cid, segment, text, final, channel="caller"):
-    r.xadd(keys.call_stream(cid), c.encode(c.Transcript(call_id=cid, seq=0, segment=segment, text=text,
-                                                         final=final, channel=channel,
-                                                         start_ms=segment * 1000, end_ms=segment * 1000 + 800)))
+    # As the transcriber role writes: every segment into the inbound stream,
+    # finals also into the call's transcript stream (which outlives the audio).
+    fields = c.encode(c.Transcript(call_id=cid, seq=0, segment=segment, text=text, final=final,
+                                   channel=channel, start_ms=segment * 1000, end_ms=segment * 1000 + 800))
+    r.xadd(keys.call_stream(cid), fields)
+    if final:
+        r.xadd(keys.call_transcript(cid), fields)
 
 
 def test_status_lists_final_transcripts_in_order(conn, capsys):
     cid = "call-tx-1"
     conn.hset(keys.call_meta(cid), mapping={"state": "live"})
-    conn.xadd(keys.call_stream(cid), {"type": "noise", "x": "1"})  # other entries are skipped
+    conn.xadd(keys.call_transcript(cid), {"type": "noise", "x": "1"})  # other entries are skipped
     _say(conn, cid, 0, "hel", False)
     _say(conn, cid, 0, "hello there", True)
     _say(conn, cid, 1, "I need", False)

@@ -184,13 +184,18 @@ def test_expect_is_validated():
     assert exc.value.field == "expect.felt"
 
 
-def test_call_words_are_read_from_the_call_stream_and_timeline(r):
+def test_call_words_are_read_from_the_call_transcript_and_timeline(r):
     cid = "c-words"
     stream, timeline = keys.call_stream(cid), keys.call_timeline(cid)
 
     def transcript(text, final, channel="caller", segment=0):
-        r.xadd(stream, contracts.encode(contracts.Transcript(
-            call_id=cid, seq=0, channel=channel, segment=segment, text=text, final=final, start_ms=40)))
+        # As the transcriber role writes: every segment into the inbound stream,
+        # finals also into the call's transcript.
+        fields = contracts.encode(contracts.Transcript(
+            call_id=cid, seq=0, channel=channel, segment=segment, text=text, final=final, start_ms=40))
+        r.xadd(stream, fields)
+        if final:
+            r.xadd(keys.call_transcript(cid), fields)
 
     r.xadd(timeline, {"event": "command.play_audio", "t": "100.0", "text": "Hello there."})
     r.xadd(timeline, {"event": "command.play_music", "t": "100.1"})

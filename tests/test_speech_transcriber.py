@@ -12,7 +12,7 @@ import time
 import pytest
 
 from piopiy_voice import contracts as c
-from piopiy_voice import keys
+from piopiy_voice import callrecord, keys
 from piopiy_voice.speech.asr import make_recognizer
 from piopiy_voice.speech.transcriber import CallTranscriber
 from piopiy_voice.speech.tts import EspeakSynthesizer
@@ -174,6 +174,12 @@ def test_role_appends_transcripts_and_a_second_process_resumes_after_sigkill(r, 
         assert r.hget(keys.call_asr_checkpoint(cid), "owner") == b"t2"
         assert r.get(keys.call_asr_lease(cid)) is None  # released at the end
         assert r.ttl(keys.call_asr_checkpoint(cid)) > 0
+        # The finals also went to the call's transcript stream (what status and
+        # the API read, kept after the audio is gone), and only the finals.
+        kept = [t for _eid, t in callrecord.transcript_finals(r.xrange(keys.call_transcript(cid)))]
+        assert [(t.segment, t.text) for t in kept] == [(f.segment, f.text) for f in finals]
+        assert r.xlen(keys.call_transcript(cid)) == 2
+        assert 0 < r.ttl(keys.call_transcript(cid)) <= keys.CALL_KEY_TTL_AFTER_END
         assert not r.xpending(keys.CALLS_STREAM, keys.TRANSCRIBERS_GROUP)["pending"]
     finally:
         t2.send_signal(signal.SIGTERM)

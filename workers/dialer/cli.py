@@ -396,25 +396,15 @@ def call_status(conn, call_id: str) -> dict[str, Any] | None:
 
 
 def call_transcript(conn, call_id: str, batch: int = 500) -> list[dict[str, Any]]:
-    """The final ``Transcript`` entries of the call's stream, oldest first: time
-    (entry id's ms), channel, segment, call-audio ms, text. Partials are left out."""
-    from piopiy_voice.contracts import Transcript, decode  # noqa: PLC0415
-
+    """The call's final transcript segments (``keys.call_transcript``), oldest
+    first: time (entry id's ms), channel, segment, call-audio ms, text."""
     out: list[dict[str, Any]] = []
     start = "-"
-    while True:  # bounded: the stream is capped (keys.CALL_STREAM_MAXLEN)
-        entries = conn.xrange(keys.call_stream(call_id), start, "+", count=batch)
-        for eid, fields in entries:
-            if fields.get(b"type") != b"transcript":
-                continue
-            try:
-                t = decode(fields)
-            except Exception:  # noqa: BLE001 (a bad entry is the worker's to dead-letter)
-                continue
-            if isinstance(t, Transcript) and t.final:
-                eid = eid.decode() if isinstance(eid, bytes) else eid
-                out.append({"t": keys.entry_ms(eid) / 1000, "channel": t.channel, "segment": t.segment,
-                            "start_ms": t.start_ms, "end_ms": t.end_ms, "text": t.text})
+    while True:  # bounded: the stream is capped (keys.TRANSCRIPT_MAXLEN)
+        entries = conn.xrange(keys.call_transcript(call_id), start, "+", count=batch)
+        for eid, t in callrecord.transcript_finals(entries):
+            out.append({"t": keys.entry_ms(eid) / 1000, "channel": t.channel, "segment": t.segment,
+                        "start_ms": t.start_ms, "end_ms": t.end_ms, "text": t.text})
         if len(entries) < batch:
             return out
         last = entries[-1][0]
