@@ -329,6 +329,23 @@ def test_dtmf_tone_is_not_a_turn_and_other_keys_are_only_noted():
     assert s.agent.keys == ["5"]
 
 
+def test_a_question_asked_after_a_key_between_turns_is_answered():
+    # Regression (found by bench/system_bench.py): a key pressed while the caller
+    # was silent marked the NEXT speech turn as the key's own, so the question
+    # asked after it was never answered.
+    for press in (False, True):
+        s = Sim()
+        s.silence(int(GREETING_S * 1000) + 500)
+        if press:
+            s.key("5")
+        s.silence(800)
+        s.speech(900)
+        s.said("what are your opening hours")
+        s.silence(700)
+        assert s.kinds()[1:] == ["cmd.play_audio:say"], (press, s.kinds())
+    assert s.agent.keys == ["5"]
+
+
 def test_max_call_duration_says_goodbye_and_hangs_up():
     s = Sim(settings=_settings(PV_MAX_CALL_S="12", PV_SILENCE_TIMEOUT_S="100"))
     s.silence(int(GREETING_S * 1000) + 500)

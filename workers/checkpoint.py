@@ -20,7 +20,8 @@ drops duplicate ``command_id`` gets a second, independent line of defence.
 
 Deployment note: the script touches the call's keys (hash-tagged by call id)
 AND the gateway's command stream, which lives in another slot. That is fine on
-a single Redis (or Sentinel); on Redis Cluster it would need the command
+a single Redis, or a Sentinel-managed primary (``redis+sentinel://``, see
+``piopiy_voice.redisconn``); on Redis Cluster it would need the command
 stream hash-tagged per call, or the dedup-by-command_id path alone.
 """
 

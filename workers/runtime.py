@@ -164,14 +164,10 @@ class RedisPublisher:
 
     def __init__(self, connection_kwargs: dict[str, Any], worker_id: str,
                  lease_key: Callable[[str], str] = keys.call_lease) -> None:
-        from piopiy_voice.redisconn import TLS_KWARG, async_redis
+        from piopiy_voice.redisconn import async_redis_like
 
-        kw = {k: v for k, v in connection_kwargs.items()
-              if k in ("host", "port", "db", "username", "password", "path", "socket_timeout",
-                       "socket_connect_timeout", TLS_KWARG)}
-        if "path" in kw:
-            kw["unix_socket_path"] = kw.pop("path")
-        self.client = async_redis(**kw)  # TLS too when the worker's client uses it
+        # The same Redis (or Sentinel service), credentials, timeouts and TLS as the loop's client.
+        self.client = async_redis_like(connection_kwargs)
         self.worker_id = worker_id
         self.lease_key = lease_key
         self._script = self.client.register_script(_PUBLISH_LUA)

@@ -56,8 +56,12 @@ class TurnTaking:
             self.caller_speech_ms += 20
         if ev == "speech_start":
             self.turn_started = self.last_activity = now
-            if self.mode == "conversation" and now - self.key_at > TONE_GUARD_S:
-                out += self._barge_in(now)
+            if now - self.key_at > TONE_GUARD_S:
+                # Not the tone's own segment: a key pressed in silence before
+                # it must not cost this turn its answer.
+                self.turn_had_key = False
+                if self.mode == "conversation":
+                    out += self._barge_in(now)
                 self.turn_state, self.turn_final = "talking", False
         elif ev == "speech_end":
             self.last_activity = now
