@@ -28,6 +28,25 @@ below the stream API, so the hot path is the same bytes either way. A
 certificate that fails verification is an outage with a one-line reason naming
 the setting (``last_error``, the log), retried like any other.
 
+Sentinel (``redis+sentinel://`` URLs, see ``redisconn``): the writer has no
+fixed address. Every (re)connect asks the sentinels where the primary is now
+(``redisconn.PrimaryLocator``) and checks with ``ROLE`` that the node it
+reached is a primary. While connected it asks them again every
+``primary_check_s`` (1 s): after a failover that left the old primary running
+(``SENTINEL FAILOVER``, a partition healed) the old one keeps accepting writes
+until the sentinels demote it, about 10 s later, and everything written there
+meanwhile is discarded when it resyncs; so when the sentinels name another
+node the writer reconnects to it at once (between batches: nothing in flight
+is lost by the switch).
+
+Demoted primary (any URL: Sentinel, or a managed Redis whose DNS name moves
+to the new primary on failover): a ``READONLY`` reply counts as a lost
+connection: the whole batch is resent after reconnecting (what the demoted
+node accepted before it was demoted is discarded when it resyncs from the new
+primary, so resending all of it loses nothing and at worst duplicates
+entries, as any resend does). A replica answers at once, so reconnecting to
+one backs off like a failed connect until a batch is accepted.
+
 Outage: when the connection fails the in-flight batch is put back in front of
 the buffer (resent after reconnect: at-least-once; consumers drop duplicates
 by ``seq``) and the flusher reconnects with exponential backoff. *Any* failure
@@ -62,7 +81,9 @@ import hiredis
 from redis.asyncio.connection import ConnectionPool
 
 from piopiy_voice import contracts, keys
-from piopiy_voice.redisconn import RedisTls, tls_context_for, tls_error
+from piopiy_voice.redisconn import (
+    PrimaryLocator, RedisTls, is_sentinel_url, parse_sentinel_url, tls_context_for, tls_error,
+)
 
 from .metrics import Metrics
 
@@ -92,13 +113,22 @@ _SEQ_NAME, _PCM_NAME = contracts.AUDIO_FIELD_NAMES[-2:]
 _PCM_ARG = _bulk(_PCM_NAME)
 
 
+class _Demoted(ConnectionError):
+    """Redis answered READONLY: the node we write to is a replica now."""
+
+
+def _demoted(replies: list, errors: list[int]) -> bool:
+    """Redis answered READONLY: we are connected to a replica (a demoted primary)."""
+    return any(str(replies[i]).startswith("READONLY") for i in errors)
+
+
 class Publisher:
     def __init__(self, url: str, *, metrics: Metrics | None = None,
                  buffer_frames: int = 50_000, stream_maxlen: int = keys.CALL_STREAM_MAXLEN,
                  connect_timeout: float = 3.0, reply_timeout: float = 10.0,
                  linger_s: float = 0.002, batch_min: int = 128,
                  event_bytes: int = 4 << 20, call_frames: int | None = None,
-                 tls: RedisTls | None = None) -> None:
+                 tls: RedisTls | None = None, primary_check_s: float = 1.0) -> None:
         if buffer_frames <= 0:
             raise ValueError(f"buffer_frames must be > 0, got {buffer_frames}")
         if linger_s < 0 or batch_min < 1:
@@ -108,10 +138,24 @@ class Publisher:
         #: Client TLS context for rediss:// (None: plain TCP or a unix socket);
         #: PiopiyConfigError naming the setting when a CA/cert file is unusable.
         self._ssl = tls_context_for(url, tls)
-        kw = ConnectionPool.from_url(url).connection_kwargs
-        self._addr = kw.get("path"), kw.get("host", "127.0.0.1"), kw.get("port", 6379)
-        self._auth = (kw.get("username"), kw.get("password"))
-        self._db = int(kw.get("db") or 0)
+        #: Sentinel URL: asked for the primary's address on every (re)connect.
+        self._locate: PrimaryLocator | None = None
+        #: (Sentinel) the primary we are connected to, and how often to ask whether it still is.
+        self._primary: tuple[str, int] | None = None
+        self._primary_moved = False
+        self.primary_check_s = primary_check_s
+        self._watcher: asyncio.Task | None = None
+        if is_sentinel_url(url):
+            spec = parse_sentinel_url(url)
+            self._locate = PrimaryLocator(spec, self._ssl, timeout_s=connect_timeout)
+            self._addr = None, "", 0
+            self._auth = (spec.username, spec.password)
+            self._db = spec.db
+        else:
+            kw = ConnectionPool.from_url(url).connection_kwargs
+            self._addr = kw.get("path"), kw.get("host", "127.0.0.1"), kw.get("port", 6379)
+            self._auth = (kw.get("username"), kw.get("password"))
+            self._db = int(kw.get("db") or 0)
         self.metrics = metrics or Metrics()
         self.limit = buffer_frames
         #: Per-call bound of buffered audio frames (one call's backlog).
@@ -243,6 +287,27 @@ class Publisher:
         if self._supervisor is None:
             self._supervisor = asyncio.get_running_loop().create_task(
                 self._supervise(), name="publisher")
+        if self._locate is not None and self.primary_check_s > 0 and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch_primary(), name="publisher-primary-watch")
+
+    async def _watch_primary(self) -> None:
+        """(Sentinel) Flag the connection for a switch when the sentinels name
+        another primary than the one we write to."""
+        assert self._locate is not None
+        while True:
+            await asyncio.sleep(self.primary_check_s)
+            if self._primary is None or self._primary_moved:
+                continue
+            try:
+                named = await asyncio.wait_for(self._locate(), self.connect_timeout)
+            except Exception:  # noqa: BLE001 (sentinels unreachable: keep writing where we are)
+                continue
+            if self._primary is not None and named != self._primary:
+                log.warning("redis writer: the sentinels name %s:%d as the primary now (was %s:%d); "
+                            "switching", *named, *self._primary)
+                self._primary_moved = True
+                self._wake.set()
 
     async def _supervise(self) -> None:
         """Run the flusher; should it die (a bug, an exception nobody foresaw),
@@ -301,6 +366,8 @@ class Publisher:
         await self.flush(timeout)
         self._closing = True
         self._wake.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
         sup = self._supervisor
         if sup:
             sup.cancel()
@@ -318,15 +385,20 @@ class Publisher:
         self._buf, self._n, self.frames, self._inflight = bytearray(), 0, 0, (0, 0)
         self._kinds, self._per_call = bytearray(), {}
         self._drop_conn()
+        if self._locate is not None:
+            await self._locate.aclose()
 
     def _drop_conn(self) -> None:
         self.connected = False
+        self._primary = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path, host, port = self._addr
+        if self._locate is not None:
+            host, port = await asyncio.wait_for(self._locate(), self.connect_timeout)
         if path:
             fut = asyncio.open_unix_connection(path)
         elif self._ssl is not None:
@@ -346,6 +418,9 @@ class Publisher:
         # A PING answered: Redis is really there (a TCP connect proves nothing,
         # e.g. a stopped server's socket still accepts).
         hello.append(resp("PING"))
+        if self._locate is not None:
+            # The sentinels may lag behind a failover: only a primary takes writes.
+            hello.append(resp("ROLE"))
         writer.write(b"".join(hello))
         rd = hiredis.Reader()
         try:
@@ -357,6 +432,11 @@ class Publisher:
             if isinstance(reply, hiredis.ReplyError):
                 writer.close()
                 raise ConnectionError(f"redis handshake failed: {reply}")
+        if self._locate is not None and not (replies[-1] and replies[-1][0] == b"master"):
+            writer.close()
+            raise ConnectionError(f"{host}:{port} is not the primary (ROLE {replies[-1][:1]!r})")
+        if self._locate is not None:
+            self._primary, self._primary_moved = (host, port), False
         return reader, writer
 
     async def _replies(self, reader: asyncio.StreamReader, rd: Any, n: int) -> list:
@@ -373,6 +453,8 @@ class Publisher:
 
     async def _run(self) -> None:
         backoff = 0.05
+        #: A replica answers at once, every time: wait this long before asking again.
+        demoted_backoff = 0.05
         reader = writer = None
         rd = hiredis.Reader()
         self._wake.set()  # connect now: readiness must not wait for the first entry
@@ -386,6 +468,10 @@ class Publisher:
                 ping.cancel()
             if self._closing and not self._n:
                 return
+            if self._primary_moved and writer is not None:
+                # (between batches: nothing is in flight on the old primary)
+                self._drop_conn()
+                writer = None
             if writer is None:
                 try:
                     reader, writer = await self._connect()
@@ -424,6 +510,9 @@ class Publisher:
             try:
                 writer.write(batch)
                 replies = await self._replies(reader, rd, n)
+                errors = [i for i, reply in enumerate(replies) if isinstance(reply, hiredis.ReplyError)]
+                if errors and _demoted(replies, errors):
+                    raise _Demoted("READONLY: the node is a replica now (failover); resending")
             except Exception as exc:  # noqa: BLE001 (uvloop raises RuntimeError on a reset socket)
                 # Resend the whole batch after reconnecting: at-least-once.
                 self._requeue_inflight()
@@ -434,6 +523,9 @@ class Publisher:
                 self._log_error(f"redis writer lost its connection ({exc!r}); buffering")
                 self._drop_conn()
                 writer = None
+                if isinstance(exc, _Demoted):
+                    await asyncio.sleep(demoted_backoff)
+                    demoted_backoff = min(demoted_backoff * 2, 2.0)
                 continue
             finally:
                 self._idle.set()
@@ -441,13 +533,13 @@ class Publisher:
             self._inflight = (0, 0)
             self._inflight_batch = None
             self.connected = True
+            demoted_backoff = 0.05
             self.metrics.c["redis_batches"] += 1
             rejected = rejected_audio = 0
-            for i, reply in enumerate(replies):
-                if isinstance(reply, hiredis.ReplyError):
-                    rejected += 1
-                    rejected_audio += kinds[i]
-                    self._log_error(f"redis rejected a write: {reply}")
+            for i in errors:
+                rejected += 1
+                rejected_audio += kinds[i]
+                self._log_error(f"redis rejected a write: {replies[i]}")
             if rejected:
                 self.metrics.inc("redis_rejected", rejected)
                 self.metrics.inc("frames_rejected", rejected_audio)

@@ -108,14 +108,13 @@ def _redis():
     url = os.environ.get("REDIS_URL")
     if not url:
         raise redis.ConnectionError("REDIS_URL is not set")
-    from .redisconn import TLS_KWARG, TlsConnection, tls_context_for  # noqa: PLC0415
+    from .redisconn import connect_once  # noqa: PLC0415
 
     try:
-        ctx = tls_context_for(url)  # rediss://: the roles' TLS settings
-    except ValueError as exc:  # PiopiyConfigError: an unusable CA/cert file, reported in one line
+        # TLS and Sentinel URLs as the roles read them; no retry inside a 3 s probe.
+        return connect_once(url, timeout_s=TIMEOUT_S)
+    except ValueError as exc:  # PiopiyConfigError: a bad URL or CA/cert file, in one line
         raise redis.ConnectionError(str(exc)) from None
-    tls = {"connection_class": TlsConnection, TLS_KWARG: ctx} if ctx is not None else {}
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, **tls)
 
 
 def check_worker_heartbeat(now: float | None = None) -> tuple[bool, str]:

@@ -37,6 +37,33 @@ raises ``RedisTlsError`` (a ``PiopiyConfigError`` *and* a
 rotated CA then heals without a restart). Messages name host and port only,
 never the URL (it may hold the password).
 
+Sentinel (a primary with replicas, failed over by Redis Sentinel): the URL
+names the sentinels and the service instead of one server::
+
+    redis+sentinel://[[user]:password@]host1[:26379],host2[:26379],.../<service>[/<db>]
+    rediss+sentinel://...    (TLS to the sentinels and to the data nodes)
+
+The password (and ACL user) are the data nodes'; the sentinels are asked
+without AUTH. ``parse_sentinel_url`` validates it (one line naming what is
+wrong, never the password; ``Settings`` runs it at start). ``connect`` /
+``connect_async`` / ``connect_once`` return a client whose pool asks the
+sentinels for the current primary on every new connection (redis-py's
+``Sentinel.master_for``, with ``SentinelConnection`` making the reconnects of
+a command's retry ask too, which redis-py 8 does not): after a failover the
+command's connection error is retried by our ``Retry`` against the promoted
+replica, and a ``READONLY`` reply (still connected to a demoted primary) is
+turned by redis-py into a connection error, retried the same way. A failover
+that leaves the old primary up (it takes writes for ~10 s, then loses them)
+is noticed by the pool itself: ``SentinelPool`` asks on a checkout at most
+every ``PRIMARY_CHECK_S``. Same timeouts, retry and TLS context as for a
+single server; a sentinel gets ``SENTINEL_TIMEOUT_S`` to answer. Clients rebuilt from a
+client's pool kwargs keep following the sentinels: RQ's scheduler and work
+horses (the kwargs carry the pool's sentinel proxy), and ``async_redis_like``
+(the asyncio twin of a sync client); ``async_redis`` refuses kwargs without an
+address rather than fall back to localhost:6379. The gateway's hand-written
+writer asks ``PrimaryLocator`` on every (re)connect and, while connected,
+every second (see ``gateway.publisher``).
+
 Client options follow redis-py 8 lessons: a blocking read's ``block`` must stay
 below ``socket_timeout`` (else a dead connection hangs it for about a minute),
 and ``from_url`` installs no retry unless given one.
@@ -53,14 +80,16 @@ import ssl
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel as sentinel
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ExceptionType
 from redis.retry import Retry
 
@@ -137,8 +166,12 @@ class RedisTls:
         return cls.from_settings(Settings.from_env(env_values(names, environ)))
 
 
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower()
+
+
 def is_tls_url(url: str) -> bool:
-    return url.split(":", 1)[0].lower() == "rediss"
+    return _scheme(url) in ("rediss", "rediss+sentinel")
 
 
 def _read_error(var: str, path: str, exc: Exception) -> PiopiyConfigError:
@@ -245,6 +278,11 @@ def _use_tls(pool: Any, ctx: ssl.SSLContext | None, connection_class: type) -> A
 def async_redis(**kw: Any) -> aioredis.Redis:
     """``aioredis.Redis(**kw)``, where ``kw`` may carry a sync client's TLS context
     (``TLS_KWARG`` from its ``connection_pool.connection_kwargs``)."""
+    if not kw.get("host") and not kw.get("unix_socket_path"):
+        # Never the library's default localhost:6379 (maybe somebody else's Redis):
+        # a Sentinel client's kwargs carry no address (use ``async_redis_like``).
+        raise PiopiyConfigError("async_redis: no host or unix socket in the connection kwargs "
+                                "(a Sentinel client's? build it with redisconn.async_redis_like)")
     ctx = kw.pop(TLS_KWARG, None)
     if ctx is None:
         return aioredis.Redis(**kw)
@@ -282,8 +320,20 @@ def connect(url: str | None = None, *, socket_timeout: float = 10.0, tls: RedisT
     for ``rediss://`` (``tls``, default: from the environment)."""
     opts = _client_kwargs(socket_timeout)
     opts.update(kw)
-    url = url or resolve_redis_url()
+    return _sync_client(url or resolve_redis_url(), opts, tls)
+
+
+def connect_once(url: str, *, timeout_s: float, tls: RedisTls | None = None) -> redis.Redis:
+    """A client for one-shot checks (health probes): ``timeout_s`` to connect
+    and per reply, no retry; Sentinel URLs and TLS as ``connect``."""
+    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    return _sync_client(url, opts, tls)
+
+
+def _sync_client(url: str, opts: dict, tls: RedisTls | None) -> redis.Redis:
     ctx = tls_context_for(url, tls)
+    if is_sentinel_url(url):
+        return _sentinel_client(parse_sentinel_url(url), opts, ctx)
     if ctx is not None:
         opts.update(connection_class=TlsConnection, **{TLS_KWARG: ctx})
     return redis.Redis.from_url(url, **opts)
@@ -302,6 +352,9 @@ def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, block
     opts.update(kw)
     url = url or resolve_redis_url()
     ctx = tls_context_for(url, tls)
+    if is_sentinel_url(url):
+        return _sentinel_client_async(parse_sentinel_url(url), opts, ctx, blocking_pool=blocking_pool,
+                                      max_connections=max_connections, pool_timeout_s=pool_timeout_s)
     if not blocking_pool:
         if max_connections is not None:
             opts["max_connections"] = max_connections
@@ -314,6 +367,296 @@ def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, block
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections or 50,
                                                     timeout=pool_timeout_s, **opts)
     return aioredis.Redis(connection_pool=_use_tls(pool, ctx, AsyncTlsConnection), retry=retry)
+
+
+# ----------------------------------------------------------------- Sentinel
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+SENTINEL_URL_FORM = "redis+sentinel://[:password@]host1:26379,host2:26379,.../<service>[/<db>]"
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed Sentinel URL: where the sentinels are, which service, the data nodes' credentials."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+
+def is_sentinel_url(url: str | None) -> bool:
+    return bool(url) and _scheme(url) in SENTINEL_SCHEMES
+
+
+def _sentinel_address(item: str) -> tuple[str, int] | None:
+    """``host[:port]`` or ``[v6]:port`` -> (host, port); None when malformed."""
+    if item.startswith("["):
+        host, close, rest = item[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        host, _, port = item.partition(":")
+        if ":" in port:
+            return None
+    if not host or (port and not port.isdigit()):
+        return None
+    number = int(port) if port else SENTINEL_PORT
+    return (host, number) if 0 < number < 65536 else None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """``redis+sentinel://`` / ``rediss+sentinel://`` URL -> ``SentinelUrl``.
+
+    ``PiopiyConfigError`` in one line naming what is wrong (and the URL with its
+    password hidden) for anything else: no sentinel, a bad port, no service
+    name, a db that is not a number, query options (there are none)."""
+    def bad(why: str) -> PiopiyConfigError:
+        return PiopiyConfigError(f"REDIS_URL {redact_url(url)}: {why}; the form is {SENTINEL_URL_FORM}"
+                                 " (rediss+sentinel:// for TLS)")
+
+    if not is_sentinel_url(url) or "://" not in url:
+        raise bad("not a Sentinel URL")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise bad("options after '?' or '#' are not supported")
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = []
+    for item in hosts.split(","):
+        address = _sentinel_address(item.strip())
+        if address is None:
+            raise bad(f"bad sentinel address {item.strip()!r} (host[:port], port 1-65535)")
+        sentinels.append(address)
+    segments = parts.path.strip("/").split("/") if parts.path.strip("/") else []
+    if not segments or len(segments) > 2:
+        raise bad("the path must be /<service>[/<db>] (the name the sentinels monitor)")
+    db = segments[1] if len(segments) == 2 else "0"
+    if not db.isdigit():
+        raise bad(f"db {db!r} is not a number")
+    return SentinelUrl(
+        sentinels=tuple(dict.fromkeys(sentinels)), service=unquote(segments[0]), db=int(db),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=_scheme(url) == "rediss+sentinel")
+
+
+#: Longest wait for one sentinel (connect, reply), s: an unreachable one is
+#: skipped for the next, and a command waiting on the question waits no longer.
+SENTINEL_TIMEOUT_S = 1.0
+#: How often a Sentinel client's pool asks whether the primary moved (s).
+PRIMARY_CHECK_S = 1.0
+
+
+def _sentinel_node_kwargs(opts: Mapping[str, Any]) -> dict:
+    """Options of the connections to the sentinels themselves: the caller's
+    timeouts up to ``SENTINEL_TIMEOUT_S``, no retry (the next sentinel is the retry)."""
+    kw = {k: min(float(opts[k]), SENTINEL_TIMEOUT_S)
+          for k in ("socket_timeout", "socket_connect_timeout") if opts.get(k)}
+    kw["socket_keepalive"] = bool(opts.get("socket_keepalive", True))
+    kw["retry"] = Retry(NoBackoff(), 0)
+    return kw
+
+
+class SentinelConnection(sentinel.SentinelManagedConnection):
+    """A connection to the primary the sentinels name *now*, however it (re)connects.
+
+    redis-py 8 reconnects a dropped connection (a command's retry, e.g. after
+    READONLY or a dead primary) through ``connect_check_health`` at the address
+    it had, never asking the sentinels again (redis-py issue #3874): every
+    retry of the command would go to the old primary. Here every connect
+    resolves the address first."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock is None and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        # (redis-py's resolves first, then connects: do not ask the sentinels twice)
+        self.host, self.port = address
+        super().connect_check_health(check_health=self.connection_pool.check_connection,
+                                     retry_socket_connect=False)
+
+
+class AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
+    """The asyncio twin of ``SentinelConnection``."""
+
+    async def connect_check_health(self, check_health: bool = True,
+                                   retry_socket_connect: bool = True) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health=check_health,
+                                           retry_socket_connect=retry_socket_connect)
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        self.host, self.port = address
+        await super().connect_check_health(check_health=self.connection_pool.check_connection,
+                                           retry_socket_connect=False)
+
+
+class SentinelTlsConnection(SentinelConnection, TlsConnection):
+    """``SentinelConnection`` with our TLS context."""
+
+
+class AsyncSentinelTlsConnection(AsyncSentinelConnection, AsyncTlsConnection):
+    """The asyncio twin of ``SentinelTlsConnection``."""
+
+
+def _primary_check_due(pool: Any) -> bool:
+    """A primary pool last asked ``PRIMARY_CHECK_S`` ago or more (and now marked asked)."""
+    now = time.monotonic()
+    if not pool.is_master or now - pool._checked_at < PRIMARY_CHECK_S:
+        return False
+    pool._checked_at = now
+    return True
+
+
+class SentinelPool(sentinel.SentinelConnectionPool):
+    """redis-py's Sentinel pool, asking at most every ``PRIMARY_CHECK_S`` on a
+    checkout whether the primary moved.
+
+    After a failover that leaves the old primary running (``SENTINEL
+    FAILOVER``, a healed partition) the old one takes writes as a primary until
+    the sentinels demote it, about 10 s later, and loses them when it resyncs;
+    pooled connections would keep writing there all that time. When the
+    sentinels name another primary, redis-py drops the idle connections to the
+    old one and stops pooling the busy ones, so the next commands go to the new
+    one. Sentinels unreachable: the connections in hand are kept."""
+
+    _checked_at = float("-inf")
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if _primary_check_due(self):
+            try:
+                self.get_master_address()
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+        return super().get_connection(*args, **kwargs)
+
+
+class AsyncSentinelPool(aiosentinel.SentinelConnectionPool):
+    """The asyncio twin of ``SentinelPool``."""
+
+    _checked_at = float("-inf")
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if _primary_check_due(self):
+            try:
+                await self.get_master_address()
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+        return await super().get_connection(*args, **kwargs)
+
+
+class AsyncBlockingSentinelPool(AsyncSentinelPool, aioredis.BlockingConnectionPool):
+    """``AsyncSentinelPool`` of at most ``max_connections``; callers beyond wait."""
+
+
+class Sentinels(sentinel.Sentinel):
+    """redis-py's sentinel manager for a ``SentinelUrl`` (kept as ``spec``), with
+    the connections to the sentinels built here (timeouts, TLS context)."""
+
+    def __init__(self, spec: SentinelUrl, opts: Mapping[str, Any], ctx: ssl.SSLContext | None) -> None:
+        super().__init__([], sentinel_kwargs={})
+        self.spec = spec
+        kw = _sentinel_node_kwargs(opts)
+        if ctx is not None:
+            kw.update(connection_class=TlsConnection, **{TLS_KWARG: ctx})
+        self.sentinels = [redis.Redis.from_pool(redis.ConnectionPool(host=host, port=port, **kw))
+                          for host, port in spec.sentinels]
+
+
+class AsyncSentinels(aiosentinel.Sentinel):
+    """The asyncio twin of ``Sentinels``."""
+
+    def __init__(self, spec: SentinelUrl, opts: Mapping[str, Any], ctx: ssl.SSLContext | None) -> None:
+        super().__init__([], sentinel_kwargs={})
+        self.spec = spec
+        kw = _sentinel_node_kwargs(opts)
+        if ctx is not None:
+            kw.update(connection_class=AsyncTlsConnection, **{TLS_KWARG: ctx})
+        self.sentinels = [aioredis.Redis.from_pool(aioredis.ConnectionPool(host=host, port=port, **kw))
+                          for host, port in spec.sentinels]
+
+
+def _primary_kwargs(spec: SentinelUrl, opts: Mapping[str, Any], ctx: ssl.SSLContext | None,
+                    tls_class: type, plain_class: type) -> dict:
+    kw = dict(opts, db=spec.db, username=spec.username, password=spec.password,
+              connection_class=tls_class if ctx is not None else plain_class)
+    if ctx is not None:
+        kw[TLS_KWARG] = ctx
+    return kw
+
+
+def _sentinel_client(spec: SentinelUrl, opts: Mapping[str, Any], ctx: ssl.SSLContext | None) -> redis.Redis:
+    """A sync client of the service's current primary (re-asked on every new connection)."""
+    kw = _primary_kwargs(spec, opts, ctx, SentinelTlsConnection, SentinelConnection)
+    return Sentinels(spec, opts, ctx).master_for(spec.service, connection_pool_class=SentinelPool, **kw)
+
+
+def _sentinel_client_async(spec: SentinelUrl, opts: Mapping[str, Any], ctx: ssl.SSLContext | None, *,
+                           blocking_pool: bool = False, max_connections: int | None = None,
+                           pool_timeout_s: float = 5.0) -> aioredis.Redis:
+    kw = _primary_kwargs(spec, opts, ctx, AsyncSentinelTlsConnection, AsyncSentinelConnection)
+    pool_class: type = AsyncSentinelPool
+    if blocking_pool:
+        pool_class = AsyncBlockingSentinelPool
+        kw.update(max_connections=max_connections or 50, timeout=pool_timeout_s)
+    elif max_connections is not None:
+        kw["max_connections"] = max_connections
+    return AsyncSentinels(spec, opts, ctx).master_for(spec.service, connection_pool_class=pool_class, **kw)
+
+
+#: Pool kwargs ``async_redis_like`` carries over from a sync client.
+_TWIN_KEYS = ("host", "port", "db", "username", "password", "path", "socket_timeout",
+              "socket_connect_timeout", TLS_KWARG)
+
+
+def async_redis_like(connection_kwargs: Mapping[str, Any]) -> aioredis.Redis:
+    """An asyncio client of the same Redis as a sync client, from its
+    ``connection_pool.connection_kwargs``: same server (or the same sentinels and
+    service), credentials, db, timeouts and TLS context; no retry of its own."""
+    manager = getattr(connection_kwargs.get("connection_pool"), "sentinel_manager", None)
+    kw = {k: v for k, v in connection_kwargs.items() if k in _TWIN_KEYS}
+    if isinstance(manager, Sentinels):
+        ctx = kw.get(TLS_KWARG)
+        opts = {k: kw[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kw}
+        return _sentinel_client_async(manager.spec, opts, ctx)
+    if "path" in kw:
+        kw["unix_socket_path"] = kw.pop("path")
+    return async_redis(**kw)
+
+
+class PrimaryLocator:
+    """Where a Sentinel URL's primary is now, for a hand-written client (the
+    gateway's writer): asks the sentinels (``SENTINEL MASTERS``, as redis-py's
+    clients do: a primary they see as down or not a master is not answered)
+    each time it is called. ``MasterNotFoundError`` (a ``redis.ConnectionError``)
+    when no sentinel names one. Asyncio; bound to the loop that first calls it."""
+
+    def __init__(self, spec: SentinelUrl, ctx: ssl.SSLContext | None, *, timeout_s: float = 3.0) -> None:
+        self.spec = spec
+        self._ctx = ctx
+        self._timeout_s = timeout_s
+        self._sentinels: AsyncSentinels | None = None
+
+    async def __call__(self) -> tuple[str, int]:
+        if self._sentinels is None:
+            self._sentinels = AsyncSentinels(
+                self.spec, {"socket_timeout": self._timeout_s, "socket_connect_timeout": self._timeout_s},
+                self._ctx)
+        host, port = await self._sentinels.discover_master(self.spec.service)
+        return str(host), int(port)
+
+    async def aclose(self) -> None:
+        if self._sentinels is not None:
+            for client in self._sentinels.sentinels:
+                await client.aclose()
+            self._sentinels = None
 
 
 def _ping(host: str, port: int, timeout: float = 0.3) -> bool:

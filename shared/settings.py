@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     worker_max_calls: int = Field(0, alias="PV_WORKER_MAX_CALLS", ge=0)
     #: Most orphaned calls one takeover scan claims (spreads calls after a Redis stall).
     worker_claim_per_scan: int = Field(20, alias="PV_WORKER_CLAIM_PER_SCAN", gt=0)
+    #: A busy worker's loop turns are at least this far apart (ms), so each turn
+    #: carries several frames per call and the per-turn work (one XREAD over
+    #: every owned stream, timers, commits) is paid less often; 0: no floor.
+    worker_min_turn_ms: int = Field(5, alias="PV_WORKER_MIN_TURN_MS", ge=0, le=100)
     #: After a takeover, replayed audio commands (speak/play) decided on entries
     #: older than this are not sent (ms; 0: send everything).
     stale_command_ms: int = Field(500, alias="PV_STALE_COMMAND_MS", ge=0)
@@ -229,6 +233,19 @@ class Settings(BaseSettings):
         if _EXPLICIT.get():
             return (init_settings,)
         return (init_settings, env_settings, dotenv_settings)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _sentinel_url(cls, v: str | None) -> str | None:
+        # A malformed Sentinel URL stops a role at start, in one line (password hidden).
+        from .redisconn import is_sentinel_url, parse_sentinel_url  # noqa: PLC0415 (redis-py: lazily)
+
+        if is_sentinel_url(v):
+            try:
+                parse_sentinel_url(v)
+            except PiopiyConfigError as exc:
+                raise ValueError(str(exc).removeprefix("REDIS_URL ")) from None
+        return v
 
     @field_validator("gateway_public_url")
     @classmethod
