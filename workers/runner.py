@@ -95,11 +95,6 @@ BUSY_BLOCK_MS = 200
 #: at once landed 15/1 on two workers with 20). A busy worker still takes one
 #: per loop turn, hundreds per second.
 NEW_CALLS_PER_READ = 1
-#: The switch interval of the worker process once the agent runtime's thread
-#: runs (Python's default is 5 ms): the loop thread gives up the GIL at every
-#: Redis call and numpy operation, and waiting up to 5 ms each time to get it
-#: back from a busy runtime thread delays every call's frames (BENCHMARKS.md).
-GIL_SWITCH_S = 0.001
 #: After Redis refused a write for lack of memory, no new call is taken for this long (s).
 OOM_SHED_S = 5.0
 #: On a graceful stop, works still running (e.g. a ``call_ended`` webhook) get this long.
@@ -624,7 +619,6 @@ class Worker:
                     self.runtime.cancel(work_id)
 
     def _make_runtime(self) -> AgentRuntime:
-        sys.setswitchinterval(GIL_SWITCH_S)
         publisher = RedisPublisher(self.r.connection_pool.connection_kwargs, self.worker_id)
         concurrency = getattr(self.settings, "agent_runtime_concurrency", DEFAULT_CONCURRENCY)
         log.info("worker %s: agent runtime up (at most %d works at once)", self.worker_id,
