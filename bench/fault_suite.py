@@ -390,6 +390,18 @@ async def hang_up(stack: Stack, calls, tasks, stop: asyncio.Event) -> bool:
     return await until(lambda: all(_ended(stack.r, call.call_id) for call in calls), 20, 0.1)
 
 
+def run_on(stack: "Stack", scenario, *args):
+    """Run one scenario (a coroutine function taking the stack first) on its own
+    stack, always closed; its role logs are kept when the scenario raised."""
+    try:
+        return asyncio.run(scenario(stack, *args))
+    except BaseException:
+        stack.keep_logs = True
+        raise
+    finally:
+        stack.close()
+
+
 def _ended(r, call_id: str) -> bool:
     return r.hget(keys.call_meta(call_id), "state") == b"ended"
 
@@ -459,15 +471,9 @@ def stall(seconds: float, n_calls: int = 16, lease_ms: int = 3000, claim_per_sca
     every process (e.g. a small ``PV_REDIS_BUFFER_FRAMES``: the gap path)."""
     stack = Stack(lease_ms=lease_ms, claim_per_scan=claim_per_scan, tag=f"stall{seconds:g}",
                   workers=1 if late_second_worker else 2, extra_env=extra_env)
-    try:
-        res = asyncio.run(_stall(stack, seconds, n_calls, freeze_owner_extra_s, late_second_worker))
-        res.claim_per_scan = claim_per_scan
-        res.label = label
-    except BaseException:
-        stack.keep_logs = True
-        raise
-    finally:
-        stack.close()
+    res = run_on(stack, _stall, seconds, n_calls, freeze_owner_extra_s, late_second_worker)
+    res.claim_per_scan = claim_per_scan
+    res.label = label
     if not quiet:
         print_stall(res)
     return res
@@ -583,14 +589,7 @@ def stall_rows(res: StallResult) -> list[Row]:
 
 
 def worker_kill(n_calls: int = 16, lease_ms: int = 2000) -> list[Row]:
-    stack = Stack(lease_ms=lease_ms, claim_per_scan=50, tag="kill")
-    try:
-        return asyncio.run(_worker_kill(stack, n_calls))
-    except BaseException:
-        stack.keep_logs = True
-        raise
-    finally:
-        stack.close()
+    return run_on(Stack(lease_ms=lease_ms, claim_per_scan=50, tag="kill"), _worker_kill, n_calls)
 
 
 async def _worker_kill(stack: Stack, n_calls: int) -> list[Row]:
@@ -631,14 +630,7 @@ async def _worker_kill(stack: Stack, n_calls: int) -> list[Row]:
 
 
 def redis_restart(n_calls: int = 8) -> list[Row]:
-    stack = Stack(lease_ms=3000, claim_per_scan=20, tag="restart")
-    try:
-        return asyncio.run(_redis_restart(stack, n_calls))
-    except BaseException:
-        stack.keep_logs = True
-        raise
-    finally:
-        stack.close()
+    return run_on(Stack(lease_ms=3000, claim_per_scan=20, tag="restart"), _redis_restart, n_calls)
 
 
 async def _redis_restart(stack: Stack, n_calls: int) -> list[Row]:
@@ -707,13 +699,7 @@ def print_table(rows: list[Row]) -> None:
 def soak(n_calls: int, minutes: float, call_s: float, sample_s: float) -> int:
     stack = Stack(lease_ms=5000, claim_per_scan=20, workers=1, tag="soak",
                   extra_env={"PV_GATEWAY_MAX_CALLS": str(max(2 * n_calls, 100))})
-    try:
-        return asyncio.run(_soak(stack, n_calls, minutes * 60, call_s, sample_s))
-    except BaseException:
-        stack.keep_logs = True
-        raise
-    finally:
-        stack.close()
+    return run_on(stack, _soak, n_calls, minutes * 60, call_s, sample_s)
 
 
 def _used_memory(r) -> int:
