@@ -87,6 +87,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry as aioretry
 import redis.asyncio.sentinel as aiosentinel
 import redis.sentinel as sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -299,6 +300,13 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5)
 
 
+def _async_retry() -> aioretry.Retry:
+    # The asyncio client awaits its retry object: given the sync ``Retry`` it
+    # never retried at all (its ``call_with_retry`` returned the coroutine
+    # unawaited, so no error ever reached it).
+    return aioretry.Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5)
+
+
 def _client_kwargs(socket_timeout: float) -> dict:
     if socket_timeout * 1000 <= MAX_BLOCK_MS:
         raise ValueError(
@@ -349,6 +357,7 @@ def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, block
     server whose burst of requests must queue, not error).
     """
     opts = _client_kwargs(socket_timeout)
+    opts["retry"] = _async_retry()
     opts.update(kw)
     url = url or resolve_redis_url()
     ctx = tls_context_for(url, tls)

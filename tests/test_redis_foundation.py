@@ -56,3 +56,27 @@ def test_expire_call_sets_ttl_on_every_key(r):
     pipe.execute()
     for key in (keys.call_meta("c2"), keys.call_timeline("c2"), keys.call_lease("c2")):
         assert 0 < r.ttl(key) <= 100
+
+
+def test_async_clients_retry_connection_errors(monkeypatch):
+    # They used to be given the sync Retry, which an asyncio client cannot use:
+    # a connection error failed the command at once, with no retry at all.
+    import asyncio
+
+    import redis
+    import redis.asyncio.connection as aioconn
+
+    from piopiy_voice.redisconn import connect_async, free_port
+
+    attempts = 0
+
+    async def refuse(self):
+        nonlocal attempts
+        attempts += 1
+        raise redis.ConnectionError("refused (test)")
+
+    monkeypatch.setattr(aioconn.Connection, "_connect", refuse)
+    client = connect_async(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=3.0)
+    with pytest.raises(redis.ConnectionError):
+        asyncio.run(client.ping())
+    assert attempts == 6  # the first try and our 5 retries
