@@ -171,26 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     gw = Gateway(system, callers)
     try:
         gw.start_calls()
-        marks: dict[str, object] = {}
-
-        def on_tick(now: float) -> None:
-            if "since" not in marks and now >= args.warmup:
-                import time
-                marks["since"] = int(time.time() * 1000)
-                marks["usage"] = system.usage()
-                system.lag(reset=True)
-
-        gw.run(args.warmup + args.seconds, on_tick)
-        lag = system.lag()
-        usage = system.usage()
-        window = args.seconds
+        marks = gw.run_measured(args.warmup, args.seconds)
+        lag, usage, window = marks["lag"], marks["usage"], args.seconds
     finally:
         gw.stop()
         system.close()
     lat, beyond, missed, reply = measure(callers, marks["since"], floor)
     workers = [n for n in usage if n.startswith("worker")]
-    cpu = sum(usage[n][0] - marks["usage"][n][0] for n in workers)
-    loop_cpu = sum(usage[n][2] - marks["usage"][n][2] for n in workers)
+    cpu = sum(usage[n][0] - marks["usage0"][n][0] for n in workers)
+    loop_cpu = sum(usage[n][2] - marks["usage0"][n][2] for n in workers)
     print(f"barge-in bench: {args.calls} calls @ {args.rate} Hz on {args.workers} worker(s) (LlmAgent, {args.tts}), fake model "
           f"first token after {args.model_delay:g} s, fake gateway on Redis; {args.seconds:.0f} s window "
           f"(+{args.warmup:.0f} s warm-up); load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")

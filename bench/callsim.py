@@ -283,6 +283,22 @@ class Gateway:
     def all_callers(self) -> list[Caller]:
         return self.ended + list(self.callers.values())
 
+    def run_measured(self, warmup: float, seconds: float) -> dict:
+        """``run`` for ``warmup + seconds``, measuring the last ``seconds``:
+        ``since`` (the window's start, wall ms), ``usage0``/``usage`` (the
+        processes' ``System.usage`` at its start and end) and ``lag`` (the
+        workers' stream lag over the window)."""
+        marks: dict = {}
+
+        def on_tick(now: float) -> None:
+            if "since" not in marks and now >= warmup:
+                marks["since"] = int(time.time() * 1000)
+                marks["usage0"] = self.system.usage()
+                self.system.lag(reset=True)
+
+        self.run(warmup + seconds, on_tick)
+        return dict(marks, lag=self.system.lag(), usage=self.system.usage())
+
     def run(self, seconds: float, on_tick=None) -> None:
         t0 = time.monotonic()
         tick = 0

@@ -798,7 +798,7 @@ async def _soak(stack: Stack, n_calls: int, duration_s: float, call_s: float, sa
     print(f"  after deleting the TTL keys (standing in for their expiry): {after_expiry / 1e6:.2f} MB "
           f"= baseline {'+' if after_expiry >= baseline else '-'}{abs(after_expiry - baseline) / 1e3:.1f} KB")
     print(f"  gateway frames: {gw}; duplicate commands at the platform {dups}")
-    print(f"  CPU seconds (user+sys) over the run: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
+    print("  CPU seconds (user+sys) over the run: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
     ok = (ended and not errors and dups == 0 and not call_keys_no_ttl and not bad_ttl
           and after_expiry - baseline < 1_000_000)
     print_table([Row(f"memory soak {n_calls} calls x {duration_s / 60:g} min",

@@ -150,20 +150,11 @@ def latency(args: argparse.Namespace) -> int:
         return AskingCaller(f"{old.call_id}-r{redials[0]}", args.rate, speech, old.rng)
 
     gw = Gateway(system, callers, redial=redial)
-    marks: dict[str, object] = {}
     try:
         idle = system.usage()
         gw.start_calls()
-
-        def on_tick(now: float) -> None:
-            if "since" not in marks and now >= args.warmup:
-                marks["since"] = int(time.time() * 1000)
-                marks["usage"] = system.usage()
-                system.lag(reset=True)
-
-        gw.run(args.warmup + args.seconds, on_tick)
-        lag = system.lag()
-        usage = system.usage()
+        marks = gw.run_measured(args.warmup, args.seconds)
+        lag, usage = marks["lag"], marks["usage"]
     finally:
         gw.stop()
         system.close()
@@ -196,7 +187,7 @@ def latency(args: argparse.Namespace) -> int:
           f"max {lag['max'] * 1000:.1f}")
     window = args.seconds
     for name, (cpu, rss, _) in usage.items():
-        c0 = marks["usage"][name][0]
+        c0 = marks["usage0"][name][0]
         share = 100 * (cpu - c0) / window
         print(f"  {name}: CPU {share:.0f}% of a core = {share / args.calls:.2f}% per call; RSS "
               f"{rss:.0f} MB ({idle[name][1]:.0f} MB before the calls: "

@@ -144,8 +144,6 @@ class Transcriber:
         self._next_scan = 0.0
         self._adopted_restart = False
         self._shed_until = 0.0
-        #: Redis failures by kind (nogroup, oom, unavailable, other): logged and counted.
-        self.redis_errors: dict[str, int] = {}
 
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
@@ -178,7 +176,6 @@ class Transcriber:
         kind = ("nogroup" if is_nogroup(exc) else "oom" if is_oom(exc)
                 else "unavailable" if isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
                 else "other")
-        self.redis_errors[kind] = self.redis_errors.get(kind, 0) + 1
         self.metrics.counters[REDIS_ERROR_COUNTERS[kind]] += 1  # exported as redis_errors_total{kind}
         if kind == "nogroup":
             log.warning("transcriber %s: group gone (%s): Redis restarted empty? recreating it",

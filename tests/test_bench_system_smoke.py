@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str) -> ModuleType:
-    """A bench script as a module, by path (they import their siblings by name)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from examples_support import BENCH, load_bench
 
 
 @pytest.fixture(scope="module")
 def sb() -> ModuleType:
-    _load("callsim")
-    _load("bargein_bench")
-    return _load("system_bench")
+    load_bench("callsim")
+    load_bench("bargein_bench")
+    return load_bench("system_bench")
 
 
 def test_barge_in_pairs_each_onset_with_the_first_break_before_the_next_onset(sb):
@@ -66,7 +53,7 @@ def _speech(sb, rate=8000):
 
 def test_the_caller_barges_in_then_lets_every_third_answer_finish_and_presses_the_key(sb):
     script = sb.CallerScript(_speech(sb), random.Random(1))
-    t, barges, keys = 100.0, 0, 0
+    t = 100.0
     for _ in range(3000):  # 60 s
         t += 0.02
         if not script.speaking and script.since is not None and t - script.since > 0.5 and t - script.since < 2.5:

@@ -15,16 +15,14 @@ takeover scan claims at most ``PV_WORKER_CLAIM_PER_SCAN`` calls.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
+from examples_support import load_bench
 from piopiy_voice.redisconn import redis_server_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import fault_suite as fs  # noqa: E402
+fs = load_bench("fault_suite")
 
 
 def _check_common(res: fs.StallResult) -> None:

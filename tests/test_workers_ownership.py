@@ -398,8 +398,7 @@ def test_a_busy_worker_takes_a_new_call_in_the_round_trip_of_its_next_turn(r, re
     busy.audio(FRAME)
     w.step()
     assert set(w.calls) == {"call-busy", "call-fresh"}
-    # The greeting of CountingAgent-style agents is committed with the first
-    # checkpoint, in the same turn.
+    # Owned for real in that turn: its first checkpoint is committed.
     assert load(r, "call-fresh") is not None
 
 
