@@ -26,7 +26,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from piopiy_voice import keys
-from piopiy_voice.errors import PiopiyValidationError, load_json
+from piopiy_voice.errors import PiopiyConfigError, PiopiyValidationError, load_json
 from piopiy_voice.gateway.control import CallNotFound, CallNotLive, CommandTimeout, send_async
 from piopiy_voice.redisconn import connect, connect_async
 from piopiy_voice.settings import Settings
@@ -263,6 +263,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
                                           settings=state.settings, **options)
         except IdempotencyConflict as exc:
             raise HttpError(409, str(exc), "idempotency_conflict", "idempotency_key") from None
+        except PiopiyConfigError as exc:  # a cluster REDIS_URL and no PV_QUEUE_REDIS_URL
+            raise HttpError(503, str(exc), "dial_unconfigured") from None
         except TypeError as exc:  # an option name Python refused (e.g. not a string)
             raise PiopiyValidationError("body", str(exc)) from None
         async with state.ar.pipeline(transaction=False) as pipe:

@@ -15,6 +15,13 @@ Redis for more than ``PV_ANSWER_REDIS_TIMEOUT_S``: the record write is started,
 awaited that long, and then the PCMO goes out anyway (the gateway needs no
 record to take the socket: the signed URL is the authority; the write goes on
 in the background, bounded). Everything here but ``record_inbound`` is pure.
+
+``record_inbound`` writes two things in two slots (Redis Cluster): the record
+(``{call_id}``: one MULTI, and only if the call had no record when checked, so a retried
+POST never moves a live call back to ``placed``), then the API's index of calls
+(``pv:api:calls``). A process dying between them leaves the call out of the
+index: it still shows in the list once its socket arrives (``pv:calls``), and
+the platform's retried POST indexes it (indexing is idempotent).
 """
 
 from __future__ import annotations
@@ -111,13 +118,16 @@ def answer_pcmo(settings: Settings, api: ApiSettings, call_id: str) -> list[dict
 
 async def record_inbound(ar: Any, call_id: str, event: dict[str, str], api: ApiSettings) -> None:
     """Write the record (unless the call is already known: a retried POST) and index it."""
-    if await ar.exists(keys.call_meta(call_id)):
-        return
-    async with ar.pipeline(transaction=True) as pipe:
-        callrecord.set_state(pipe, call_id, "placed", direction="inbound", to=event["to"],
-                             caller_id=event["to"], request_id=event["cmiuuid"],
-                             listen_mode=api.answer_listen_mode, voice_quality=api.answer_voice_quality,
-                             flow=api.answer_flow or None, platform_time=event["time"] or None,
-                             **{"from": event["from"]})
+    if not await ar.exists(keys.call_meta(call_id)):
+        # One slot (the call's): a MULTI is allowed on a cluster too.
+        async with ar.pipeline(transaction=True) as pipe:
+            callrecord.set_state(pipe, call_id, "placed", direction="inbound", to=event["to"],
+                                 caller_id=event["to"], request_id=event["cmiuuid"],
+                                 listen_mode=api.answer_listen_mode,
+                                 voice_quality=api.answer_voice_quality,
+                                 flow=api.answer_flow or None, platform_time=event["time"] or None,
+                                 **{"from": event["from"]})
+            await pipe.execute()
+    async with ar.pipeline(transaction=False) as pipe:
         index_call(pipe, call_id)
         await pipe.execute()

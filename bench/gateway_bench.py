@@ -22,6 +22,10 @@ carries its send time in its first 8 bytes; the entry's stream id carries
 Redis' insertion time in ms, so values are floored to 1 ms), frames lost,
 memory per call (RSS delta / calls) and the redis-server CPU per frame.
 
+``--cluster``: the gateway writes to a private local Redis Cluster (3
+primaries with a replica each, ``tests/cluster_support.LocalCluster``) instead
+of one redis-server; the Redis CPU is then the sum over its nodes.
+
 ``--listeners K`` (the API's effect on the gateway, issue 11): also starts the
 API role (``python -m piopiy_voice.api``) on the same private Redis and a third
 subprocess of K real WebSocket listen clients (``websockets``, authenticated by
@@ -552,6 +556,8 @@ def main(argv=None) -> int:
     ap.add_argument("--listeners", type=int, default=0, metavar="K",
                     help="also measure the gateway while an API process streams K of its calls "
                          "to K listen sockets (two phases alternating on the same gateway)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="write to a local Redis Cluster (3 primaries + replicas) instead of one redis-server")
     ap.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-listeners", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -574,7 +580,15 @@ def main(argv=None) -> int:
           f"{args.calls} calls x {args.seconds:g} s at {args.rate} Hz, 20 ms frames")
     me = psutil.Process()
     bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
-    redis = EmbeddedRedis()
+    if args.cluster:
+        sys.path.insert(0, str(ROOT / "tests"))  # the tests' cluster launcher
+        from cluster_support import LocalCluster
+
+        redis = LocalCluster()
+        rprocs = [psutil.Process(proc.pid) for proc in redis.procs.values()]
+    else:
+        redis = EmbeddedRedis()
+        rprocs = [psutil.Process(redis.proc.pid)]
     env = dict(os.environ, REDIS_URL=redis.url, PV_SIGNING_SECRET=SECRET, PV_LOG_LEVEL="INFO",
                PYTHONPATH=str(ROOT))
     gw = _child([sys.executable, "-m", "piopiy_voice.gateway.server", "--port", "0", "--gateway-id", "bench"],
@@ -585,8 +599,7 @@ def main(argv=None) -> int:
         gproc = psutil.Process(gw.pid)
         time.sleep(0.5)
         rss0 = gproc.memory_info().rss
-        rproc = psutil.Process(redis.proc.pid)
-        rc0 = sum(rproc.cpu_times()[:2])
+        rc0 = sum(sum(rp.cpu_times()[:2]) for rp in rprocs)
         ids = [f"bench-{i}" for i in range(args.calls)]
         gpaths = [sign_stream_url(f"ws://127.0.0.1:{gport}", cid, SECRET,
                                   params={"rate": str(args.rate), "mode": "callee"})
@@ -596,7 +609,7 @@ def main(argv=None) -> int:
         c0 = sum(me.cpu_times()[:2])
         uvloop.run(drive([b, g], args.seconds, args.rate))
         gen_cpu = sum(me.cpu_times()[:2]) - c0
-        redis_cpu = sum(rproc.cpu_times()[:2]) - rc0
+        redis_cpu = sum(sum(rp.cpu_times()[:2]) for rp in rprocs) - rc0
         bare.terminate()
         out, _ = bare.communicate(timeout=10)
         bare_lat = [float(x) for x in out.split()[-3:]] if out.strip() else None

@@ -650,8 +650,23 @@ class Step:
         from piopiy_voice.supervisor import Supervisor
 
         self.args, self.n, self.out = args, n, out
-        self.redis = EmbeddedRedis()
-        self.r = connect(self.redis.url)
+        self.cluster = None
+        if args.cluster:
+            sys.path.insert(0, str(ROOT / "tests"))  # the tests' cluster launcher
+            from cluster_support import LocalCluster
+
+            # The data on a 3-primary cluster; the dial queue on a plain
+            # redis-server of its own (RQ cannot run on a cluster).
+            self.cluster = LocalCluster()
+            self.redis = EmbeddedRedis()
+            self.url = self.cluster.url
+            self.q = connect(self.redis.url)
+        else:
+            self.redis = EmbeddedRedis()
+            self.url = self.redis.url
+        self.r = connect(self.url)
+        if self.cluster is None:
+            self.q = self.r
         self.sup = Supervisor(grace_s=10)
         self.tag = secrets.token_hex(3)
         self.gateway_id = f"sys-gw-{self.tag}"
@@ -662,7 +677,7 @@ class Step:
         self.app = (DEV_APP_ID, DEV_APP_TOKEN)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PV_", "PIOPIY_"))}
         env.update({
-            "REDIS_URL": self.redis.url, "PV_LOG_LEVEL": "WARNING",
+            "REDIS_URL": self.url, "PV_LOG_LEVEL": "WARNING",
             "PV_GATEWAY_ID": self.gateway_id, "PV_GATEWAY_PORT": str(self.gw_port),
             "PV_GATEWAY_PUBLIC_URL": f"ws://127.0.0.1:{self.gw_port}",
             "PV_SIGNING_SECRET": secrets.token_hex(16), "PV_DIAL_QUEUE": self.queue,
@@ -670,6 +685,8 @@ class Step:
             "PV_SILENCE_TIMEOUT_S": "60", "PV_MAX_CALL_S": "3600", "PV_TTS": args.tts,
             "PIOPIY_APP_ID": DEV_APP_ID, "PIOPIY_APP_TOKEN": DEV_APP_TOKEN, "PIOPIY_CALLER_ID": CALLER_ID,
         })
+        if self.cluster is not None:
+            env["PV_QUEUE_REDIS_URL"] = self.redis.url
         self.env = env
 
     def _get(self, url: str) -> int:
@@ -694,7 +711,7 @@ class Step:
 
         self.platform = subprocess.Popen([sys.executable, __file__, "--serve-platform"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.platform.stdin.write(json.dumps({"texts": TEXTS, "rate": self.args.rate, "redis_url": self.redis.url,
+        self.platform.stdin.write(json.dumps({"texts": TEXTS, "rate": self.args.rate, "redis_url": self.url,
                                               "seed": self.n, "app_id": self.app[0],
                                               "app_token": self.app[1]}) + "\n")
         self.platform.stdin.flush()
@@ -718,7 +735,7 @@ class Step:
         from piopiy_voice.supervisor import role_command
 
         self.sup.start("dialer", role_command("dialer"), self.env, self.out / "dialer.log", cwd=str(self.out))
-        self.sup.wait_ready({"dialer": lambda: bool(self.r.smembers(f"rq:workers:{self.queue}"))}, 60)
+        self.sup.wait_ready({"dialer": lambda: bool(self.q.smembers(f"rq:workers:{self.queue}"))}, 60)
 
     def enqueue(self) -> list[str]:
         from piopiy_voice.settings import Settings
@@ -736,7 +753,8 @@ class Step:
         roles = {"gateway": [psutil.Process(self.sup.child("gateway").pid)],
                  "workers": [psutil.Process(self.sup.child(f"worker{i + 1}").pid)
                              for i in range(self.args.workers)],
-                 "redis": [psutil.Process(self.redis.proc.pid)],
+                 "redis": [psutil.Process(self.redis.proc.pid)]
+                 + ([psutil.Process(p.pid) for p in self.cluster.procs.values()] if self.cluster else []),
                  "platform": [psutil.Process(self.platform.pid)]}
         if any(ch.name == "dialer" for ch in self.sup.children):
             roles["dialer"] = [psutil.Process(self.sup.child("dialer").pid)]
@@ -745,12 +763,20 @@ class Step:
     def cpu(self) -> dict[str, float]:
         return {role: sum(tree_cpu(p) for p in ps) for role, ps in self.procs().items()}
 
+    def _servers(self) -> list[Any]:
+        """A plain client per data server (each primary of a cluster), and the queue's."""
+        if self.cluster is None:
+            return [self.r]
+        import redis as _redis
+
+        return [_redis.Redis(port=port) for port, role in self.cluster.nodes if role == "primary"] + [self.q]
+
     def key_memory(self) -> dict[bytes, int]:
-        """MEMORY USAGE (exact: every element) of every key."""
-        return {k: self.r.memory_usage(k, samples=0) or 0 for k in self.r.scan_iter(count=1000)}
+        """MEMORY USAGE (exact: every element) of every key, on every server."""
+        return {k: c.memory_usage(k, samples=0) or 0 for c in self._servers() for k in c.scan_iter(count=1000)}
 
     def used_memory(self) -> int:
-        return int(self.r.info("memory")["used_memory"])
+        return sum(int(c.info("memory")["used_memory"]) for c in self._servers())
 
     def lag(self, reset: bool) -> list[dict[str, Any]]:
         out = []
@@ -785,6 +811,8 @@ class Step:
             self.r.close()
         finally:
             self.redis.close()
+            if self.cluster is not None:
+                self.cluster.close()
 
 
 def run_step(args: argparse.Namespace, n: int, floors: dict[str, int], say=print) -> dict[str, Any]:
@@ -910,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first N that breaks")
     ap.add_argument("--json", metavar="FILE", help="also write every step's figures here")
     ap.add_argument("--log-dir", metavar="DIR", help="the roles' logs, one folder per N (default: a temp folder)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="the data on a local Redis Cluster (3 primaries + replicas), the dial queue apart")
     ap.add_argument("--serve-platform", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_platform:
@@ -918,7 +948,9 @@ def main(argv: list[str] | None = None) -> int:
     floors = vad_floors(TEXTS, args.rate)
     print(f"system bench: {os.cpu_count()} cpus, load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"N = {ns}; {args.seconds:g} s window + {args.warmup:g} s warm-up per step; {args.workers} worker(s), "
-          f"DefaultAgent, TTS {args.tts}; {args.rate} Hz; turn detector floor per sentence: "
+          f"DefaultAgent, TTS {args.tts}; {args.rate} Hz; Redis: "
+          f"{'a local cluster, 3 primaries + 3 replicas (dial queue apart)' if args.cluster else 'one redis-server'}; "
+          f"turn detector floor per sentence: "
           + ", ".join(f"{v} ms" for v in sorted(set(floors.values()))), flush=True)
     import piopiy_voice
     print(f"code under test: {Path(piopiy_voice.__file__).parent} (PYTHONPATH {os.environ.get('PYTHONPATH', '-')})",

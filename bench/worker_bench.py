@@ -18,6 +18,10 @@ same feeder turn: both see the same machine, so their CPU per frame compare.
 ``--compare-rev REV`` runs the second worker on the code of git revision
 REV instead (``bench/revtree.py``), same agent: the working tree's loop
 against an earlier one's, side by side.
+``--cluster`` runs the worker on a private local Redis Cluster (3 primaries,
+3 replicas: ``tests/cluster_support.LocalCluster``) and a second, identical
+worker on a single private redis-server, fed the same frames side by side:
+what reading per node and committing per slot cost against one XREAD.
 ``--agent-only`` measures the agent classes alone in this process (no Redis,
 no worker loop): the agent's own share of the per-frame cost.
 """
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-rev", metavar="REV",
                     help="run a second worker on the code of git revision REV, same agent, at the "
                          "same time (e.g. HEAD: the last commit against the working tree)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="the worker on a local Redis Cluster, side by side with one on a single redis-server")
     ap.add_argument("--profile", metavar="FILE", help="run the worker under cProfile, stats to FILE")
     ap.add_argument("--agent-only", action="store_true",
                     help="no Redis, no worker: CPU per frame of the agent (and --compare) alone")
@@ -171,15 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     url = os.environ.get("REDIS_URL")
-    if args.compare and args.compare_rev:
-        raise SystemExit("--compare and --compare-rev: one at a time")
-    if url and (args.compare or args.compare_rev):
+    if sum(map(bool, (args.compare, args.compare_rev, args.cluster))) > 1:
+        raise SystemExit("--compare, --compare-rev, --cluster: one at a time")
+    cluster = None
+    if args.cluster:
+        if url:
+            raise SystemExit("--cluster starts its own cluster: unset REDIS_URL")
+        sys.path.insert(0, str(ROOT / "tests"))  # the tests' cluster launcher
+        from cluster_support import LocalCluster
+
+        cluster = LocalCluster()
+        url = cluster.url
+    if url and (args.compare or args.compare_rev) and not cluster:
         raise SystemExit("--compare needs private redis-servers: unset REDIS_URL")
     if url:
         print(f"using REDIS_URL={url} (keys of pv:* are written)")
     targets = [Target(args.agent or "default agent", args.agent, args.profile, url)]
     try:
-        if args.compare:
+        if cluster is not None:
+            targets[0].label = "cluster, 3 primaries"
+            targets.append(Target("single redis-server", args.agent, None, None))
+        elif args.compare:
             targets.append(Target(args.compare, args.compare, None, None))
         elif args.compare_rev:
             from revtree import package_root
@@ -267,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for t in targets:
             t.close()
+        if cluster is not None:
+            cluster.close()
 
 
 if __name__ == "__main__":

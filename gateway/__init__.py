@@ -15,6 +15,10 @@ Where things live (one owner for each piece of a call's state):
     commands.py   CommandReader, the single XREAD reader of this gateway's commands
     publisher.py  Publisher, the batched hand-written-RESP Redis writer
                   (its audio prefix is built from the contract)
+    cluster_route.py  ClusterPublisher, that writer on a Redis Cluster (what
+                  ``Publisher(url)`` builds for a cluster URL): one buffer and
+                  connection per primary, entries routed by hash slot,
+                  MOVED/ASK, failover and resharding followed
     connection.py DirectConnection: frames handed to the call synchronously
     outbound.py   the exact JSON the platform understands on the live socket
     server.py     Gateway (wires the above into a websockets server) and

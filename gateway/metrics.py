@@ -28,6 +28,7 @@ _THROTTLED_HELP = ("times a socket was paused for exceeding its call's ingress l
 _EVENTS_HELP = "platform events that were not published as is, by outcome"
 _CALLS_HELP = "call sockets by lifecycle event"
 _COMMANDS_HELP = "commands from workers by outcome"
+_REDIRECTS_HELP = "cluster redirects the writer followed, by kind"
 
 #: Internal key -> exported family (+ labels). Keys are what the code increments.
 COUNTERS: dict[str, CounterSpec] = {
@@ -97,6 +98,13 @@ COUNTERS: dict[str, CounterSpec] = {
     "redis_errors": CounterSpec(P + "redis_errors_total", "Redis errors seen by the writer or the command reader"),
     "redis_reconnects": CounterSpec(P + "redis_reconnects_total", "writer reconnections to Redis"),
     "redis_batches": CounterSpec(P + "redis_batches_total", "pipelined batches written to Redis"),
+    # Redis Cluster (gateway/cluster_route.py)
+    "redis_moved": CounterSpec(P + "redis_redirects_total", _REDIRECTS_HELP, {"kind": "moved"}),
+    "redis_ask": CounterSpec(P + "redis_redirects_total", _REDIRECTS_HELP, {"kind": "ask"}),
+    "redis_retried": CounterSpec(P + "redis_retried_writes_total",
+                                 "writes resent after TRYAGAIN, CLUSTERDOWN, LOADING or READONLY"),
+    "redis_topology": CounterSpec(P + "redis_topology_refreshes_total",
+                                  "times the writer read the cluster's slot map"),
 }
 
 #: Handshake refusals: reason -> HTTP status ("none": closed without a response).

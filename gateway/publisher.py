@@ -39,6 +39,12 @@ meanwhile is discarded when it resyncs; so when the sentinels name another
 node the writer reconnects to it at once (between batches: nothing in flight
 is lost by the switch).
 
+Redis Cluster (``redis+cluster://`` / ``rediss+cluster://``): ``Publisher(url)``
+returns a ``cluster_route.ClusterPublisher``, this writer once per primary
+(one buffer, connection and flusher each), every entry routed by its key's
+hash slot, following MOVED/ASK, failovers and resharding; its theory is in
+that module. This class, the single-server path, is unchanged by it.
+
 Demoted primary (any URL: Sentinel, or a managed Redis whose DNS name moves
 to the new primary on failover): a ``READONLY`` reply counts as a lost
 connection: the whole batch is resent after reconnecting (what the demoted
@@ -82,7 +88,8 @@ from redis.asyncio.connection import ConnectionPool
 
 from piopiy_voice import contracts, keys
 from piopiy_voice.redisconn import (
-    PrimaryLocator, RedisTls, is_sentinel_url, parse_sentinel_url, tls_context_for, tls_error,
+    PrimaryLocator, RedisTls, is_cluster_url, is_sentinel_url, parse_sentinel_url, tls_context_for,
+    tls_error,
 )
 
 from .metrics import Metrics
@@ -113,6 +120,17 @@ _SEQ_NAME, _PCM_NAME = contracts.AUDIO_FIELD_NAMES[-2:]
 _PCM_ARG = _bulk(_PCM_NAME)
 
 
+def append_audio(buf: bytearray, prefix: bytes, seq: int, pcm: bytes) -> None:
+    """Append one audio entry's XADD to ``buf``: ``prefix`` (``audio_prefix``:
+    the command, key and fields before the seq), then the seq and the PCM. The
+    one writer of that RESP, for the single-server and the cluster writers."""
+    s = b"%d" % seq
+    buf += prefix
+    buf += b"$%d\r\n%s\r\n%s$%d\r\n" % (len(s), s, _PCM_ARG, len(pcm))
+    buf += pcm
+    buf += b"\r\n"
+
+
 class _Demoted(ConnectionError):
     """Redis answered READONLY: the node we write to is a replica now."""
 
@@ -123,6 +141,15 @@ def _demoted(replies: list, errors: list[int]) -> bool:
 
 
 class Publisher:
+    def __new__(cls, url: str, *args: Any, **kwargs: Any) -> "Publisher":
+        # A cluster URL gets the routing writer (``cluster_route``): same API,
+        # one connection per primary. The single-server class stays as it was.
+        if cls is Publisher and is_cluster_url(url):
+            from .cluster_route import ClusterPublisher  # noqa: PLC0415 (it imports this module)
+
+            cls = ClusterPublisher
+        return super().__new__(cls)
+
     def __init__(self, url: str, *, metrics: Metrics | None = None,
                  buffer_frames: int = 50_000, stream_maxlen: int = keys.CALL_STREAM_MAXLEN,
                  connect_timeout: float = 3.0, reply_timeout: float = 10.0,
@@ -135,9 +162,6 @@ class Publisher:
             raise ValueError("linger_s must be >= 0 and batch_min >= 1")
         self.linger = linger_s
         self.batch_min = batch_min
-        #: Client TLS context for rediss:// (None: plain TCP or a unix socket);
-        #: PiopiyConfigError naming the setting when a CA/cert file is unusable.
-        self._ssl = tls_context_for(url, tls)
         #: Sentinel URL: asked for the primary's address on every (re)connect.
         self._locate: PrimaryLocator | None = None
         #: (Sentinel) the primary we are connected to, and how often to ask whether it still is.
@@ -145,17 +169,7 @@ class Publisher:
         self._primary_moved = False
         self.primary_check_s = primary_check_s
         self._watcher: asyncio.Task | None = None
-        if is_sentinel_url(url):
-            spec = parse_sentinel_url(url)
-            self._locate = PrimaryLocator(spec, self._ssl, timeout_s=connect_timeout)
-            self._addr = None, "", 0
-            self._auth = (spec.username, spec.password)
-            self._db = spec.db
-        else:
-            kw = ConnectionPool.from_url(url).connection_kwargs
-            self._addr = kw.get("path"), kw.get("host", "127.0.0.1"), kw.get("port", 6379)
-            self._auth = (kw.get("username"), kw.get("password"))
-            self._db = int(kw.get("db") or 0)
+        self._address(url, tls, connect_timeout)
         self.metrics = metrics or Metrics()
         self.limit = buffer_frames
         #: Per-call bound of buffered audio frames (one call's backlog).
@@ -189,6 +203,23 @@ class Publisher:
         #: Why the writer last failed (for /readyz), "" when healthy.
         self.last_error = ""
 
+    def _address(self, url: str, tls: RedisTls | None, connect_timeout: float) -> None:
+        """Where to write: one server, or the sentinels' primary."""
+        #: Client TLS context for rediss:// (None: plain TCP or a unix socket);
+        #: PiopiyConfigError naming the setting when a CA/cert file is unusable.
+        self._ssl = tls_context_for(url, tls)
+        if is_sentinel_url(url):
+            spec = parse_sentinel_url(url)
+            self._locate = PrimaryLocator(spec, self._ssl, timeout_s=connect_timeout)
+            self._addr = None, "", 0
+            self._auth = (spec.username, spec.password)
+            self._db = spec.db
+        else:
+            kw = ConnectionPool.from_url(url).connection_kwargs
+            self._addr = kw.get("path"), kw.get("host", "127.0.0.1"), kw.get("port", 6379)
+            self._auth = (kw.get("username"), kw.get("password"))
+            self._db = int(kw.get("db") or 0)
+
     # ------------------------------------------------------------ producers
     def audio_prefix(self, call_id: str) -> bytes:
         """Everything of a call's audio XADD before the seq value (built once per call)."""
@@ -210,12 +241,7 @@ class Publisher:
             return False
         per_call[prefix] = n + 1
         self._kinds.append(1)
-        s = b"%d" % seq
-        buf = self._buf
-        buf += prefix
-        buf += b"$%d\r\n%s\r\n%s$%d\r\n" % (len(s), s, _PCM_ARG, len(pcm))
-        buf += pcm
-        buf += b"\r\n"
+        append_audio(self._buf, prefix, seq, pcm)
         self._n += 1
         self.frames += 1
         if not self._wake.is_set():

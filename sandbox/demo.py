@@ -63,12 +63,14 @@ class LocalSystem:
 
     Used by the demo and by the end-to-end tests: ``start()``, place calls with
     ``enqueue``, read ``r`` (Redis) and ``sandbox_report``, then ``stop()``.
+    ``queue_url``: the dial queue's own Redis (``PV_QUEUE_REDIS_URL``; needed
+    when ``redis_url`` is a Redis Cluster).
     """
 
     def __init__(self, out_dir: Path, redis_url: str | None = None, *,
                  scenario: str = "demo", extra_env: dict[str, str] | None = None,
                  announce=None, gateway_port: int | None = None, sandbox_port: int | None = None,
-                 dial_queue: str | None = None) -> None:
+                 dial_queue: str | None = None, queue_url: str | None = None) -> None:
         self.out = Path(out_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.announce = announce or (lambda text: None)
@@ -89,6 +91,9 @@ class LocalSystem:
         self.tag = secrets.token_hex(3)
         self.transcriber_id = f"local-asr-{self.tag}"
         self.dial_queue = dial_queue or f"calls-{self.tag}"
+        self.queue_url = queue_url
+        #: The dial queue's Redis (RQ's keys): ``r`` unless ``queue_url`` names another.
+        self.q = connect(queue_url) if queue_url else self.r
         self.env = self._env(extra_env or {})
 
     @property
@@ -117,6 +122,8 @@ class LocalSystem:
             "PIOPIY_ACTION_URL": f"{self.sandbox_url}/v1/call/action",
             "PIOPIY_CALLER_ID": CALLER_ID,
         })
+        if self.queue_url:
+            env["PV_QUEUE_REDIS_URL"] = self.queue_url
         env.update(extra)
         return env
 
@@ -138,7 +145,7 @@ class LocalSystem:
             "worker": lambda: _get(f"http://127.0.0.1:{self.worker_metrics_port}/metrics")[0] == 200,
             # Its first loop turn heartbeats into the transcribers' set (after building its model).
             "transcriber": lambda: self.r.zscore(keys.TRANSCRIBERS_ZSET, self.transcriber_id) is not None,
-            "dialer": lambda: bool(self.r.smembers(f"rq:workers:{self.env['PV_DIAL_QUEUE']}")),
+            "dialer": lambda: bool(self.q.smembers(f"rq:workers:{self.env['PV_DIAL_QUEUE']}")),
         }
         self.supervisor.wait_ready(checks, timeout, on_ready=lambda c: self.announce(
             f"{c.name:<11} ready (pid {c.pid}, log {c.log_path.name})"))
@@ -198,10 +205,11 @@ class LocalSystem:
     def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
         """SIGTERM every role (last started first); returns their exit codes."""
         codes = self.supervisor.stop(timeout)
-        try:
-            self.r.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
+        for client in {id(self.r): self.r, id(self.q): self.q}.values():
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
         if self.redis_server is not None:
             self.redis_server.close()
         return codes

@@ -45,8 +45,11 @@ def timeline(pipe: Any, call_id: str, event: str, **detail: Any) -> None:
     pipe.xadd(keys.call_timeline(call_id), fields, maxlen=TIMELINE_MAXLEN, approximate=True)
 
 
-def set_state(pipe: Any, call_id: str, state: str, **fields: Any) -> None:
-    """Set the record's state (and any other fields) and log it on the timeline."""
+def set_state(pipe: Any, call_id: str, state: str, *, campaign_pipe: Any = None, **fields: Any) -> None:
+    """Set the record's state (and any other fields) and log it on the timeline.
+    The campaign's index of states (another hash slot than the call's) is
+    written on ``campaign_pipe`` when given: a transaction over one call's keys
+    is then still one slot, as Redis Cluster requires."""
     if state not in STATES:
         raise ValueError(f"unknown call state {state!r}; expected one of {STATES}")
     now = f"{time.time():.3f}"
@@ -56,8 +59,9 @@ def set_state(pipe: Any, call_id: str, state: str, **fields: Any) -> None:
     timeline(pipe, call_id, f"state.{state}", **fields)
     campaign = fields.get("campaign")
     if campaign:
-        pipe.hset(keys.campaign_key(campaign, "states"), call_id, state)
-        pipe.expire(keys.campaign_key(campaign, "states"), keys.CAMPAIGN_TTL_S)
+        side = pipe if campaign_pipe is None else campaign_pipe
+        side.hset(keys.campaign_key(campaign, "states"), call_id, state)
+        side.expire(keys.campaign_key(campaign, "states"), keys.CAMPAIGN_TTL_S)
 
 
 def expire_call(pipe: Any, call_id: str, ttl_s: int = keys.CALL_KEY_TTL_AFTER_END) -> None:

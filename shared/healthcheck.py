@@ -93,7 +93,8 @@ def check_dialer() -> tuple[bool, str]:
 
     host = socket.gethostname()
     try:
-        client = _redis()
+        # (RQ's registry lives on the queue's Redis: PV_QUEUE_REDIS_URL when set)
+        client = _redis(os.environ.get("PV_QUEUE_REDIS_URL") or None)
         for key in client.smembers("rq:workers"):
             if client.hget(key, "hostname") == host.encode():
                 return True, f"rq worker {key.decode()} registered"
@@ -102,19 +103,21 @@ def check_dialer() -> tuple[bool, str]:
     return False, f"no rq worker registered for host {host}"
 
 
-def _redis():
+def _redis(url: str | None = None):
     import redis  # the image installs it with the project
 
-    url = os.environ.get("REDIS_URL")
+    url = url or os.environ.get("REDIS_URL")
     if not url:
         raise redis.ConnectionError("REDIS_URL is not set")
     from .redisconn import connect_once  # noqa: PLC0415
 
     try:
-        # TLS and Sentinel URLs as the roles read them; no retry inside a 3 s probe.
+        # TLS, Sentinel and cluster URLs as the roles read them; no retry inside a 3 s probe.
         return connect_once(url, timeout_s=TIMEOUT_S)
     except ValueError as exc:  # PiopiyConfigError: a bad URL or CA/cert file, in one line
         raise redis.ConnectionError(str(exc)) from None
+    except redis.RedisClusterException as exc:  # (not a RedisError) e.g. a cluster URL naming a plain server
+        raise redis.ConnectionError(f"redis cluster: {exc}") from None
 
 
 def check_worker_heartbeat(now: float | None = None) -> tuple[bool, str]:

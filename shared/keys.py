@@ -98,6 +98,13 @@ def call_checkpoint(call_id: str) -> str:
     return _call(call_id, "ckpt")
 
 
+def call_outbox(call_id: str) -> str:
+    """Stream: the commands a worker committed with its checkpoint and has not
+    yet seen delivered to the gateway's command stream (the transactional
+    outbox: ``piopiy_voice.workers.checkpoint``); usually empty or one turn's."""
+    return _call(call_id, "out")
+
+
 def call_asr_lease(call_id: str) -> str:
     """String: id of the transcriber owning the call's recognition (SET NX PX)."""
     return _call(call_id, "asr:lease")
@@ -122,6 +129,7 @@ def call_keys(call_id: str) -> list[str]:
         call_timeline(call_id),
         call_lease(call_id),
         call_checkpoint(call_id),
+        call_outbox(call_id),
         call_asr_lease(call_id),
         call_asr_checkpoint(call_id),
     ]

@@ -64,6 +64,38 @@ address rather than fall back to localhost:6379. The gateway's hand-written
 writer asks ``PrimaryLocator`` on every (re)connect and, while connected,
 every second (see ``gateway.publisher``).
 
+Cluster (Redis Cluster: slots spread over primaries, each with replicas that
+the cluster itself promotes): the URL lists seed nodes; the topology is
+discovered from any one that answers::
+
+    redis+cluster://[[user]:password@]host1:port1[,host2:port2,...][/0]
+    rediss+cluster://...     (TLS to every node, the same PV_REDIS_TLS_* settings)
+
+``parse_cluster_url`` validates it (one line, password hidden; a port may be
+left out for 6379; db only 0; ``Settings`` runs it at start). ``connect`` /
+``connect_async`` / ``connect_once`` return redis-py's cluster clients
+(``redis.cluster.RedisCluster``, ``redis.asyncio.cluster.RedisCluster``; the
+subclasses ``ClusterClient`` / ``AsyncClusterClient``) with the same socket
+timeouts; ``is_cluster_client`` tells them apart. They route every command by
+its key's slot (``redis.crc.key_slot``: all keys of one call share the hash tag
+``{call_id}``, hence one slot) and follow MOVED / ASK themselves. A command of
+keys in two slots (EVAL, MGET, XREAD of several streams, a
+``pipeline(transaction=True)``) is refused by the client before it is sent.
+Failover: redis-py retries a connection error at once, without a pause, so
+against a dead primary all its tries fail within milliseconds, long before a
+replica is promoted; our subclasses retry such failures (connection error,
+timeout, CLUSTERDOWN, TRYAGAIN, an uncovered slot) with backoff for up to
+``CLUSTER_RETRY_WINDOW_S`` (it must exceed about twice the servers'
+``cluster-node-timeout``), re-reading the slot map each time. Pipelines are
+*not* retried (their commands for healthy nodes have run: a blind resend would
+repeat them); their callers retry what failed. A cluster client has no
+``connection_pool``: its asyncio twin is ``async_redis_like(client)``. RQ cannot
+run on a cluster (MULTI over keys of many slots): the dial queue uses
+``PV_QUEUE_REDIS_URL`` (``Settings.queue_url``). TLS is given to redis-py as
+its own ``ssl_*`` options (its cluster clients build the node connections
+themselves), after ``ssl_context`` checked the files (same one-line errors); a
+failed handshake is a plain ``redis.ConnectionError`` naming the node.
+
 Client options follow redis-py 8 lessons: a blocking read's ``block`` must stay
 below ``socket_timeout`` (else a dead connection hangs it for about a minute),
 and ``from_url`` installs no retry unless given one.
@@ -71,6 +103,7 @@ and ``from_url`` installs no retry unless given one.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -87,13 +120,18 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.asyncio.retry as aioretry
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster as rcluster
 import redis.sentinel as sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ExceptionType
+from redis.exceptions import (
+    ClusterDownError, ExceptionType, RedisClusterException, SlotNotCoveredError, TryAgainError,
+)
 from redis.retry import Retry
 
+from .clusterkeys import AsyncKeyLocatingCluster, KeyLocatingCluster
 from .errors import PiopiyConfigError
 
 log = logging.getLogger(__name__)
@@ -172,7 +210,7 @@ def _scheme(url: str) -> str:
 
 
 def is_tls_url(url: str) -> bool:
-    return _scheme(url) in ("rediss", "rediss+sentinel")
+    return _scheme(url) in ("rediss", "rediss+sentinel", "rediss+cluster")
 
 
 def _read_error(var: str, path: str, exc: Exception) -> PiopiyConfigError:
@@ -339,6 +377,8 @@ def connect_once(url: str, *, timeout_s: float, tls: RedisTls | None = None) -> 
 
 
 def _sync_client(url: str, opts: dict, tls: RedisTls | None) -> redis.Redis:
+    if is_cluster_url(url):
+        return _cluster_client(parse_cluster_url(url), opts, tls)
     ctx = tls_context_for(url, tls)
     if is_sentinel_url(url):
         return _sentinel_client(parse_sentinel_url(url), opts, ctx)
@@ -354,12 +394,19 @@ def connect_async(url: str | None = None, *, socket_timeout: float = 10.0, block
 
     ``blocking_pool``: at most ``max_connections``; a caller beyond waits up to
     ``pool_timeout_s`` for a free connection instead of failing at once (a
-    server whose burst of requests must queue, not error).
+    server whose burst of requests must queue, not error). A cluster URL gives an
+    ``AsyncClusterClient``: ``max_connections`` is per node, ``blocking_pool``
+    and ``pool_timeout_s`` do not apply (redis-py's asyncio cluster has no
+    blocking pool).
     """
     opts = _client_kwargs(socket_timeout)
     opts["retry"] = _async_retry()
     opts.update(kw)
     url = url or resolve_redis_url()
+    if is_cluster_url(url):
+        if max_connections is not None:
+            opts["max_connections"] = max_connections
+        return _cluster_client_async(parse_cluster_url(url), opts, tls)
     ctx = tls_context_for(url, tls)
     if is_sentinel_url(url):
         return _sentinel_client_async(parse_sentinel_url(url), opts, ctx, blocking_pool=blocking_pool,
@@ -402,6 +449,10 @@ def is_sentinel_url(url: str | None) -> bool:
 
 
 def _sentinel_address(item: str) -> tuple[str, int] | None:
+    return _host_port(item, SENTINEL_PORT)
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int] | None:
     """``host[:port]`` or ``[v6]:port`` -> (host, port); None when malformed."""
     if item.startswith("["):
         host, close, rest = item[1:].partition("]")
@@ -414,8 +465,35 @@ def _sentinel_address(item: str) -> tuple[str, int] | None:
             return None
     if not host or (port and not port.isdigit()):
         return None
-    number = int(port) if port else SENTINEL_PORT
+    number = int(port) if port else default_port
     return (host, number) if 0 < number < 65536 else None
+
+
+def _multi_host_url(url: str, scheme: str, form: str, what: str,
+                    default_port: int) -> tuple[Any, list[tuple[str, int]], Any]:
+    """The parts common to the Sentinel and Cluster URLs: (``urlsplit`` parts,
+    the comma-separated addresses, a ``bad(why)`` making the one-line error)."""
+    def bad(why: str) -> PiopiyConfigError:
+        return PiopiyConfigError(f"REDIS_URL {redact_url(url)}: {why}; the form is {form}"
+                                 f" (rediss+{scheme}:// for TLS)")
+
+    if _scheme(url) not in (f"redis+{scheme}", f"rediss+{scheme}") or "://" not in url:
+        raise bad(f"not a {scheme} URL")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise bad("options after '?' or '#' are not supported")
+    addresses = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        address = _host_port(item.strip(), default_port)
+        if address is None:
+            raise bad(f"bad {what} address {item.strip()!r} (host[:port], port 1-65535)")
+        addresses.append(address)
+    return parts, addresses, bad
+
+
+def _credentials(parts: Any) -> dict[str, str | None]:
+    return {"username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None}
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl:
@@ -424,22 +502,8 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     ``PiopiyConfigError`` in one line naming what is wrong (and the URL with its
     password hidden) for anything else: no sentinel, a bad port, no service
     name, a db that is not a number, query options (there are none)."""
-    def bad(why: str) -> PiopiyConfigError:
-        return PiopiyConfigError(f"REDIS_URL {redact_url(url)}: {why}; the form is {SENTINEL_URL_FORM}"
-                                 " (rediss+sentinel:// for TLS)")
-
-    if not is_sentinel_url(url) or "://" not in url:
-        raise bad("not a Sentinel URL")
-    parts = urlsplit(url)
-    if parts.query or parts.fragment:
-        raise bad("options after '?' or '#' are not supported")
-    hosts = parts.netloc.rpartition("@")[2]
-    sentinels = []
-    for item in hosts.split(","):
-        address = _sentinel_address(item.strip())
-        if address is None:
-            raise bad(f"bad sentinel address {item.strip()!r} (host[:port], port 1-65535)")
-        sentinels.append(address)
+    parts, sentinels, bad = _multi_host_url(url, "sentinel", SENTINEL_URL_FORM, "sentinel",
+                                            SENTINEL_PORT)
     segments = parts.path.strip("/").split("/") if parts.path.strip("/") else []
     if not segments or len(segments) > 2:
         raise bad("the path must be /<service>[/<db>] (the name the sentinels monitor)")
@@ -448,9 +512,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         raise bad(f"db {db!r} is not a number")
     return SentinelUrl(
         sentinels=tuple(dict.fromkeys(sentinels)), service=unquote(segments[0]), db=int(db),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=_scheme(url) == "rediss+sentinel")
+        **_credentials(parts), tls=_scheme(url) == "rediss+sentinel")
 
 
 #: Longest wait for one sentinel (connect, reply), s: an unreachable one is
@@ -625,10 +687,18 @@ _TWIN_KEYS = ("host", "port", "db", "username", "password", "path", "socket_time
               "socket_connect_timeout", TLS_KWARG)
 
 
-def async_redis_like(connection_kwargs: Mapping[str, Any]) -> aioredis.Redis:
+def async_redis_like(connection_kwargs: Any) -> aioredis.Redis:
     """An asyncio client of the same Redis as a sync client, from its
     ``connection_pool.connection_kwargs``: same server (or the same sentinels and
-    service), credentials, db, timeouts and TLS context; no retry of its own."""
+    service), credentials, db, timeouts and TLS context; no retry of its own.
+    A cluster client (``connect``'s, which has no pool) is passed itself: its
+    twin is an asyncio cluster client of the same seeds and options (with the
+    cluster retry: a cluster client's retry is how it follows a failover)."""
+    twin = getattr(connection_kwargs, "pv_cluster", None)
+    if twin is not None:
+        return _cluster_client_async(*twin)
+    if is_cluster_client(connection_kwargs):
+        raise PiopiyConfigError("async_redis_like: a cluster client not built by redisconn.connect")
     manager = getattr(connection_kwargs.get("connection_pool"), "sentinel_manager", None)
     kw = {k: v for k, v in connection_kwargs.items() if k in _TWIN_KEYS}
     if isinstance(manager, Sentinels):
@@ -666,6 +736,239 @@ class PrimaryLocator:
             for client in self._sentinels.sentinels:
                 await client.aclose()
             self._sentinels = None
+
+
+# ------------------------------------------------------------------ Cluster
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+CLUSTER_PORT = 6379
+CLUSTER_URL_FORM = "redis+cluster://[[user]:password@]host1:port1[,host2:port2,...][/0]"
+#: Keyword options of ours a cluster client does not take (redis-py's cluster
+#: client retries at its level; its per-node connections never retry).
+_NOT_FOR_CLUSTER = ("retry", "retry_on_error", "health_check_interval", "db")
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A parsed cluster URL: seed nodes (topology is discovered from any of them) and credentials."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return bool(url) and _scheme(url) in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """``redis+cluster://`` / ``rediss+cluster://`` URL -> ``ClusterUrl``.
+
+    ``PiopiyConfigError`` in one line (URL redacted) for anything else: no
+    node, a bad address or port, a db other than 0 (a cluster has only db 0),
+    query options (there are none)."""
+    parts, nodes, bad = _multi_host_url(url, "cluster", CLUSTER_URL_FORM, "node", CLUSTER_PORT)
+    path = parts.path.strip("/")
+    if path not in ("", "0"):
+        raise bad(f"db {path!r}: a cluster has only db 0")
+    return ClusterUrl(nodes=tuple(dict.fromkeys(nodes)), **_credentials(parts),
+                      tls=_scheme(url) == "rediss+cluster")
+
+
+def is_cluster_client(client: Any) -> bool:
+    """A redis-py cluster client (sync or asyncio) or a pipeline of one."""
+    return isinstance(client, (rcluster.RedisCluster, aiocluster.RedisCluster, aiocluster.ClusterPipeline))
+
+
+def _is_cluster_pipeline(client: Any) -> bool:
+    return isinstance(client, (rcluster.ClusterPipeline, aiocluster.ClusterPipeline))
+
+
+def script_call(script: Any, keys: Any = (), args: Any = (), client: Any = None) -> Any:
+    """``script(keys=, args=, client=)`` that also works in a cluster pipeline.
+
+    redis-py refuses a ``Script`` in a cluster pipeline (EVALSHA is blocked
+    there); the script is then queued as EVAL with its body: never NOSCRIPT,
+    even on a replica promoted since the script was loaded (SCRIPT LOAD is not
+    replicated). Elsewhere the ``Script`` runs as usual (EVALSHA, reloaded on
+    NOSCRIPT). Sync clients and pipelines; ``ascript_call`` for asyncio."""
+    keys, args = list(keys), list(args)
+    if _is_cluster_pipeline(client):
+        return client.execute_command("EVAL", script.script, len(keys), *keys, *args)
+    return script(keys=keys, args=args, client=client)
+
+
+async def ascript_call(script: Any, keys: Any = (), args: Any = (), client: Any = None) -> Any:
+    """The asyncio twin of ``script_call`` (await it, pipeline or not)."""
+    keys, args = list(keys), list(args)
+    if _is_cluster_pipeline(client):
+        return client.execute_command("EVAL", script.script, len(keys), *keys, *args)
+    return await script(keys=keys, args=args, client=client)
+
+
+#: How long a command of a cluster client keeps trying through a failover (s).
+#: A replica is promoted about 2 x cluster-node-timeout after its primary died
+#: (the Redis default timeout is 15 s: raise this, or lower cluster-node-timeout).
+CLUSTER_RETRY_WINDOW_S = 20.0
+#: redis-py's own tries per attempt (it retries at once, without sleeping).
+_CLUSTER_INNER_RETRIES = 2
+_CLUSTER_RETRY_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterDownError,
+                         SlotNotCoveredError, TryAgainError)
+
+
+def _cluster_backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=1.0, base=0.05)
+
+
+class ClusterUnreachableError(redis.ConnectionError):
+    """No node of a cluster answered (or none gave a usable slot map) within
+    the retry window. A ``redis.ConnectionError``: roles treat it as an outage."""
+
+
+#: redis-py raises these topology failures as a bare ``RedisClusterException``
+#: (not a ``RedisError``); they are transient while a failover is under way.
+_TRANSIENT_TOPOLOGY = ("cannot be connected", "could not agree", "slots are not covered")
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, _CLUSTER_RETRY_ERRORS):
+        return True
+    return (type(exc) is RedisClusterException
+            and any(text in str(exc) for text in _TRANSIENT_TOPOLOGY))
+
+
+def _final(exc: BaseException) -> BaseException:
+    """What to raise when retrying is over: redis-py's bare topology exceptions become
+    ``ClusterUnreachableError`` (a certificate failure: ``RedisTlsError``), one line."""
+    if type(exc) is not RedisClusterException:
+        return exc
+    cause = exc.__cause__ or exc.__context__
+    text = str(cause or exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return RedisTlsError(f"TLS: a Redis Cluster node's certificate failed verification ({text}): "
+                             f"set {CA_VAR} to the CA that signed it")
+    return ClusterUnreachableError(f"Redis Cluster unreachable: {text}")
+
+
+def _backoff_retry(window_s: float, call: Any) -> Any:
+    backoff = _cluster_backoff()
+    deadline = time.monotonic() + window_s
+    failures = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 (filtered just below)
+            if not _transient(exc):
+                raise
+            failures += 1
+            delay = backoff.compute(failures)
+            if time.monotonic() + delay > deadline:
+                final = _final(exc)
+                if final is exc:
+                    raise
+                raise final from exc
+            time.sleep(delay)
+
+
+class ClusterClient(KeyLocatingCluster):
+    """redis-py's cluster client, retrying a failed command with backoff.
+
+    redis-py 8.1 retries a command on a connection error ``retry`` times but
+    *at once* (no sleep: its backoff is never used there), re-reading the slot
+    map from a node each time: against a SIGKILLed primary every try is
+    refused within milliseconds, long before its replica is promoted, and the
+    command fails. Here such a failure (connection error, timeout,
+    CLUSTERDOWN, an uncovered slot, TRYAGAIN, no node answering) is retried
+    after a backoff (50 ms doubling to 1 s) for up to ``pv_retry_window_s``
+    seconds; then the error is raised (redis-py's bare "cannot be connected"
+    as ``ClusterUnreachableError``, a ``redis.ConnectionError``)."""
+
+    pv_retry_window_s = CLUSTER_RETRY_WINDOW_S
+    pv_cluster: tuple | None = None
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return _backoff_retry(self.pv_retry_window_s,
+                              lambda: super(ClusterClient, self).execute_command(*args, **kwargs))
+
+
+class AsyncClusterClient(AsyncKeyLocatingCluster):
+    """The asyncio twin of ``ClusterClient`` (same redis-py behaviour, same fix).
+    It connects lazily: the first command discovers the topology (retried the same way)."""
+
+    pv_retry_window_s = CLUSTER_RETRY_WINDOW_S
+    pv_cluster: tuple | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        backoff = _cluster_backoff()
+        deadline = time.monotonic() + self.pv_retry_window_s
+        failures = 0
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 (filtered just below)
+                if not _transient(exc):
+                    raise
+                failures += 1
+                delay = backoff.compute(failures)
+                if time.monotonic() + delay > deadline:
+                    final = _final(exc)
+                    if final is exc:
+                        raise
+                    raise final from exc
+                await asyncio.sleep(delay)
+
+
+def _tls_options(tls: RedisTls) -> dict:
+    """redis-py's own TLS options for ``tls`` (its cluster clients build every
+    node's connection themselves and take no connection class or context of ours).
+    The files are checked first through ``ssl_context`` (one-line errors naming the setting)."""
+    ssl_context(tls)
+    return dict(ssl=True, ssl_ca_certs=tls.ca_file, ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file,
+                ssl_cert_reqs="required" if tls.verify else "none", ssl_check_hostname=tls.verify)
+
+
+def _cluster_kwargs(spec: ClusterUrl, opts: Mapping[str, Any], tls: RedisTls | None) -> dict:
+    kw = {k: v for k, v in opts.items() if k not in _NOT_FOR_CLUSTER}
+    kw.update(username=spec.username, password=spec.password)
+    if spec.tls:
+        kw.update(_tls_options(tls if tls is not None else RedisTls.from_env()))
+    return kw
+
+
+def _one_shot(opts: Mapping[str, Any]) -> bool:
+    # (connect_once passes a Retry of 0 tries: one-shot checks do not wait out a failover)
+    given = opts.get("retry")
+    return given is not None and given.get_retries() == 0
+
+
+def _cluster_client(spec: ClusterUrl, opts: Mapping[str, Any], tls: RedisTls | None) -> ClusterClient:
+    once = _one_shot(opts)
+    kw = _cluster_kwargs(spec, opts, tls)
+    # (redis-py's sync client reads the slot map when built: retried like a command)
+    client = _backoff_retry(0.0 if once else CLUSTER_RETRY_WINDOW_S, lambda: ClusterClient(
+        startup_nodes=[rcluster.ClusterNode(h, p) for h, p in spec.nodes],
+        retry=Retry(NoBackoff(), 0 if once else _CLUSTER_INNER_RETRIES), **kw))
+    client.pv_retry_window_s = 0.0 if once else CLUSTER_RETRY_WINDOW_S
+    client.pv_cluster = (spec, {k: opts[k] for k in _TWIN_OPTS if k in opts}, tls)
+    return client
+
+
+def _cluster_client_async(spec: ClusterUrl, opts: Mapping[str, Any], tls: RedisTls | None) -> AsyncClusterClient:
+    """The asyncio cluster client: it connects lazily (its first command
+    discovers the topology)."""
+    once = _one_shot(opts)
+    kw = _cluster_kwargs(spec, opts, tls)
+    client = AsyncClusterClient(
+        startup_nodes=[aiocluster.ClusterNode(h, p) for h, p in spec.nodes],
+        retry=aioretry.Retry(NoBackoff(), 0 if once else _CLUSTER_INNER_RETRIES), **kw)
+    client.pv_retry_window_s = 0.0 if once else CLUSTER_RETRY_WINDOW_S
+    client.pv_cluster = (spec, {k: opts[k] for k in _TWIN_OPTS if k in opts}, tls)
+    return client
+
+
+#: Options an asyncio twin of a cluster client carries over.
+_TWIN_OPTS = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
 
 
 def _ping(host: str, port: int, timeout: float = 0.3) -> bool:

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
 
     # --- Redis -----------------------------------------------------------
     redis_url: str | None = Field(None, alias="REDIS_URL")
+    #: The Redis of the dialer's RQ queue (RQ needs MULTI over its own keys, which a
+    #: cluster refuses across slots): a plain or Sentinel URL. Default: REDIS_URL;
+    #: required when REDIS_URL is a cluster URL (``queue_url()``).
+    queue_redis_url: str | None = Field(None, alias="PV_QUEUE_REDIS_URL")
     redis_socket_timeout_s: float = Field(10.0, alias="PV_REDIS_SOCKET_TIMEOUT_S", gt=0)
     #: TLS to Redis (``rediss://`` URLs only; see ``redisconn.ssl_context``): the CA
     #: certificate (PEM) that signed the server's certificate (default: the system's
@@ -237,15 +241,50 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _sentinel_url(cls, v: str | None) -> str | None:
-        # A malformed Sentinel URL stops a role at start, in one line (password hidden).
-        from .redisconn import is_sentinel_url, parse_sentinel_url  # noqa: PLC0415 (redis-py: lazily)
+        # A malformed Sentinel or cluster URL stops a role at start, in one line (password hidden).
+        from .redisconn import (  # noqa: PLC0415 (redis-py: lazily)
+            is_cluster_url, is_sentinel_url, parse_cluster_url, parse_sentinel_url,
+        )
 
+        try:
+            if is_sentinel_url(v):
+                parse_sentinel_url(v)
+            elif is_cluster_url(v):
+                parse_cluster_url(v)
+        except PiopiyConfigError as exc:
+            raise ValueError(str(exc).removeprefix("REDIS_URL ")) from None
+        return v
+
+    @field_validator("queue_redis_url")
+    @classmethod
+    def _queue_url(cls, v: str | None) -> str | None:
+        from .redisconn import (  # noqa: PLC0415
+            is_cluster_url, is_sentinel_url, parse_sentinel_url, redact_url,
+        )
+
+        if is_cluster_url(v):
+            raise ValueError(f"{redact_url(v)} is a cluster URL; RQ needs a plain Redis (or Sentinel): "
+                             "redis://host:6379/0")
         if is_sentinel_url(v):
             try:
                 parse_sentinel_url(v)
             except PiopiyConfigError as exc:
                 raise ValueError(str(exc).removeprefix("REDIS_URL ")) from None
         return v
+
+    def queue_url(self) -> str | None:
+        """The Redis URL of the RQ queue: PV_QUEUE_REDIS_URL, else REDIS_URL (None when
+        neither is set). ``PiopiyConfigError`` when REDIS_URL is a cluster URL and
+        PV_QUEUE_REDIS_URL is not set (RQ cannot run on a cluster)."""
+        from .redisconn import is_cluster_url  # noqa: PLC0415
+
+        if self.queue_redis_url:
+            return self.queue_redis_url
+        if is_cluster_url(self.redis_url):
+            raise PiopiyConfigError(
+                "REDIS_URL is a Redis Cluster; the dial queue (RQ) needs a plain Redis: set "
+                "PV_QUEUE_REDIS_URL (e.g. redis://queue-redis:6379/0)")
+        return self.redis_url
 
     @field_validator("gateway_public_url")
     @classmethod

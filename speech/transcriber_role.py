@@ -12,8 +12,10 @@ by a transcriber. Each turn of the loop:
 1. renews its leases every lease/3 (a lost lease drops the call at once) and
    scans for calls to take over (dead owner, handed back);
 2. takes new calls from ``pv:calls``;
-3. ONE blocking ``XREAD`` over the streams of all owned calls, each from its
-   own position, feeds each call's entries to its ``CallTranscriber``;
+3. reads the streams of all owned calls, each from its own position (ONE
+   blocking ``XREAD``; on Redis Cluster one round trip per node,
+   ``piopiy_voice.workers.reader``), feeds each call's entries to its
+   ``CallTranscriber``;
 4. commits per call: the Transcript entries produced are XADDed to the call's
    own stream *atomically* with the transcriber checkpoint
    (``keys.call_asr_checkpoint``: the safe resume point), by a Lua script that
@@ -56,9 +58,10 @@ from piopiy_voice import keys
 from piopiy_voice.contracts import CallEnded, CallStarted, decode, encode
 from piopiy_voice.errors import PiopiyError
 from piopiy_voice.observability import run_loop_role, setup_logging
-from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url
+from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url, script_call
 from piopiy_voice.settings import Settings
 from piopiy_voice.workers.ownership import LOST, RELET, Ownership, ensure_group, is_nogroup, is_oom
+from piopiy_voice.workers.reader import CallStreamReader
 
 from .asr import Recognizer, make_recognizer
 from .config import SpeechConfig
@@ -138,6 +141,7 @@ class Transcriber:
                              lease_key=keys.call_asr_lease, members=keys.TRANSCRIBERS_ZSET,
                              checkpoint_key=keys.call_asr_checkpoint)
         self._commit_script = r.register_script(_COMMIT_LUA)
+        self.reader = CallStreamReader(r)
         self.calls: dict[str, OwnedCall] = {}
         self._stopping = False
         self._next_renew = 0.0
@@ -307,7 +311,8 @@ class Transcriber:
     # ------------------------------------------------------------ the audio
     def _read_calls(self) -> None:
         streams = {keys.call_stream(cid): oc.read_from for cid, oc in self.calls.items()}
-        resp = self.r.xread(streams, count=READ_COUNT, block=BUSY_BLOCK_MS)
+        _, resp = self.reader.read(self.r.pipeline(transaction=False), streams, READ_COUNT,
+                                   BUSY_BLOCK_MS)
         now = time.monotonic()
         for stream, entries in resp or ():
             cid = keys.call_id_of(stream)
@@ -358,9 +363,9 @@ class Transcriber:
                 args += [len(f), "1" if t.final else "0"]
                 for k, v in f.items():
                     args += [k, v]
-            self._commit_script(keys=[keys.call_asr_lease(cid), keys.call_stream(cid),
-                                      keys.call_asr_checkpoint(cid), keys.call_transcript(cid)],
-                                args=args, client=pipe)
+            script_call(self._commit_script, [keys.call_asr_lease(cid), keys.call_stream(cid),
+                                              keys.call_asr_checkpoint(cid), keys.call_transcript(cid)],
+                        args, pipe)
         replies = pipe.execute(raise_on_error=False)
         ok = []
         after = self.r.pipeline(transaction=False)

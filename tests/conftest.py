@@ -52,3 +52,41 @@ def subprocess_env(redis_url):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     env.setdefault("PV_LOG_LEVEL", "INFO")
     return env
+
+
+# ------------------------------------------------------------ Redis Cluster
+
+def _cluster_or_skip():
+    from cluster_support import LocalCluster, cluster_binary  # noqa: PLC0415
+
+    if not cluster_binary():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI must run the cluster tests: no redis-server (install Debian's)")
+        pytest.skip("no redis-server binary on this machine")
+    return LocalCluster(primaries=3, replicas=1, node_timeout_ms=1000)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A private 3-primary / 3-replica Redis Cluster for the whole session
+    (``tests/cluster_support.LocalCluster``: ``.url``, ``.nodes``,
+    ``.primary_port_for(key)``, ``.kill_primary_of(key)``, ``.wait_healthy()``,
+    ``.heal()``). Skipped without redis-server, failed under CI."""
+    cluster = _cluster_or_skip()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def rc(redis_cluster):
+    """A sync cluster client (``connect(redis_cluster.url)``) on a healthy, flushed
+    cluster: nodes a previous test killed are restarted first."""
+    redis_cluster.heal()
+    redis_cluster.flushall()
+    client = connect(redis_cluster.url)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -29,7 +29,7 @@ from piopiy_voice import callrecord, keys
 from piopiy_voice import contracts as c
 from piopiy_voice.api import auth
 from piopiy_voice.gateway.control import CallHandle
-from piopiy_voice.redisconn import free_port
+from piopiy_voice.redisconn import EmbeddedRedis, free_port
 from piopiy_voice.sandbox.demo import LocalSystem
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -60,11 +60,21 @@ def _wait(pred, timeout: float, what: str, step: float = 0.1):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def system(redis_url, tmp_path_factory):
-    out = tmp_path_factory.mktemp("api")
-    s = LocalSystem(out, redis_url, scenario="listen", extra_env={"PV_SILENCE_TIMEOUT_S": "600"})
-    s.r.flushdb()
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def system(request, redis_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"api-{request.param}")
+    queue = None
+    if request.param == "cluster":
+        # The same processes on a local Redis Cluster, the dial queue apart.
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.heal()
+        cluster.flushall()
+        queue = EmbeddedRedis()
+        s = LocalSystem(out, cluster.url, scenario="listen", queue_url=queue.url,
+                        extra_env={"PV_SILENCE_TIMEOUT_S": "600"})
+    else:
+        s = LocalSystem(out, redis_url, scenario="listen", extra_env={"PV_SILENCE_TIMEOUT_S": "600"})
+        s.r.flushdb()
     api_port = free_port()
     env = dict(s.env, PV_API_PORT=str(api_port), PV_ANSWER_TOKEN=ANSWER_TOKEN,
                PV_SUPERVISOR_NUMBER=SUPERVISOR, PV_API_LISTEN_QUEUE="20", PV_API_LISTEN_MAX_STALL_S="2")
@@ -106,6 +116,8 @@ def system(redis_url, tmp_path_factory):
                 api.kill()
         api_log.close()
         s.stop()
+        if queue is not None:
+            queue.close()
 
 
 def H(key):

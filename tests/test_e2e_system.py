@@ -1,6 +1,9 @@
 """End to end: sandbox (platform) -> gateway -> Redis -> worker + transcriber ->
 gateway -> sandbox, with the call placed by the dialer through RestClient. Every
-role is a real process (sandbox.demo.LocalSystem), Redis is the test server.
+role is a real process (sandbox.demo.LocalSystem). The tests of the shared
+``system`` run twice: on the test Redis, and on a local Redis Cluster (3
+primaries with replicas, ``tests/cluster_support.py``) with the dial queue on a
+redis-server of its own (``PV_QUEUE_REDIS_URL``).
 
 What is asserted is what a user would check by hand: the conversation in words
 (what the agent heard, from the transcripts; what it said, from the commands the
@@ -27,6 +30,7 @@ from piopiy_voice.sandbox.scenario import load_scenario
 from piopiy_voice import keys
 from piopiy_voice.audio import DtmfDetector
 from piopiy_voice.contracts import AudioFrame, Playout, decode
+from piopiy_voice.redisconn import EmbeddedRedis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -35,17 +39,27 @@ CALL_TIMEOUT_S = 90
 PAUSE_RESUME_S = 2.0
 
 
-@pytest.fixture(scope="module")
-def system(redis_url, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def system(request, redis_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"e2e-{request.param}")
     env = {"PV_PAUSE_RESUME_AFTER_S": str(PAUSE_RESUME_S)}
-    s = LocalSystem(out, redis_url, extra_env=env)
-    s.r.flushdb()
+    queue = None
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.heal()
+        cluster.flushall()
+        queue = EmbeddedRedis()
+        s = LocalSystem(out, cluster.url, queue_url=queue.url, extra_env=env)
+    else:
+        s = LocalSystem(out, redis_url, extra_env=env)
+        s.r.flushdb()
     try:
         s.start()
         yield s
     finally:
         codes = s.stop()
+        if queue is not None:
+            queue.close()
         assert all(code == 0 for code in codes.values()), codes
 
 

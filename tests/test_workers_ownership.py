@@ -44,7 +44,7 @@ class _Running:
 
 
 def _texts(gw):
-    return [cmd.text for cmd in gw.commands() if cmd.type == "cmd.speak"]
+    return [cmd.text for cmd in gw.applied() if cmd.type == "cmd.speak"]
 
 
 def _expected(n_frames, first_seq=2):
@@ -150,6 +150,12 @@ def test_lease_expiry_lets_another_worker_take_over_and_fences_the_old_one(r, re
     b.step()
     assert _texts(gw) == ["10:11", "20:21"]
     assert b.metrics.counters["claims_after_crash_total"] == 1
+    # "a" delivered 10:11 but stalled before a checkpoint recorded it: b
+    # delivers it again from the outbox, under the same command id, which the
+    # gateway drops (at-least-once delivery, exactly-once application).
+    delivered = [(cmd.text, cmd.command_id) for cmd in gw.commands()]
+    assert delivered == [("10:11", "call-l:1"), ("10:11", "call-l:1"), ("20:21", "call-l:2")]
+    assert b.metrics.counters["commands_redelivered_total"] == 1
     # The stalled worker wakes up: its commit is refused and it drops the call.
     a.step()
     assert "call-l" not in a.calls
@@ -217,7 +223,16 @@ def test_sigkill_mid_call_other_worker_resumes_from_checkpoint(r, subprocess_env
     lease = 800
     gw, sent, took_over_s, survivor = _two_workers_run(r, subprocess_env, lease, signal.SIGKILL)
     assert _texts(gw) == _expected(sent), "every 10th frame exactly once, none skipped"
-    assert [cmd.seq for cmd in gw.commands()] == list(range(1, sent // 10 + 1))
+    assert [cmd.seq for cmd in gw.applied()] == list(range(1, sent // 10 + 1))
+    # Delivery is at-least-once: the killed owner's last delivered command may
+    # come again from its outbox (one commit's worth, here one command), under
+    # the same command id, which the gateway drops.
+    delivered = gw.commands()
+    applied = gw.applied(delivered)
+    delivered = [cmd.command_id for cmd in delivered]
+    assert len(delivered) - len(applied) <= 1
+    assert all(cid == delivered[i - 1] for i, cid in enumerate(delivered)
+               if cid in delivered[:i])
     events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(keys.call_timeline("call-x"))]
     claimed = [e for e in events if e["event"] == "worker.claimed"]
     assert len(claimed) == 1 and claimed[0]["after"] == "crash" and claimed[0]["worker"] == survivor
@@ -362,7 +377,10 @@ def test_checkpoint_is_read_after_the_lease_is_taken(r, redis_url):
         gw.audio(FRAME)
     b.step()
     assert _texts(gw) == ["10:11", "20:21", "30:31"]
-    assert [cmd.seq for cmd in gw.commands()] == [1, 2, 3]
+    assert [cmd.seq for cmd in gw.applied()] == [1, 2, 3]
+    # a's last command came again from its outbox (a never checkpointed its
+    # delivery), with the same id: no command was re-derived under a new one.
+    assert [cmd.command_id for cmd in gw.commands()] == ["call-r:1", "call-r:2", "call-r:2", "call-r:3"]
 
 
 def test_repeated_announcement_of_an_owned_call_is_acked(r, redis_url):

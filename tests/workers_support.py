@@ -67,8 +67,21 @@ class FakeGateway:
         self.r.xadd(keys.CALLS_STREAM, f)
 
     def commands(self):
+        """Every command on the gateway's stream for this call, as delivered
+        (a command re-delivered after a takeover appears twice)."""
         rows = self.r.xrange(keys.gateway_commands(self.gateway_id))
         return [c.decode(f) for _, f in rows if f[b"call_id"].decode() == self.call_id]
+
+    def applied(self, delivered=None):
+        """The commands a gateway applies (of ``delivered``, default
+        ``commands()``): stream order, each ``command_id`` once
+        (``gateway.dispatch`` drops one it has seen)."""
+        seen, out = set(), []
+        for cmd in self.commands() if delivered is None else delivered:
+            if cmd.command_id not in seen:
+                seen.add(cmd.command_id)
+                out.append(cmd)
+        return out
 
 
 def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):

@@ -76,6 +76,12 @@ COUNTER_SPECS: dict[str, CounterSpec] = {
                                            "start entries re-published after Redis lost them"),
     "calls_resumed_after_reconnect_total": CounterSpec(
         P + "calls_resumed_after_reconnect_total", "calls resumed from a done checkpoint after a reconnect"),
+    "commands_redelivered_total": CounterSpec(
+        P + "commands_redelivered_total",
+        "committed commands a previous owner may not have delivered, delivered again after a takeover"),
+    "command_deliveries_retried_total": CounterSpec(
+        P + "command_deliveries_retried_total",
+        "committed commands whose delivery to the gateway's stream failed and is retried"),
     "stale_commands_suppressed_total": CounterSpec(
         P + "stale_commands_suppressed_total", "speech not sent while replaying a backlog after a takeover"),
 }

@@ -8,16 +8,21 @@ The gateway announces each call with a ``call.started`` entry on
 lease (``SET lease <worker> NX PX lease_ms``) and keeps the entry *pending*
 (un-ACKed) for the whole call. The entry is ACKed only when the call ends.
 
-A lease and the claimable idle time of its start entry move together: the
-ONE script that extends the lease (the renew below, and every checkpoint
-commit, ``piopiy_voice.workers.checkpoint``) also ``XCLAIM``s the start entry
-to the owner, which resets its idle time in the same atomic step. So "idle
+A lease and the claimable idle time of its start entry move together: right
+after the script that extends the lease (the renew below, and every checkpoint
+commit, ``piopiy_voice.workers.checkpoint``) succeeds, the owner ``XCLAIM``s
+the start entry to itself (``touch``), which resets its idle time. So "idle
 longer than ``lease_ms``" means "the lease was not extended for ``lease_ms``":
 the lease has expired. (Before, commits extended the lease but not the idle
-time, and 45 % of orphaned calls waited two leases.) A claimer that still finds
-the lease held gives the entry back to the holder with its idle time set to how
-long ago the lease was last extended, so the next scan claims it exactly when
-the lease expires, never a lease later.
+time, and 45 % of orphaned calls waited two leases.) The two are separate
+round trips because the lease lives in the call's hash slot and the calls
+stream in its own (Redis Cluster allows no script across slots), and the
+touch comes second so that only a confirmed lease holder moves the entry. An
+owner that dies between the two leaves an entry that looks idle while the
+lease still runs: a claimer that still finds the lease held gives the entry
+back to the holder with its idle time set to how long ago the lease was last
+extended, so the next scan claims it exactly when the lease expires, never a
+lease later.
 
 While it owns a call a worker renews every ``lease_ms / 3``. The renew script
 also repairs what a Redis restarted empty lost (see "Redis restarted empty").
@@ -58,6 +63,7 @@ from typing import Any, Callable
 import redis
 
 from piopiy_voice import keys
+from piopiy_voice.redisconn import script_call
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +76,31 @@ WORKER_ENTRY_TTL_S = 24 * 3600
 #: Renew verdicts on the lease (see "Redis restarted empty").
 LOST, OK, RELET = 0, 1, 2
 
-# KEYS: lease, checkpoint, calls stream. ARGV: worker, lease_ms, group, start entry.
-# Returns {lease: LOST|OK|RELET, entry: 1 touched | 0 missing}.
+# KEYS: lease, checkpoint. ARGV: worker, lease_ms. Returns LOST | OK | RELET.
 _RENEW_LUA = """
 local cur = redis.call('GET', KEYS[1])
-local verdict = 1
-if cur ~= ARGV[1] then
-  if cur then return {0, 0} end
-  local owner = redis.call('HGET', KEYS[2], 'owner')
-  if owner and owner ~= ARGV[1] then return {0, 0} end
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  verdict = 2
-else
+if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
 end
-local got = redis.pcall('XCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'JUSTID')
-if type(got) == 'table' and got['err'] == nil and #got == 0 then
-  got = redis.pcall('XCLAIM', KEYS[3], ARGV[3], ARGV[1], 0, ARGV[4], 'FORCE', 'JUSTID')
+if cur then return 0 end
+local owner = redis.call('HGET', KEYS[2], 'owner')
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 2
+"""
+# KEYS: calls stream. ARGV: group, consumer, force (0/1), start entry ids...
+# Per entry: 1 now pending to the consumer (idle 0), 0 no longer in the stream.
+_TOUCH_LUA = """
+local out = {}
+for i = 4, #ARGV do
+  local got = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  if ARGV[3] == '1' and type(got) == 'table' and got['err'] == nil and #got == 0 then
+    got = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'FORCE', 'JUSTID')
+  end
+  out[#out + 1] = (type(got) == 'table' and got['err'] == nil and #got > 0) and 1 or 0
 end
-if type(got) ~= 'table' or got['err'] ~= nil or #got == 0 then return {verdict, 0} end
-return {verdict, 1}
+return out
 """
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -146,6 +157,7 @@ class Ownership:
         #: Most start entries one scan claims (spreads calls after a stall).
         self.claim_limit = max(1, int(claim_limit))
         self._renew = r.register_script(_RENEW_LUA)
+        self._touch = r.register_script(_TOUCH_LUA)
         self._release = r.register_script(_RELEASE_LUA)
         ensure_group(r, group)
 
@@ -161,19 +173,35 @@ class Ownership:
         return bool(self._release(keys=[self.lease_key(call_id)], args=[self.worker_id]))
 
     def renew(self, owned: dict[str, str]) -> dict[str, tuple[int, bool]]:
-        """Renew the leases of ``owned`` (call id -> start entry id) and, in the
-        same script, refresh the idle time of their start entries. Returns per
-        call ``(LOST | OK | RELET, start entry still pending to us)``."""
+        """Renew the leases of ``owned`` (call id -> start entry id), then
+        refresh the idle time of the start entries of those renewed. Returns
+        per call ``(LOST | OK | RELET, start entry still pending to us)``."""
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
         pipe.zadd(self.members, {self.worker_id: now})
         # Workers killed without a goodbye never remove themselves.
         pipe.zremrangebyscore(self.members, "-inf", now - WORKER_ENTRY_TTL_S)
-        for cid, eid in owned.items():
-            self._renew(keys=[self.lease_key(cid), self.checkpoint_key(cid), keys.CALLS_STREAM],
-                        args=[self.worker_id, self.lease_ms, self.group, eid], client=pipe)
-        results = pipe.execute()[2:]
-        return {cid: (int(res[0]), bool(int(res[1]))) for cid, res in zip(owned, results)}
+        for cid in owned:
+            script_call(self._renew, [self.lease_key(cid), self.checkpoint_key(cid)],
+                        [self.worker_id, self.lease_ms], pipe)
+        verdicts = {cid: int(v) for cid, v in zip(owned, pipe.execute()[2:])}
+        kept = [cid for cid, v in verdicts.items() if v != LOST]
+        # A start entry Redis lost (restarted empty) is re-claimed with FORCE
+        # while it still exists in the stream.
+        touched = dict(zip(kept, self.touch([owned[cid] for cid in kept], force=True)))
+        return {cid: (v, touched.get(cid, False)) for cid, v in verdicts.items()}
+
+    def touch(self, entry_ids: list[str], *, force: bool = False, pipe: Any = None) -> list[bool]:
+        """XCLAIM our start entries to ourselves (their idle time restarts with
+        the lease just extended); per entry, whether it is pending to us now.
+        With ``pipe`` it is only queued (returns [])."""
+        if not entry_ids:
+            return []
+        args = [self.group, self.worker_id, "1" if force else "0", *entry_ids]
+        if pipe is not None:
+            script_call(self._touch, [keys.CALLS_STREAM], args, pipe)
+            return []
+        return [bool(int(x)) for x in self._touch(keys=[keys.CALLS_STREAM], args=args)]
 
     def reannounce(self, fields: dict) -> str:
         """Re-publish a call's start entry (Redis lost it) and make it pending

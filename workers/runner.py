@@ -13,7 +13,8 @@ an ``Outcome``; this module only executes outcomes. Each turn of the loop:
    while it owns no call; while busy the same read (not blocking) goes in the
    round trip of step 4, so a new call's greeting waits for no poll period;
 4. ONE blocking ``XREAD`` (block <= 200 ms while owning calls) over the
-   streams of all owned calls, each from its own last processed id; each
+   streams of all owned calls, each from its own last processed id (on Redis
+   Cluster one round trip per node instead: ``CallStreamReader``); each
    call's entries go to its driver strictly in order. Turns start at least
    ``PV_WORKER_MIN_TURN_MS`` (5) apart: with hundreds of calls an XREAD that
    returned as soon as any one frame arrived would carry ~0.2 entries per
@@ -23,11 +24,14 @@ an ``Outcome``; this module only executes outcomes. Each turn of the loop:
    behind; for calls just taken over and now read to the stream's end, the
    works lost with the previous owner (``CallDriver.caught_up``);
 6. ONE pipelined round trip: dead letters and timeline notes, then per call
-   the commands its outcomes produced, published atomically with its checkpoint
-   (``piopiy_voice.workers.checkpoint``: a Lua script fenced by the lease);
-   calls with no commands are checkpointed about once a second. Then works are
-   handed to the agent runtime and cancels sent (calls whose commit found the
-   lease gone start nothing).
+   the commands its outcomes produced, committed atomically with its checkpoint
+   into the call's outbox (``piopiy_voice.workers.checkpoint``: a Lua script
+   fenced by the lease); calls with no commands are checkpointed about once a
+   second. A second round trip delivers the committed commands to their
+   gateways' command streams (in order per call; undelivered ones are retried
+   every turn before any later one) and restarts the idle time of the start
+   entries (``Ownership.touch``). Then works are handed to the agent runtime
+   and cancels sent (calls whose commit found the lease gone start nothing).
 
 Slow agent work runs in the agent runtime (``piopiy_voice.workers.runtime``): an
 asyncio loop on a background thread, started on the first work, whose results
@@ -54,10 +58,10 @@ them). ``PV_WORKER_MAX_CALLS`` caps the calls one worker holds and
 ``PV_WORKER_CLAIM_PER_SCAN`` the calls one takeover scan claims, so after a
 stall calls spread over the workers instead of landing on the first to scan.
 
-Redis Cluster: the one XREAD spans many calls' slots and the commit script
-touches the gateway's command stream, so workers need a single Redis, or a
-Sentinel-managed primary (``redis+sentinel://``, see ``piopiy_voice.redisconn``);
-not Redis Cluster (``piopiy_voice.workers.checkpoint``).
+Redis Cluster: every script touches one call's slot (commit, renew) or the
+calls stream alone (touch), and the reads go through ``CallStreamReader``
+(``piopiy_voice.workers.reader``): one blocking XREAD on a single Redis, one
+pipelined XREAD per call grouped by node on a cluster.
 """
 
 from __future__ import annotations
@@ -77,10 +81,11 @@ from piopiy_voice.settings import Settings
 
 from . import orphans
 from .agent.base import Agent, load_agent_class
-from .checkpoint import Checkpoint, Committer, LeaseLost, load
+from .checkpoint import Checkpoint, Committer, LeaseLost, load, undelivered
 from .driver import CallDriver, Outcome, _type_of
 from .metrics import Metrics, serve
 from .ownership import LOST, RELET, Ownership, ensure_group, is_nogroup, is_oom
+from .reader import CallStreamReader
 from .runtime import DEFAULT_CONCURRENCY, AgentRuntime, RedisPublisher
 
 log = logging.getLogger("piopiy_voice.workers.runner")
@@ -154,7 +159,12 @@ class Worker:
         self.own = Ownership(self.r, self.worker_id, self.lease_ms,
                              claim_limit=int(getattr(settings, "worker_claim_per_scan", 20) or 20))
         self.committer = Committer(self.r, self.worker_id, self.lease_ms)
+        self.reader = CallStreamReader(self.r)
         self.calls: dict[str, OwnedCall] = {}
+        #: Committed commands not yet seen on their gateway's stream, per call:
+        #: (gateway id, [(seq, command or raw fields)...]) in order. Kept for
+        #: calls ended or lost meanwhile too: they were decided.
+        self._outbox: dict[str, tuple[str, list[tuple[int, Any]]]] = {}
         #: Started on the first work (agents that never ask for one cost nothing).
         self.runtime: AgentRuntime | None = None
         self._stopping = False
@@ -434,6 +444,14 @@ class Worker:
             drv, out, kind = CallDriver.resume(self.agent_cls, self.settings, started, ckpt,
                                                self.worker_id, observe)
             oc = OwnedCall(drv, eid, last_commit=time.monotonic())
+            again = [(int(f[b"seq"]), f) for f in undelivered(self.r, ckpt)]
+            if again:
+                # Committed by the previous owner, maybe never delivered: deliver
+                # them again, first (the gateway drops those it has applied).
+                self._outbox[cid] = (started.gateway_id, again)
+                self._count("commands_redelivered_total", len(again))
+            elif ckpt.sent_seq < ckpt.cmd_seq:
+                ckpt.sent_seq = ckpt.cmd_seq  # the outbox expired with nothing to deliver
             if kind == "reconnect":
                 self._count("calls_resumed_after_reconnect_total")
             else:
@@ -452,13 +470,12 @@ class Worker:
         wait = self._turn_at + self.min_turn_s - time.monotonic()
         if wait > 0:
             time.sleep(wait)  # batch by time: see the module docstring, step 4
-        streams = {keys.call_stream(cid): c.ckpt.last_id for cid, c in self.calls.items()}
+        positions = {keys.call_stream(cid): c.ckpt.last_id for cid, c in self.calls.items()}
         pipe = self.r.pipeline(transaction=False)
         if new_calls > 0:
             self.own.queue_read_new(pipe, new_calls)
-        pipe.xread(streams, count=READ_COUNT, block=block_ms)
         t = self._turn_at = time.monotonic()
-        *new, resp = pipe.execute()
+        new, resp = self.reader.read(pipe, positions, READ_COUNT, block_ms)
         self._xread_ms = (time.monotonic() - t) * 1000
         behind: set[str] = set()
         wall = time.time()
@@ -523,23 +540,24 @@ class Worker:
         due = [oc for oc in self.calls.values()
                if oc.driver.pending or oc.ended
                or (oc.driver.dirty and now - oc.last_commit >= CHECKPOINT_EVERY_S)]
-        if due or len(self._io) or self._starts or self._cancels:
+        if due or len(self._io) or self._starts or self._cancels or self._outbox:
             self._flush(due)
 
     def _flush(self, ocs: list[OwnedCall], *, handback: bool = False) -> list[bool]:
         """One round trip: this turn's side effects, then each call's commands
-        with its checkpoint (each call's script is atomic). Then start works."""
+        with its checkpoint (each call's script is atomic); a second delivers
+        what was committed (``_deliver``). Then start works."""
         pipe, self._io = self._io, self.r.pipeline(transaction=False)
         n_side = len(pipe)
         for oc in ocs:
             drv = oc.driver
             self.committer.commit(
-                drv.checkpoint(handback=handback), drv.call.gateway_id, drv.pending,
+                drv.checkpoint(handback=handback), drv.pending,
                 release=drv.ended or handback,
                 ttl_s=keys.CALL_KEY_TTL_AFTER_END if drv.ended else 0, pipe=pipe,
-                start_entry=oc.start_entry,
             )
         if not len(pipe):
+            self._deliver([])
             self._start_works(set())
             return []
         try:
@@ -553,6 +571,7 @@ class Worker:
         failed: set[str] = set()
         errors: list[Exception] = []
         after = self.r.pipeline(transaction=False)
+        touch: list[str] = []
         mono = time.monotonic()
         for oc, reply in zip(ocs, replies):
             drv = oc.driver
@@ -576,6 +595,8 @@ class Worker:
             ok.append(True)
             if drv.pending:
                 self.metrics.inc("decisions_total", sent)
+                gw, queued = self._outbox.setdefault(cid, (drv.call.gateway_id, []))
+                queued += [(cmd.seq, cmd) for cmd in drv.pending]
                 for cmd in drv.pending:
                     callrecord.timeline(after, cid, "worker.command", command=cmd.type,
                                         command_id=cmd.command_id, worker=self.worker_id)
@@ -589,12 +610,56 @@ class Worker:
                 callrecord.timeline(after, cid, "worker.released", worker=self.worker_id,
                                     reason="ended")
                 log.info("call %s: ended; released by %s", cid, self.worker_id)
-        if len(after):
-            after.execute(raise_on_error=False)
+            elif not handback:
+                touch.append(oc.start_entry)
+        self.own.touch(touch, pipe=after)
+        self._deliver(ocs, after)
         self._start_works(dropped, failed)
         if errors:
             raise errors[0]
         return ok
+
+    def _deliver(self, ocs: list[OwnedCall], after: Any = None) -> None:
+        """The delivery round trip (step 6): every committed, undelivered command
+        XADDed to its gateway's stream, in order per call, with ``after`` (this
+        turn's post-commit writes). A call whose delivery failed keeps the rest
+        of its commands for the next turn; a delivered one's checkpoint learns it
+        (``sent_seq``, written with its next commit)."""
+        if after is None:
+            if not self._outbox:
+                return
+            after = self.r.pipeline(transaction=False)
+        n_before = len(after)
+        plan: list[tuple[str, int]] = []
+        for cid, (gateway_id, queued) in self._outbox.items():
+            oc = self.calls.get(cid)
+            gw = oc.call.gateway_id if oc is not None else gateway_id
+            plan.append((cid, self.committer.deliver(after, gw, (c for _, c in queued))))
+        if not len(after):
+            return
+        replies = after.execute(raise_on_error=False)[n_before:]
+        i = 0
+        for cid, n in plan:
+            gateway_id, queued = self._outbox[cid]
+            mine = replies[i:i + n]
+            i += n
+            done = 0
+            for reply in mine:
+                if isinstance(reply, Exception):
+                    break
+                done += 1
+            if done < n:
+                self._count("command_deliveries_retried_total", n - done)
+                log.warning("call %s: %d command(s) not delivered to gateway %s yet (%s); retried",
+                            cid, n - done, gateway_id, mine[done])
+            oc = self.calls.get(cid)
+            if done and oc is not None:
+                oc.ckpt.sent_seq = max(oc.ckpt.sent_seq, queued[done - 1][0])
+                oc.driver.dirty = True
+            if done == n:
+                del self._outbox[cid]
+            else:
+                del queued[:done]
 
     def _start_works(self, dropped: set[str], failed: set[str] = frozenset()) -> None:
         """Hand this turn's works to the runtime (after the commit: a call
@@ -619,7 +684,9 @@ class Worker:
                     self.runtime.cancel(work_id)
 
     def _make_runtime(self) -> AgentRuntime:
-        publisher = RedisPublisher(self.r.connection_pool.connection_kwargs, self.worker_id)
+        # The same Redis as the loop's client: its pool's kwargs, or a cluster client itself.
+        publisher = RedisPublisher(self.r if self.reader.clustered
+                                   else self.r.connection_pool.connection_kwargs, self.worker_id)
         concurrency = getattr(self.settings, "agent_runtime_concurrency", DEFAULT_CONCURRENCY)
         log.info("worker %s: agent runtime up (at most %d works at once)", self.worker_id,
                  concurrency)

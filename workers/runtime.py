@@ -162,7 +162,7 @@ def run_now(call_id: str, work: Work) -> list[WorkDone]:
 class RedisPublisher:
     """Writes results into the call's stream, fenced by the call's lease."""
 
-    def __init__(self, connection_kwargs: dict[str, Any], worker_id: str,
+    def __init__(self, connection_kwargs: Any, worker_id: str,
                  lease_key: Callable[[str], str] = keys.call_lease) -> None:
         from piopiy_voice.redisconn import async_redis_like
 

@@ -11,6 +11,22 @@ every request is a new call (``c-`` + a random uuid).
 
 Everything is validated here, before anything is written: a request that gets
 into the queue has only platform-side reasons left to fail.
+
+The dial queue on a Redis of its own (``PV_QUEUE_REDIS_URL``; required when
+the call records live on a Redis Cluster, where RQ's transactions over its
+own keys are refused): no transaction can span the two, so enqueueing is
+three steps, each safe to repeat. (1) The idempotency key is claimed with
+``SET NX``; (2) the ``queued`` record is written; (3) the job is enqueued on
+the queue's Redis under its deterministic id. If (3) fails the record says
+``failed`` (not placed) and the key is released, so the same request can be
+sent again. If the process dies between (1) and (3), a re-send with the same
+key finds the record still ``queued`` and no job, and enqueues it then
+(``_ensure_job``); a request without a key has no way back to its record,
+which stays ``queued`` until it expires, and nothing rings. A job never runs
+twice for one call either way: its id is the call's, a job still pending
+is never pushed again (``_put_job_once``: WATCH/MULTI on the queue's Redis,
+so racing re-sends of one key push one job), and the job itself claims the
+record before dialing (``piopiy_voice.workers.dialer.jobs``).
 """
 
 from __future__ import annotations
@@ -22,14 +38,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 import redis
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from rq import Callback, Queue
 
-from piopiy_voice import keys
-from piopiy_voice.errors import PiopiyError, PiopiyValidationError
+from piopiy_voice import callrecord, keys
+from piopiy_voice.errors import PiopiyConfigError, PiopiyError, PiopiyValidationError
 from piopiy_voice.pcmo_models import (
     BRIDGE_DEFAULTS,
     check_bridge_option,
@@ -342,11 +359,119 @@ def enqueue_request(conn: redis.Redis, request: CallRequest, *, queue_name: str 
         raise
 
 
+@lru_cache(maxsize=8)
+def _queue_client(url: str, socket_timeout: float) -> Any:
+    from piopiy_voice.redisconn import connect  # noqa: PLC0415
+
+    return connect(url, socket_timeout=socket_timeout)
+
+
+def queue_connection(conn: Any, settings: Settings) -> Any:
+    """The Redis of the dial queue for a caller holding ``conn`` (the call
+    records'): ``conn`` itself, unless ``PV_QUEUE_REDIS_URL`` names another
+    (one client per URL and process). A cluster ``conn`` without it is refused
+    in one line: RQ cannot run on Redis Cluster."""
+    if settings.queue_redis_url:
+        return _queue_client(settings.queue_redis_url, settings.redis_socket_timeout_s)
+    from piopiy_voice.redisconn import is_cluster_client  # noqa: PLC0415
+
+    if is_cluster_client(conn):
+        raise PiopiyConfigError("the call records are on a Redis Cluster; the dial queue (RQ) needs "
+                                "a plain Redis: set PV_QUEUE_REDIS_URL")
+    return conn
+
+
+def _put_job(queue: Queue, request_start: datetime | None, call_id: str, job_id: str,
+             payload: dict[str, Any], description: str, pipe: Any = None) -> None:
+    opts = dict(job_id=job_id, result_ttl=RESULT_TTL_S, pipeline=pipe,
+                on_failure=Callback(JOB_ON_FAILURE), description=description)
+    if request_start is not None:
+        queue.enqueue_at(request_start, JOB_FUNC, args=(call_id, payload), job_timeout=JOB_TIMEOUT_S, **opts)
+    else:
+        queue.enqueue_call(JOB_FUNC, args=(call_id, payload), timeout=JOB_TIMEOUT_S, **opts)
+
+
+#: Job statuses of a job that is still going to run (or running): pushing the
+#: same id again would run it twice.
+_PENDING = {b"queued", b"started", b"scheduled", b"deferred"}
+
+
+def _put_job_once(queue: Queue, request_start: datetime | None, call_id: str, job_id: str,
+                  payload: dict[str, Any], description: str) -> bool:
+    """``_put_job`` unless a job of that id is pending already: two enqueuers of
+    one call (a re-send racing the first enqueue, two re-sends) push it once.
+    WATCH/MULTI on the queue's Redis, which is never a cluster. A finished or
+    failed job of the id is replaced (the record says whether to dial)."""
+    from rq.job import Job  # noqa: PLC0415
+
+    job_key = Job.key_for(job_id)
+    with queue.connection.pipeline() as pipe:
+        for _ in range(10):
+            try:
+                pipe.watch(job_key)
+                if pipe.hget(job_key, "status") in _PENDING:
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                _put_job(queue, request_start, call_id, job_id, payload, description, pipe)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
+    raise RuntimeError(f"could not enqueue the dial job of call {call_id}: its job kept changing")
+
+
+def _enqueue_apart(conn: Any, queue: Queue, request: CallRequest, call_id: str, job_id: str,
+                   fingerprint: str, idem: str | None, payload: dict[str, Any],
+                   record: dict[str, Any], extra_record: dict[str, Any]) -> Enqueued:
+    """Enqueue with the queue on another Redis than the records (see the module docstring)."""
+    if idem:
+        claim = json.dumps({"call_id": call_id, "fingerprint": fingerprint})
+        if not conn.set(idem, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
+            prior = json.loads(conn.get(idem) or claim)
+            if prior.get("fingerprint") != fingerprint:
+                raise IdempotencyConflict(request.idempotency_key, prior["call_id"])
+            _ensure_job(conn, queue, prior["call_id"])
+            return Enqueued(prior["call_id"], job_id_for(prior["call_id"]), False, request.start_at)
+    pipe = conn.pipeline(transaction=False)
+    _queued_record(pipe, call_id, record, extra_record)
+    pipe.execute()
+    try:
+        _put_job_once(queue, request.start_at, call_id, job_id, payload, f"dial {request.to}")
+    except Exception as exc:
+        pipe = conn.pipeline(transaction=False)
+        callrecord.set_state(pipe, call_id, "failed", outcome="not_placed",
+                             reason=f"not placed: could not enqueue the dial job ({exc})",
+                             campaign=request.campaign)
+        if idem:
+            pipe.delete(idem)
+        pipe.execute()
+        raise
+    return Enqueued(call_id, job_id, True, request.start_at)
+
+
+def _ensure_job(conn: Any, queue: Queue, call_id: str) -> None:
+    """A re-sent request whose first enqueue died between its record and its
+    job: the record is still ``queued`` and no job exists; enqueue it now."""
+    from rq.job import Job  # noqa: PLC0415
+
+    job_id = job_id_for(call_id)
+    if Job.exists(job_id, connection=queue.connection):
+        return
+    rec = callrecord.decode_record(conn.hgetall(keys.call_meta(call_id)))
+    if rec.get("state") != "queued" or not rec.get("request"):
+        return
+    start = datetime.fromisoformat(rec["start_at"]) if rec.get("start_at") else None
+    # Once: the first enqueuer (or another re-send) may be pushing it right now.
+    _put_job_once(queue, start, call_id, job_id, json.loads(rec["request"]), f"dial {rec.get('to', '')}")
+
+
 def _enqueue(conn: redis.Redis, request: CallRequest, queue_name: str | None,
              settings: Settings | None, call_id: str | None,
              extra_record: dict[str, Any]) -> Enqueued:
     settings = settings or Settings.from_env()
-    queue = Queue(queue_name or settings.dial_queue, connection=conn)
+    queue_conn = queue_connection(conn, settings)
+    queue = Queue(queue_name or settings.dial_queue, connection=queue_conn)
     call_id = call_id or request.call_id()
     job_id = job_id_for(call_id)
     fingerprint = request.fingerprint()
@@ -362,6 +487,9 @@ def _enqueue(conn: redis.Redis, request: CallRequest, queue_name: str | None,
         # What an explicit retry re-sends (``piopiy_voice.workers.dialer.retry``).
         request=json.dumps(payload, separators=(",", ":")),
     )
+    if queue_conn is not conn:
+        return _enqueue_apart(conn, queue, request, call_id, job_id, fingerprint, idem, payload,
+                              record, extra_record)
     with conn.pipeline() as pipe:
         for _ in range(10):
             try:
@@ -379,14 +507,7 @@ def _enqueue(conn: redis.Redis, request: CallRequest, queue_name: str | None,
                     pipe.set(idem, json.dumps({"call_id": call_id, "fingerprint": fingerprint}),
                              ex=IDEMPOTENCY_TTL_S)
                 _queued_record(pipe, call_id, record, extra_record)
-                opts = dict(job_id=job_id, result_ttl=RESULT_TTL_S, pipeline=pipe,
-                            on_failure=Callback(JOB_ON_FAILURE),
-                            description=f"dial {request.to}")
-                if request.start_at is not None:
-                    queue.enqueue_at(request.start_at, JOB_FUNC, args=(call_id, payload),
-                                     job_timeout=JOB_TIMEOUT_S, **opts)
-                else:
-                    queue.enqueue_call(JOB_FUNC, args=(call_id, payload), timeout=JOB_TIMEOUT_S, **opts)
+                _put_job(queue, request.start_at, call_id, job_id, payload, f"dial {request.to}", pipe)
                 pipe.execute()
                 return Enqueued(call_id, job_id, True, request.start_at)
             except redis.WatchError:

@@ -76,13 +76,16 @@ def worker_main(argv: list[str]) -> int:
     from rq import Queue, Worker
 
     url = resolve_redis_url(settings.redis_url)  # production role: REDIS_URL or exit 2
-    conn = connect(url, socket_timeout=settings.redis_socket_timeout_s)
+    # RQ runs on the queue's Redis (PV_QUEUE_REDIS_URL: required beside a
+    # Redis Cluster, refused with one line by ``queue_url`` otherwise).
+    queue_url = settings.queue_url() or url
+    conn = connect(queue_url, socket_timeout=settings.redis_socket_timeout_s)
     queue = Queue(args.queue or settings.dial_queue, connection=conn)
     if settings.using_dev_secret:
         log.warning("PV_SIGNING_SECRET is the development default: stream URLs are forgeable")
-    log.info("dialer on queue %s (redis %s): %.2f calls/s, %d live calls per campaign, REST %s",
-             queue.name, redact_url(url), settings.dial_rate_per_s, settings.campaign_max_live,
-             redact_url(settings.piopiy_base_url))
+    log.info("dialer on queue %s (redis %s, call records on %s): %.2f calls/s, %d live calls per "
+             "campaign, REST %s", queue.name, redact_url(queue_url), redact_url(url),
+             settings.dial_rate_per_s, settings.campaign_max_live, redact_url(settings.piopiy_base_url))
     from .jobs import on_horse_killed
 
     _start_sweeper(url, settings)
@@ -385,12 +388,17 @@ def call_status(conn, call_id: str) -> dict[str, Any] | None:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
+        from .api import queue_connection  # noqa: PLC0415
+
         try:
-            j = Job.fetch(meta["job_id"], connection=conn)
+            # The job is on the queue's Redis (PV_QUEUE_REDIS_URL beside a cluster).
+            j = Job.fetch(meta["job_id"], connection=queue_connection(conn, Settings.from_env()))
             status = j.get_status()  # a JobStatus enum: show "finished", not "JobStatus.FINISHED"
             job = {"id": j.id, "status": getattr(status, "value", status), "origin": j.origin}
         except NoSuchJobError:
             job = {"id": meta["job_id"], "status": "expired"}
+        except PiopiyConfigError as exc:  # a cluster REDIS_URL and no PV_QUEUE_REDIS_URL
+            job = {"id": meta["job_id"], "status": f"unknown ({exc})"}
     return {"call_id": call_id, "record": meta, "timeline": timeline, "job": job,
             "transcript": call_transcript(conn, call_id)}
 

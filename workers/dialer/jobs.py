@@ -47,7 +47,22 @@ with no dialer left. Every claim adds the call to ``keys.dialer_key("dialing")``
 (a sorted set by the time the request went out) and every outcome removes it;
 ``sweep_stuck`` — run every few seconds by every dialer and once by
 ``piopiy-voice status`` — marks calls still ``dialing`` after
-``PV_DIAL_STUCK_AFTER_S`` as ``failed`` with ``outcome_unknown``.
+``PV_DIAL_STUCK_AFTER_S`` as ``failed`` with ``outcome_unknown`` — judged by
+the record's own ``inflight`` time, never only by the index entry's (an entry
+read before a newer attempt claimed the call is not that attempt's age). An
+entry whose record already tells an outcome (its process died between the
+record and the index steps) is dropped, and the campaign's state index is
+rewritten from the record.
+
+Every change of the record is one transaction over the call's own keys
+(record, timeline, expiries: one hash slot, which Redis Cluster requires); the
+dialing index and the campaign's states are written just after it. A dialer
+dying between the two leaves either an index entry whose record is no longer
+``dialing`` (the sweep drops it) or a campaign hash one state behind the record
+(the record is the source of truth). The claim adds the index entry *before*
+claiming, so no claimed call is ever missing from the index. The job reads and
+writes records on ``REDIS_URL`` and is run by RQ on ``PV_QUEUE_REDIS_URL``
+when that is set (``data_connection``).
 
 Final failures raise ``DialFailed`` (the job was enqueued without an RQ
 ``retry``), so they land in RQ's failed registry with the reason, and the
@@ -107,7 +122,8 @@ _DONE_STATES = ("placed", "live", "ended")
 NOT_PLACED, REFUSED, OUTCOME_UNKNOWN = "not_placed", "refused", "outcome_unknown"
 
 #: -> {"ok", attempt} | {"done", state} | {"failed", reason} | {"inflight", since}
-#: KEYS: record, dialing index. ARGV: now (s).
+#: KEYS: record. ARGV: now (s). One key: one hash slot, as Redis Cluster needs;
+#: the dialing index is written around it (``_Attempt._dial``).
 _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'placed' or st == 'live' or st == 'ended' then return {'done', st} end
@@ -116,7 +132,6 @@ local since = redis.call('HGET', KEYS[1], 'inflight')
 if since then return {'inflight', since} end
 local n = redis.call('HINCRBY', KEYS[1], 'dial_attempts', 1)
 redis.call('HSET', KEYS[1], 'inflight', ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return {'ok', tostring(n)}
 """
 
@@ -196,14 +211,16 @@ class _Attempt:
 
     def fail(self, reason: str, *, keep_inflight: bool = False, outcome: str | None = None) -> DialFailed:
         outcome = outcome or (OUTCOME_UNKNOWN if keep_inflight else NOT_PLACED)
-        with self.r.pipeline() as pipe:
+        side = self.r.pipeline(transaction=False)
+        with self.r.pipeline(transaction=True) as pipe:  # the call's keys: one hash slot
             if not keep_inflight:
                 pipe.hdel(keys.call_meta(self.call_id), "inflight")
-            pipe.zrem(dialing_key(), self.call_id)
             callrecord.set_state(pipe, self.call_id, "failed", reason=reason, outcome=outcome,
-                                 campaign=self.campaign)
+                                 campaign=self.campaign, campaign_pipe=side)
             callrecord.expire_call(pipe, self.call_id, FAILED_RECORD_TTL_S)
             pipe.execute()
+        side.zrem(dialing_key(), self.call_id)
+        side.execute()
         if self.campaign and not keep_inflight:
             ratelimit.release_live_slot(self.r, self.campaign, self.call_id)
         log.warning("call %s failed: %s", self.call_id, reason)
@@ -213,14 +230,17 @@ class _Attempt:
         data = reply.get("data") if isinstance(reply.get("data"), dict) else {}
         request_id = str(reply.get("request_id") or data.get("request_id") or "")
         meta = keys.call_meta(self.call_id)
-        with self.r.pipeline() as pipe:
+        # The record's transition is one transaction over the call's keys (one
+        # hash slot); the dialing index and the campaign's states follow.
+        side = self.r.pipeline(transaction=False)
+        side.zrem(dialing_key(), self.call_id)
+        with self.r.pipeline(transaction=True) as pipe:
             for _ in range(10):
                 try:
                     pipe.watch(meta)
                     state = _s(pipe.hget(meta, "state") or b"")
                     pipe.multi()
                     pipe.hdel(meta, "inflight")
-                    pipe.zrem(dialing_key(), self.call_id)
                     if state in ("live", "ended"):
                         # The platform's socket beat the REST reply: keep the later state.
                         pipe.hset(meta, "request_id", request_id)
@@ -228,7 +248,7 @@ class _Attempt:
                                             note=f"gateway already reported {state}")
                     else:
                         callrecord.set_state(pipe, self.call_id, "placed", request_id=request_id,
-                                             campaign=self.campaign)
+                                             campaign=self.campaign, campaign_pipe=side)
                         # A call that is never answered never reaches the gateway,
                         # which is what expires ended calls: bound its record here.
                         callrecord.expire_call(pipe, self.call_id,
@@ -237,6 +257,7 @@ class _Attempt:
                     break
                 except redis.WatchError:
                     continue
+        side.execute()
         log.info("call %s placed to %s: request_id=%s", self.call_id, self.req.to, request_id)
         return {"call_id": self.call_id, "state": "placed", "request_id": request_id}
 
@@ -248,12 +269,14 @@ class _Attempt:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
             delay = max(delay, math.ceil(retry_after))
-        with self.r.pipeline() as pipe:
+        side = self.r.pipeline(transaction=False)
+        with self.r.pipeline(transaction=True) as pipe:  # the call's keys: one hash slot
             pipe.hdel(keys.call_meta(self.call_id), "inflight")
-            pipe.zrem(dialing_key(), self.call_id)
             callrecord.set_state(pipe, self.call_id, "queued", retry_in=delay, last_error=str(exc),
-                                 attempt=attempt, campaign=self.campaign)
+                                 attempt=attempt, campaign=self.campaign, campaign_pipe=side)
             pipe.execute()
+        side.zrem(dialing_key(), self.call_id)
+        side.execute()
         if self.campaign:
             ratelimit.release_live_slot(self.r, self.campaign, self.call_id)
         log.warning("call %s attempt %d failed (%s); retry in %ds", self.call_id, attempt, exc, delay)
@@ -263,7 +286,7 @@ class _Attempt:
         meta = keys.call_meta(self.call_id)
         # One timeline line per wait episode, not one per recheck.
         if self.r.hget(meta, "waiting") != reason.encode():
-            with self.r.pipeline() as pipe:
+            with self.r.pipeline(transaction=True) as pipe:  # the call's keys: one slot
                 pipe.hset(meta, "waiting", reason)
                 callrecord.timeline(pipe, self.call_id, "waiting", reason=reason)
                 pipe.execute()
@@ -320,8 +343,13 @@ class _Attempt:
     def _dial(self, client: RestClient, pcmo: list[dict[str, Any]]) -> dict[str, Any] | Retry:
         call_id, req = self.call_id, self.req
         now = f"{time.time():.3f}"
-        verdict, detail = (_s(x) for x in self.r.eval(_CLAIM, 2, keys.call_meta(call_id),
-                                                      dialing_key(), now, call_id))
+        # Into the dialing index first: a dialer dying between the two leaves an
+        # index entry whose record is not "dialing", which the sweep just drops;
+        # the other order could leave a claimed call nobody sweeps.
+        self.r.zadd(dialing_key(), {call_id: now})
+        verdict, detail = (_s(x) for x in self.r.eval(_CLAIM, 1, keys.call_meta(call_id), now))
+        if verdict != "ok":
+            self.r.zrem(dialing_key(), call_id)
         if verdict == "done":
             return {"call_id": call_id, "state": detail}
         if verdict == "failed":
@@ -329,10 +357,13 @@ class _Attempt:
         if verdict == "inflight":
             raise self.fail(_unknown_reason(detail), keep_inflight=True)
         attempt = int(detail)
-        with self.r.pipeline() as pipe:
+        side = self.r.pipeline(transaction=False)
+        with self.r.pipeline(transaction=True) as pipe:  # the call's keys: one hash slot
             pipe.hdel(keys.call_meta(call_id), "waiting")
-            callrecord.set_state(pipe, call_id, "dialing", attempt=attempt, campaign=self.campaign)
+            callrecord.set_state(pipe, call_id, "dialing", attempt=attempt, campaign=self.campaign,
+                                 campaign_pipe=side)
             pipe.execute()
+        side.execute()
 
         try:
             options = {"duration": req.duration, "extra_params": dict(req.extra_params)}
@@ -371,25 +402,39 @@ def sweep_stuck(conn: Any, older_than_s: float, *, now: float | None = None) -> 
     marked = []
     for call_id in stuck:
         meta = keys.call_meta(call_id)
-        with conn.pipeline() as pipe:
+        side = conn.pipeline(transaction=False)
+        with conn.pipeline(transaction=True) as pipe:  # the call's keys: one hash slot
             try:
                 pipe.watch(meta)
                 rec = {_s(k): _s(v) for k, v in pipe.hgetall(meta).items()}
+                since = float(rec.get("inflight") or rec.get("dialing_at") or now)
+                if rec.get("state") == "dialing" and since > now - older_than_s:
+                    # A newer attempt than this entry's time (the entry was read
+                    # before it claimed): not stuck. Keep the entry, at its time.
+                    pipe.unwatch()
+                    conn.zadd(dialing_key(), {call_id: rec.get("inflight") or since}, xx=True)
+                    continue
                 pipe.multi()
-                pipe.zrem(dialing_key(), call_id)
+                if rec.get("state") != "dialing" and rec.get("campaign") and rec.get("state"):
+                    # An outcome whose process died before its index steps: the
+                    # record is the truth, the campaign's index follows it.
+                    side.hset(keys.campaign_key(rec["campaign"], "states"), call_id, rec["state"])
                 if rec.get("state") == "dialing":
-                    since = float(rec.get("inflight") or rec.get("dialing_at") or now)
                     callrecord.set_state(
                         pipe, call_id, "failed", outcome=OUTCOME_UNKNOWN,
                         reason=(f"outcome_unknown: still dialing {now - since:.0f}s after the "
                                 "request went out (its dialer died mid-request); not retried so "
                                 "the callee is not rung twice"),
-                        campaign=rec.get("campaign") or None)
+                        campaign=rec.get("campaign") or None, campaign_pipe=side)
                     callrecord.expire_call(pipe, call_id, FAILED_RECORD_TTL_S)
                     marked.append(call_id)
                 pipe.execute()
             except redis.WatchError:
                 continue  # its outcome arrived just now
+        # Out of the index once the record says so (a crash in between: the
+        # next sweep finds the record failed and only drops the entry).
+        side.zrem(dialing_key(), call_id)
+        side.execute()
     for call_id in marked:
         log.warning("call %s: stuck in dialing; marked failed (outcome unknown)", call_id)
     return marked
@@ -420,6 +465,18 @@ def mark_abandoned(conn: Any, call_id: str, request: Any, why: str) -> str | Non
     return reason
 
 
+def data_connection(queue_conn: Any, settings: Settings | None = None) -> Any:
+    """The Redis of the call records for a job that RQ runs on ``queue_conn``:
+    the same one, unless the dial queue has its own (``PV_QUEUE_REDIS_URL``,
+    e.g. beside a Redis Cluster: RQ needs a plain Redis), then ``REDIS_URL``."""
+    settings = settings or Settings.from_env()
+    if queue_conn is not None and not settings.queue_redis_url:
+        return queue_conn
+    from piopiy_voice.redisconn import connect, resolve_redis_url  # noqa: PLC0415
+
+    return connect(resolve_redis_url(settings.redis_url), socket_timeout=settings.redis_socket_timeout_s)
+
+
 def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, _tb: Any) -> None:
     """RQ ``on_failure`` callback of every dial job."""
     if isinstance(exc_value, DialFailed):
@@ -427,7 +484,8 @@ def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, _tb
     call_id, request = (list(job.args) + [None, None])[:2]
     if call_id:
         name = getattr(exc_type, "__name__", str(exc_type))
-        mark_abandoned(connection, call_id, request, f"{name}: {exc_value}" if str(exc_value) else name)
+        mark_abandoned(data_connection(connection), call_id, request,
+                       f"{name}: {exc_value}" if str(exc_value) else name)
 
 
 def on_horse_killed(job: Any, _retpid: int, ret_val: int, _rusage: Any) -> None:
@@ -435,7 +493,8 @@ def on_horse_killed(job: Any, _retpid: int, ret_val: int, _rusage: Any) -> None:
     failure callback when only the work-horse dies)."""
     call_id, request = (list(job.args) + [None, None])[:2]
     if call_id:
-        mark_abandoned(job.connection, call_id, request, f"work-horse killed (status {ret_val})")
+        mark_abandoned(data_connection(job.connection), call_id, request,
+                       f"work-horse killed (status {ret_val})")
 
 
 def place_call(call_id: str, request: dict[str, Any]) -> dict[str, Any] | Retry:
@@ -445,12 +504,8 @@ def place_call(call_id: str, request: dict[str, Any]) -> dict[str, Any] | Retry:
     ``DialFailed`` when the call is finally not placed (see module docstring).
     """
     job = get_current_job()
-    conn = job.connection if job is not None else None
-    if conn is None:
-        from piopiy_voice.redisconn import connect
-
-        conn = connect()
     settings = Settings.from_env()
+    conn = data_connection(job.connection if job is not None else None, settings)
     keys.validate_call_id(call_id)
     try:
         req = CallRequest.model_validate(request)
