@@ -825,7 +825,7 @@ def run_step(args: argparse.Namespace, n: int, floors: dict[str, int], say=print
     step = Step(args, n, out)
     cmdlog: CommandLog | None = None
     try:
-        cmdlog = CommandLog(step.redis.url, step.gateway_id)
+        cmdlog = CommandLog(step.url, step.gateway_id)
         step.start()
         cmdlog.start()
         k0 = step.key_memory()

@@ -78,9 +78,11 @@ left out for 6379; db only 0; ``Settings`` runs it at start). ``connect`` /
 subclasses ``ClusterClient`` / ``AsyncClusterClient``) with the same socket
 timeouts; ``is_cluster_client`` tells them apart. They route every command by
 its key's slot (``redis.crc.key_slot``: all keys of one call share the hash tag
-``{call_id}``, hence one slot) and follow MOVED / ASK themselves. A command of
-keys in two slots (EVAL, MGET, XREAD of several streams, a
-``pipeline(transaction=True)``) is refused by the client before it is sent.
+``{call_id}``, hence one slot) and follow MOVED / ASK themselves; the keys of
+stream reads and scripts are located from the arguments
+(``piopiy_voice.clusterkeys``), never by asking a node. A command of keys in
+two slots (EVAL, MGET, XREAD of several streams, a ``pipeline(transaction=True)``
+over them) is refused by the client before it is sent.
 Failover: redis-py retries a connection error at once, without a pause, so
 against a dead primary all its tries fail within milliseconds, long before a
 replica is promoted; our subclasses retry such failures (connection error,
