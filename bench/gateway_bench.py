@@ -38,6 +38,27 @@ unmeasured gaps between slices. Printed per phase: the gateway's CPU per frame
 (and per-slice spread), its ratio to the bare receiver and to the other phase,
 the API process's, redis-server's and the listen clients' CPU, the frames the
 listeners received, and the gateway's sent -> Redis latency.
+
+``--speaking K [--compare-rev REV]`` (the outbound side, issue 14): two
+gateway processes side by side on one private redis-server, the working
+tree's and the one of git revision REV (default HEAD, via ``bench/revtree.py``),
+each holding K call sockets that read what the gateway sends (no inbound
+audio: only the playout is measured). The load alternates between them in
+slices: in its slice a gateway gets one ``PlayAudio`` command per call (an
+utterance of ``--utterance`` seconds, written to its command stream over one
+chunk's time, so calls start at spread phases like independent ones) and plays
+them all out; the slice ends once every chunk arrived and the utterances'
+``finished`` reports are due. One unmeasured warm-up slice each, then
+``--seconds`` of measured slices each. A third target in the same rotation, a
+bare sender (``websockets`` on uvloop, one timer writing one pre-built chunk
+to every socket each 40 ms), is the floor: what the socket writes alone cost.
+Printed per target: CPU (user+sys, psutil) per outbound 40 ms chunk and per
+speaking call-second; the working tree's ratio to the revision, and of what
+each adds above the floor; and per gateway the pacing seen by the clients:
+jitter (each chunk's lateness against the earliest chunk of its utterance,
+from the 5th chunk on: the first 4 leave at once within the lead) and
+headroom (how long before its play time a chunk arrived, the first chunk
+playing on arrival, again from the 5th chunk: what the lead has left).
 """
 
 from __future__ import annotations
@@ -93,6 +114,47 @@ def serve_bare() -> None:
                          max_queue=64) as server:
             print(next(iter(server.sockets)).getsockname()[1], flush=True)
             asyncio.get_running_loop().add_signal_handler(_signal.SIGTERM, report)
+            await asyncio.Future()
+
+    uvloop.run(main())
+
+
+# ------------------------------------------------------------- bare sender
+def serve_bare_sender(rate: int) -> None:
+    """The floor of the outbound side: a websockets server on uvloop that, told
+    ``N`` (a binary frame) by a client, writes it N pre-built streamAudio chunks,
+    one every 40 ms: one timer for all sockets, the frame built once, no pacer,
+    no base64, no Redis. What the socket writes themselves cost."""
+    import signal as _signal
+
+    import uvloop
+    from websockets.asyncio.server import serve
+
+    from piopiy_voice.gateway import outbound
+
+    msg = outbound.stream_audio(bytes(rate * 2 * 40 // 1000), rate).encode()
+    left: dict = {}
+
+    def tick(loop, at):
+        for ws, n in list(left.items()):
+            if ws.protocol.state.name != "OPEN" or n <= 0:
+                del left[ws]
+                continue
+            ws.protocol.send_text(msg)
+            ws.send_data()
+            left[ws] = n - 1
+        loop.call_at(at + CHUNK_S, tick, loop, at + CHUNK_S)
+
+    async def handler(ws):
+        async for m in ws:
+            left[ws] = int(m)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=65536) as server:
+            print(next(iter(server.sockets)).getsockname()[1], flush=True)
+            loop.add_signal_handler(_signal.SIGTERM, lambda: os._exit(0))
+            tick(loop, loop.time())
             await asyncio.Future()
 
     uvloop.run(main())
@@ -159,7 +221,10 @@ def serve_listeners() -> None:
 
 # ---------------------------------------------------------- load generator
 class RawClient(asyncio.Protocol):
-    """Minimal WebSocket client: handshake, send pre-framed binary, answer pings."""
+    """Minimal WebSocket client: handshake, send pre-framed binary, answer pings;
+    ``on_text(payload)`` (if set) gets every text message."""
+
+    on_text = None
 
     def __init__(self, host: str, path: str) -> None:
         self.host, self.path = host, path
@@ -202,7 +267,9 @@ class RawClient(asyncio.Protocol):
             if len(self.buf) < off + n:
                 return
             payload, self.buf = self.buf[off:off + n], self.buf[off + n:]
-            if op == 0x9:  # ping -> pong
+            if op == 0x1 and self.on_text is not None:
+                self.on_text(payload)
+            elif op == 0x9:  # ping -> pong
                 self.transport.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
             elif op == 0x8 and not self.closed.done():
                 self.closed.set_result(payload[:2])
@@ -548,6 +615,211 @@ def main_listeners(args) -> int:
     return 0 if lost == 0 else 1
 
 
+# ------------------------------------------------------- outbound (--speaking)
+CHUNK_S = 0.040
+#: Chunks 0-2 of an utterance leave at once (the default 100 ms lead); pacing
+#: jitter is measured from the 5th on.
+STEADY_FROM = 4
+TICKS = "pv_gateway_playout_ticks_total"
+
+
+class Speaker:
+    """One gateway under the outbound load: its process, command stream and calls."""
+
+    def __init__(self, label: str, gid: str, port: int, proc: subprocess.Popen,
+                 bare: bool = False) -> None:
+        self.label, self.gid, self.port, self.popen = label, gid, port, proc
+        self.bare = bare                       # the bare sender: told over its sockets
+        self.proc = psutil.Process(proc.pid)
+        self.clients: list[RawClient] = []
+        self.arrivals: list[list[float]] = []
+        self.cpu_s = self.user_s = 0.0
+        self.chunks = 0
+        self.call_s = 0.0
+        self.slices: list[float] = []          # us CPU per chunk of each measured slice
+        self.jitter: list[float] = []          # s, every steady chunk
+        self.headroom: list[float] = []        # s, every steady chunk
+        self.missing = 0
+        self.wakes = 0.0                       # playout tick wakes (nan: no tick in this code)
+
+
+def _metric(port: int, family: str) -> float:
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    m = re.search(rf"^{family} ([0-9.e+]+)$", body, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+async def _speak(targets: list[Speaker], redis_url: str, k: int, rate: int, seconds: float,
+                 utterance_s: float) -> None:
+    from piopiy_voice import contracts as c
+    from piopiy_voice import keys
+    from piopiy_voice.redisconn import connect_async
+    from piopiy_voice.signing import sign_stream_url
+
+    loop = asyncio.get_running_loop()
+    r = connect_async(redis_url)
+    size = int(rate * 2 * utterance_s) & ~1
+    pcm = (bytes(range(256)) * (size // 256 + 1))[:size]
+    chunk_bytes = rate * 2 * 40 // 1000
+    per_call = -(-len(pcm) // chunk_bytes)
+    sem = asyncio.Semaphore(20)
+    for t in targets:
+        t.arrivals = [[] for _ in range(k)]
+
+        async def open_one(i: int, t: Speaker = t) -> RawClient:
+            path = f"/x/{i}" if t.bare else sign_stream_url(
+                f"ws://127.0.0.1:{t.port}", f"{t.gid}-{i}", SECRET,
+                params={"rate": str(rate), "mode": "callee"}).split(f":{t.port}", 1)[1]
+            async with sem:
+                _, cl = await loop.create_connection(
+                    lambda: RawClient(f"127.0.0.1:{t.port}", path), "127.0.0.1", t.port)
+                await asyncio.wait_for(cl.ready, 10)
+            cl.on_text = lambda _payload, a=t.arrivals[i], now=time.monotonic: a.append(now())
+            return cl
+
+        t.clients = list(await asyncio.gather(*(open_one(i) for i in range(k))))
+    await asyncio.sleep(1.0)  # calls started, records written
+    measured = max(1, round(seconds / utterance_s))
+    schedule = list(targets) + [t for _ in range(measured) for t in targets]
+    for n, t in enumerate(schedule):
+        measure = n >= len(targets)
+        cmds = keys.gateway_commands(t.gid)
+        fields = [c.encode(c.PlayAudio(call_id=f"{t.gid}-{i}", pcm=pcm, rate=rate)) for i in range(k)]
+        for a in t.arrivals:
+            a.clear()
+        if measure and not t.bare:
+            w0 = await asyncio.to_thread(_metric, t.port, TICKS)
+        c0 = t.proc.cpu_times()
+        groups = 8  # commands spread over one chunk's time: calls at independent phases
+        if t.bare:
+            for cl in t.clients:
+                cl.send_frame(b"%d" % per_call)
+        for g in range(0 if t.bare else groups):
+            async with r.pipeline(transaction=False) as p:
+                for f in fields[g::groups]:
+                    p.xadd(cmds, f)
+                await p.execute()
+            await asyncio.sleep(CHUNK_S / groups)
+        deadline = time.monotonic() + utterance_s + 10
+        while any(len(a) < per_call for a in t.arrivals) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)   # past the last utterance's end: its finished report is out
+        c1 = t.proc.cpu_times()
+        if not measure:
+            continue
+        if not t.bare:
+            t.wakes += await asyncio.to_thread(_metric, t.port, TICKS) - w0
+        cpu = (c1.user + c1.system) - (c0.user + c0.system)
+        got = sum(len(a) for a in t.arrivals)
+        t.missing += k * per_call - got
+        t.cpu_s += cpu
+        t.user_s += c1.user - c0.user
+        t.chunks += got
+        t.call_s += k * len(pcm) / (2 * rate)
+        t.slices.append(cpu / max(1, got) * 1e6)
+        for a in t.arrivals:
+            if not a or t.bare:
+                continue
+            offsets = [at - j * CHUNK_S for j, at in enumerate(a)]
+            steady = offsets[STEADY_FROM:]
+            if steady:
+                first = min(steady)
+                t.jitter += [o - first for o in steady]
+            t.headroom += [a[0] - o for o in offsets[STEADY_FROM:]]
+    for t in targets:
+        await asyncio.gather(*(cl.close() for cl in t.clients))
+    await r.aclose()
+
+
+def main_speaking(args) -> int:
+    """``--speaking K``: the working tree's playout against revision ``--compare-rev``."""
+    import urllib.request
+
+    import uvloop
+
+    from revtree import package_root
+
+    from piopiy_voice.redisconn import EmbeddedRedis, free_port
+
+    k, rev = args.speaking, args.compare_rev or "HEAD"
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    code = package_root(rev)
+    la = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; "
+          f"{k} speaking calls per gateway at {args.rate} Hz, {args.utterance:g} s utterances, "
+          f"{args.seconds:g} s measured per gateway, slices alternating")
+    redis = EmbeddedRedis()
+    targets: list[Speaker] = []
+    try:
+        for label, gid, path in (("working tree", "bench-tree", str(ROOT)),
+                                 (f"revision {rev} ({sha})", "bench-rev", f"{code}{os.pathsep}{ROOT}")):
+            port = free_port()
+            env = dict(os.environ, REDIS_URL=redis.url, PV_SIGNING_SECRET=SECRET,
+                       PV_LOG_LEVEL="WARNING", PYTHONPATH=path)
+            where = subprocess.run([sys.executable, "-c", "import piopiy_voice.gateway.registry as m; "
+                                    "print(m.__file__)"], env=env, capture_output=True, text=True,
+                                   cwd="/").stdout.strip()
+            print(f"{label:<28}: gateway code from {where}")
+            proc = _child([sys.executable, "-m", "piopiy_voice.gateway.server", "--port", str(port),
+                           "--gateway-id", gid], env=env, stdout=subprocess.DEVNULL, stderr=None)
+            targets.append(Speaker(label, gid, port, proc))
+        for t in targets:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{t.port}/healthz", timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or t.popen.poll() is not None:
+                        raise RuntimeError(f"{t.label}: gateway did not start")
+                    time.sleep(0.1)
+        bare = _child([sys.executable, __file__, "--serve-bare-sender", "--rate", str(args.rate)],
+                      stderr=None)
+        try:
+            targets.append(Speaker("bare sender (floor)", "bare", int(bare.stdout.readline()),
+                                   bare, bare=True))
+        except (ValueError, OSError):
+            _stop(bare)
+            raise
+        uvloop.run(_speak(targets, redis.url, k, args.rate, args.seconds, args.utterance))
+    finally:
+        for t in targets:
+            _stop(t.popen)
+        redis.close()
+
+    per = {}
+    for t in targets:
+        us = per[t.label] = t.cpu_s / max(1, t.chunks) * 1e6
+        sl = sorted(t.slices)
+        jit, head = sorted(t.jitter), sorted(t.headroom)
+        print(f"{t.label:<28}: {us:6.1f} us CPU per outbound chunk "
+              f"(user {t.user_s / max(1, t.chunks) * 1e6:.1f}), "
+              f"{t.cpu_s / t.call_s * 1e3:6.3f} ms CPU per speaking call-second "
+              f"({t.chunks} chunks, {len(sl)} slices: min {sl[0]:.1f} median "
+              f"{statistics.median(sl):.1f} max {sl[-1]:.1f} us/chunk; {t.missing} chunks missing)")
+        if t.bare:
+            continue
+        print(f"{'':<28}  pacing: jitter p50 {_pct(jit, .5) * 1e3:.1f} ms, "
+              f"p99 {_pct(jit, .99) * 1e3:.1f} ms, "
+              f"max {jit[-1] * 1e3:.1f} ms; headroom min {head[0] * 1e3:.1f} ms, "
+              f"p1 {_pct(head, .01) * 1e3:.1f} ms, p50 {_pct(head, .5) * 1e3:.1f} ms")
+    new, old, floor = (per[t.label] for t in targets)
+    print(f"ratio working tree / {rev:<9}: {new / old:.3f}x CPU per chunk "
+          f"({new - old:+.1f} us per chunk); above the bare sender: {new - floor:.1f} us "
+          f"vs {old - floor:.1f} us per chunk ({(new - floor) / (old - floor):.3f}x)")
+    for t in targets:
+        if t.wakes == t.wakes and not t.bare:  # nan: this code has no playout tick
+            print(f"{t.label:<28}: {t.wakes:.0f} playout tick wakes in the measured slices, "
+                  f"{t.chunks / max(1.0, t.wakes):.1f} chunks per wake, "
+                  f"{t.wakes / (t.call_s / k):.1f} wakes per second of playout")
+    la = os.getloadavg()
+    print(f"load avg after run          : {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    return 0 if all(t.missing == 0 for t in targets) else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=300)
@@ -558,15 +830,28 @@ def main(argv=None) -> int:
                          "to K listen sockets (two phases alternating on the same gateway)")
     ap.add_argument("--cluster", action="store_true",
                     help="write to a local Redis Cluster (3 primaries + replicas) instead of one redis-server")
+    ap.add_argument("--speaking", type=int, default=0, metavar="K",
+                    help="outbound mode: K calls kept speaking by PlayAudio commands on the working "
+                         "tree's gateway and on --compare-rev's, slices alternating")
+    ap.add_argument("--compare-rev", metavar="REV",
+                    help="with --speaking: the git revision to compare against (default HEAD)")
+    ap.add_argument("--utterance", type=float, default=3.0,
+                    help="with --speaking: seconds of audio per PlayAudio (one per call per slice)")
     ap.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-bare-sender", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-listeners", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_bare:
         serve_bare()
         return 0
+    if args.serve_bare_sender:
+        serve_bare_sender(args.rate)
+        return 0
     if args.serve_listeners:
         serve_listeners()
         return 0
+    if args.speaking:
+        return main_speaking(args)
     if not 0 <= args.listeners <= args.calls:
         ap.error("--listeners must be between 0 and --calls")
     if args.listeners:

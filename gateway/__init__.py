@@ -5,10 +5,11 @@ Where things live (one owner for each piece of a call's state):
                   dropped-frame (gap) accounting, text events, the one switch
                   on command type -> Outcome (messages, entries, what to do)
     pacing.py     Pacer, the sans-I/O playout queue and pacing clock
+    playout.py    PlayoutTick: one timer paces every speaking call's audio
     registry.py   Registry of live calls (attach / replace / detach / end; the
                   one holder of "which gateway holds this call") and LiveCall
                   (session + current socket: publish_frame, hot-path sink,
-                  the playout task)
+                  its step of the playout tick: play_due)
     handshake.py  Handshake: routes, signature and limits before the upgrade;
                   Admission (what the socket is, where its seq resumes)
     dispatch.py   Dispatcher: commands -> Outcome carried out -> CommandResult
@@ -19,7 +20,8 @@ Where things live (one owner for each piece of a call's state):
                   ``Publisher(url)`` builds for a cluster URL): one buffer and
                   connection per primary, entries routed by hash slot,
                   MOVED/ASK, failover and resharding followed
-    connection.py DirectConnection: frames handed to the call synchronously
+    connection.py DirectConnection: frames handed to the call, and the playout's
+                  messages written, synchronously
     outbound.py   the exact JSON the platform understands on the live socket
     server.py     Gateway (wires the above into a websockets server) and
                   ``main`` (piopiy-voice gateway)

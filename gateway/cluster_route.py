@@ -98,7 +98,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from typing import Any, Iterable, Sequence
 
@@ -106,7 +105,7 @@ import hiredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
 from redis.crc import key_slot
 
-from piopiy_voice.redisconn import RedisTls, parse_cluster_url, ssl_context, tls_error
+from piopiy_voice.redisconn import RedisTls, parse_cluster_url, ssl_context
 
 from .publisher import IDLE_PING_S, Publisher, append_audio, resp
 
@@ -538,31 +537,7 @@ class ClusterPublisher(Publisher):
     async def _open(self, addr: Addr, extra: list[bytes] | None = None) -> tuple[Any, Any]:
         """Connect (TLS, AUTH) and PING: (reader, writer); with ``extra``
         commands, (the last one's reply, writer)."""
-        host, port = addr
-        if self._ssl is not None:
-            fut = asyncio.open_connection(host, port, ssl=self._ssl, server_hostname=host)
-        else:
-            fut = asyncio.open_connection(host, port)
-        try:
-            reader, writer = await asyncio.wait_for(fut, self.connect_timeout)
-        except ssl.SSLError as exc:
-            raise tls_error(exc, host, port) from None
-        hello = []
-        user, password = self._auth
-        if password:
-            hello.append(resp("AUTH", user, password) if user else resp("AUTH", password))
-        hello.append(resp("PING"))
-        hello += extra or []
-        writer.write(b"".join(hello))
-        try:
-            replies = await self._replies(reader, hiredis.Reader(), len(hello))
-        except BaseException:
-            writer.close()
-            raise
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                writer.close()
-                raise ConnectionError(f"redis handshake with {host}:{port} failed: {reply}")
+        reader, writer, replies = await self._greet(*addr, [resp("PING"), *(extra or [])])
         if extra:
             return replies[-1], writer
         return reader, writer

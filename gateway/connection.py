@@ -1,4 +1,5 @@
-"""The socket side of the hot path: frames handed to the call without a task switch."""
+"""The socket side of the hot path: frames handed to the call, and the call's
+audio written to the socket, without a task switch."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 log = logging.getLogger("gateway")
+
+#: ``DirectConnection.write_state``: write now / hold (the peer is not reading) / gone.
+WRITE_OPEN, WRITE_FULL, WRITE_CLOSED = "open", "full", "closed"
 
 
 class DirectConnection(ServerConnection):
@@ -26,6 +31,14 @@ class DirectConnection(ServerConnection):
     limit are still handled by the protocol. Text that is not UTF-8 is passed
     on as ``None`` (counted as malformed) rather than failing the connection
     with 1007: a text frame must never end a call.
+
+    The other way, ``write_texts`` writes the playout tick's messages with no
+    coroutine per message: the frames are built by the protocol and handed to
+    the transport at once, as ``websockets``' own ``broadcast`` does, under the
+    same rules (the connection open, no fragmented message being sent). What
+    ``send()`` would then do (wait while the write buffer is above its
+    high-water mark) is the caller's to do: ``write_state`` says ``full`` and
+    the caller holds its audio instead of buffering it.
 
     ``gate`` (the gateway's ``Handshake``, set on a per-gateway subclass) is told
     when the connection opens (it may refuse: too many handshakes pending),
@@ -106,3 +119,30 @@ class DirectConnection(ServerConnection):
             self.sink(binary, msg)  # type: ignore[misc]
         except Exception:  # a bug in one call must not break the transport callback
             log.exception("socket sink failed")
+
+    # ------------------------------------------------------------- writes
+    def write_state(self) -> str:
+        """``WRITE_OPEN``: write now; ``WRITE_FULL``: more than the write limit
+        (websockets' ``write_limit``, where ``send()`` would block) waits in
+        the transport, or a fragmented send is under way: hold; ``WRITE_CLOSED``:
+        closing or closed, nothing more goes out."""
+        if self.protocol.state is not State.OPEN or self.transport.is_closing():
+            return WRITE_CLOSED
+        # (getattr: websockets < 16 names the fragmented-send future otherwise;
+        # the gateway never fragments, so there it is only a safety net.)
+        if (getattr(self, "send_in_progress", None) is not None
+                or self.transport.get_write_buffer_size() > self.write_limit_high):
+            return WRITE_FULL
+        return WRITE_OPEN
+
+    def write_texts(self, texts: list[str]) -> None:
+        """Write text messages now, in order, without awaiting (only after
+        ``write_state()`` said ``WRITE_OPEN`` in the same loop turn)."""
+        send_text = self.protocol.send_text
+        for text in texts:
+            send_text(text.encode())
+        try:
+            self.send_data()
+        except Exception as exc:  # noqa: BLE001 - what send() does: the connection is broken
+            self.set_connection_exc(exc)
+            self.transport.abort()

@@ -5,7 +5,7 @@ command, drops duplicates (by ``command_id``, last 10 000 remembered), refuses
 commands for calls this gateway does not hold (never touching another call's
 socket) and queues the rest on their call. One task per call with pending
 commands applies them in order: the call's ``CallSession`` decides
-(``Outcome``: messages, entries, and whether to cut or wake the playout loop
+(``Outcome``: messages, entries, and whether to cut or wake the call's playout
 or close the socket after a grace), this module only carries that out, then
 publishes a ``CommandResult`` to the call's stream and to ``reply_to``, plus a
 timeline line per applied command. Nothing here switches on command type.
@@ -20,7 +20,7 @@ while another gateway may be resuming the call.
 The reader never waits for a socket, so a peer that stops reading (its send
 blocks up to ``SEND_TIMEOUT_S``) delays only its own call's commands; at most
 ``MAX_PENDING_COMMANDS`` wait per call, more are rejected. Audio is written to
-a socket only by that call's playout loop (``LiveCall.start_playout``).
+a socket only by the gateway's playout tick (``playout.py``; ``LiveCall.start_playout``).
 """
 
 from __future__ import annotations

@@ -87,6 +87,15 @@ COUNTERS: dict[str, CounterSpec] = {
     "messages_out": CounterSpec(P + "messages_sent_total", "messages sent to the platform"),
     "send_timeouts": CounterSpec(P + "send_timeouts_total",
                                  "sockets closed because the platform stopped reading (send timed out)"),
+    # The playout tick (gateway/playout.py)
+    "playout_ticks": CounterSpec(P + "playout_ticks_total",
+                                 "wakes of the playout tick (each serves every speaking call due)"),
+    "playout_held": CounterSpec(P + "playout_held_total",
+                                "times a speaking call's audio was held back because its socket's "
+                                "write buffer was above the high-water mark (the platform is not reading)"),
+    "playout_errors": CounterSpec(P + "playout_errors_total",
+                                  "times serving one call's playout raised (logged; that call's "
+                                  "playout stopped, the others went on)"),
     "reply_to_refused": CounterSpec(P + "commands_total", _COMMANDS_HELP,
                                     {"outcome": "bad_reply_to"}),
     "commands_oversize": CounterSpec(P + "commands_total", _COMMANDS_HELP,
@@ -136,6 +145,7 @@ GAUGE_HELP = {
     "writer_alive": "1 while the Redis writer task runs",
     "calls_suspended": "calls whose socket dropped, held resumable for the reconnect grace",
     "handshakes_pending": "connections still in the HTTP handshake",
+    "calls_speaking": "calls with outbound audio queued or playing (on the playout tick)",
 }
 
 for _spec in COUNTERS.values():

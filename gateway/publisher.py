@@ -425,6 +425,28 @@ class Publisher:
         path, host, port = self._addr
         if self._locate is not None:
             host, port = await asyncio.wait_for(self._locate(), self.connect_timeout)
+        commands = [resp("SELECT", self._db)] if self._db else []
+        # A PING answered: Redis is really there (a TCP connect proves nothing,
+        # e.g. a stopped server's socket still accepts).
+        commands.append(resp("PING"))
+        if self._locate is not None:
+            # The sentinels may lag behind a failover: only a primary takes writes.
+            commands.append(resp("ROLE"))
+        reader, writer, replies = await self._greet(host, port, commands, path=path)
+        if self._locate is not None:
+            if not (replies[-1] and replies[-1][0] == b"master"):
+                writer.close()
+                raise ConnectionError(f"{host}:{port} is not the primary (ROLE {replies[-1][:1]!r})")
+            self._primary, self._primary_moved = (host, port), False
+        return reader, writer
+
+    async def _greet(self, host: str, port: int, commands: list[bytes], *,
+                     path: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list]:
+        """The one connection handshake of both writers: connect (a unix
+        socket, TLS or plain TCP, within ``connect_timeout``), AUTH when a
+        password is set, then ``commands``, pipelined in one write. Any error
+        reply fails the handshake (``ConnectionError``, the socket closed).
+        Returns (reader, writer, the replies to ``commands``)."""
         if path:
             fut = asyncio.open_unix_connection(path)
         elif self._ssl is not None:
@@ -439,31 +461,19 @@ class Publisher:
         user, password = self._auth
         if password:
             hello.append(resp("AUTH", user, password) if user else resp("AUTH", password))
-        if self._db:
-            hello.append(resp("SELECT", self._db))
-        # A PING answered: Redis is really there (a TCP connect proves nothing,
-        # e.g. a stopped server's socket still accepts).
-        hello.append(resp("PING"))
-        if self._locate is not None:
-            # The sentinels may lag behind a failover: only a primary takes writes.
-            hello.append(resp("ROLE"))
+        hello += commands
         writer.write(b"".join(hello))
-        rd = hiredis.Reader()
         try:
-            replies = await self._replies(reader, rd, len(hello))
+            replies = await self._replies(reader, hiredis.Reader(), len(hello))
         except BaseException:
             writer.close()
             raise
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 writer.close()
-                raise ConnectionError(f"redis handshake failed: {reply}")
-        if self._locate is not None and not (replies[-1] and replies[-1][0] == b"master"):
-            writer.close()
-            raise ConnectionError(f"{host}:{port} is not the primary (ROLE {replies[-1][:1]!r})")
-        if self._locate is not None:
-            self._primary, self._primary_moved = (host, port), False
-        return reader, writer
+                where = path or f"{host}:{port}"
+                raise ConnectionError(f"redis handshake with {where} failed: {reply}")
+        return reader, writer, replies[len(hello) - len(commands):]
 
     async def _replies(self, reader: asyncio.StreamReader, rd: Any, n: int) -> list:
         out = []

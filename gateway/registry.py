@@ -39,8 +39,13 @@ seq, gap accounting, the writer's buffer); ``sink`` is the per-socket hot path
 that ``DirectConnection`` calls for every frame. It also enforces the call's
 ingress limits (bytes, frames and text frames per second): past one, it stops
 reading the socket until the second is over, so TCP back-pressure slows the
-flooding peer and no one else (nothing is dropped for it). ``start_playout`` / ``cut_playout`` own the call's one
-playout task, the only writer of audio to its socket.
+flooding peer and no one else (nothing is dropped for it).
+
+Playout: ``start_playout`` / ``cut_playout`` put the call on and take it off
+the gateway's one ``PlayoutTick`` (``playout.py``; the registry owns it), the
+only writer of audio to the call's socket; ``play_due`` is one step of it for
+this call: pump the session, write what it released, publish the reports,
+or hold everything while the platform is not reading.
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ from websockets.exceptions import ConnectionClosed
 from piopiy_voice import callrecord, contracts, keys
 from piopiy_voice.settings import Settings
 
+from .connection import WRITE_CLOSED, WRITE_FULL
 from .handshake import Admission
 from .metrics import Metrics
+from .playout import PlayoutTick
 from . import resume
 from .publisher import Publisher
 from .session import CallSession
@@ -65,6 +72,9 @@ from .session import CallSession
 log = logging.getLogger("gateway")
 
 CLOSE_REPLACED = 4000
+#: A held call (its socket's write buffer above the high-water mark) is asked
+#: again after this long: one 40 ms chunk.
+HELD_RETRY_S = 0.040
 
 
 async def close_ws(ws: ServerConnection, code: int, reason: str) -> None:
@@ -78,11 +88,11 @@ async def close_ws(ws: ServerConnection, code: int, reason: str) -> None:
 class LiveCall:
     """A session bound to its current socket."""
 
-    __slots__ = ("session", "ws", "campaign", "drained", "done", "playout", "kick",
-                 "resume_by", "rate_limits", "_publisher", "_metrics", "_prefix", "_add_audio")
+    __slots__ = ("session", "ws", "campaign", "drained", "done", "resume_by", "rate_limits",
+                 "_publisher", "_metrics", "_prefix", "_add_audio", "_tick")
 
     def __init__(self, session: CallSession, ws: Any, campaign: str | None,
-                 publisher: Publisher, metrics: Metrics) -> None:
+                 publisher: Publisher, metrics: Metrics, tick: PlayoutTick) -> None:
         self.session = session
         self.ws = ws
         self.campaign = campaign
@@ -90,9 +100,6 @@ class LiveCall:
         self.drained = False
         #: Set when the call has left the registry.
         self.done = asyncio.Event()
-        self.playout: asyncio.Task | None = None
-        #: Set when new audio is queued, to wake the sleeping playout loop early.
-        self.kick = asyncio.Event()
         #: While suspended (``ws`` None): wall time the grace ends.
         self.resume_by: float | None = None
         #: (bytes, frames, text frames) allowed per second on the socket.
@@ -101,6 +108,7 @@ class LiveCall:
         self._metrics = metrics
         self._prefix = publisher.audio_prefix(session.call_id)
         self._add_audio = publisher.add_audio
+        self._tick = tick
 
     @property
     def call_id(self) -> str:
@@ -198,6 +206,7 @@ class LiveCall:
 
     # ---------------------------------------------------------------- playout
     async def send(self, texts: list[str]) -> None:
+        """A command's messages (the dispatcher's), each awaited like any send."""
         for text in texts:
             ws = self.ws
             if ws is None:
@@ -205,41 +214,35 @@ class LiveCall:
             await ws.send(text)
             self._metrics.c["messages_out"] += 1
 
-    def cut_playout(self) -> None:
-        if self.playout is not None and not self.playout.done():
-            self.playout.cancel()
-        self.playout = None
-
     def start_playout(self) -> None:
-        # Never restart a running loop: cancelling it mid-send could lose a chunk
-        # the session already counts as sent. Wake it instead.
-        if self.playout is not None and not self.playout.done():
-            self.kick.set()
-            return
-        self.playout = asyncio.get_running_loop().create_task(self._playout())
+        """Audio was queued: serve it now and keep the call on the playout tick."""
+        self._tick.wake(self)
 
-    async def _playout(self) -> None:
-        """The only writer of a call's audio: releases chunks as they fall due."""
-        loop = asyncio.get_running_loop()
-        s = self.session
-        while True:
-            self.kick.clear()
-            messages, entries, wake = s.pump(loop.time())
-            for e in entries:
-                self.publish(e)
-            try:
-                await self.send(messages)
-            except (ConnectionClosed, ConnectionError):
-                return
-            if self.kick.is_set():
-                continue
-            if wake is None:
-                return
-            try:
-                async with asyncio.timeout(max(0.0, wake - loop.time())):
-                    await self.kick.wait()
-            except TimeoutError:
-                pass
+    def cut_playout(self) -> None:
+        """The queue was dropped or the socket is gone: off the playout tick."""
+        self._tick.cut(self)
+
+    def play_due(self, now: float) -> float | None:
+        """One playout step (the tick's): returns when to step again, None when
+        there is nothing left to play or no socket to play it on."""
+        ws = self.ws
+        if ws is None:
+            return None  # suspended: the queue was cut with the socket
+        state = ws.write_state()
+        if state == WRITE_CLOSED:
+            return None  # the handler's detach ends or suspends the call
+        if state == WRITE_FULL:
+            # The platform is not reading: release nothing (the Pacer's clock
+            # waits, nothing is lost) rather than buffer audio without bound.
+            self._metrics.c["playout_held"] += 1
+            return now + HELD_RETRY_S
+        messages, entries, wake = self.session.pump(now)
+        for e in entries:
+            self.publish(e)
+        if messages:
+            ws.write_texts(messages)
+            self._metrics.c["messages_out"] += len(messages)
+        return wake
 
 
 class Registry:
@@ -254,6 +257,8 @@ class Registry:
         self._calls: dict[str, LiveCall] = {}
         #: Calls held here without a socket (suspended), by id.
         self._suspended: dict[str, LiveCall] = {}
+        #: Paces every speaking call's audio (``playout.py``).
+        self.playout = PlayoutTick(lead_ms=settings.playout_lead_ms, metrics=metrics)
 
     def get(self, call_id: str) -> LiveCall | None:
         return self._calls.get(call_id)
@@ -279,7 +284,7 @@ class Registry:
 
     # ---------------------------------------------------------------- attach
     def _new_live(self, session: CallSession, ws: Any, campaign: str | None) -> LiveCall:
-        live = LiveCall(session, ws, campaign, self.publisher, self.metrics)
+        live = LiveCall(session, ws, campaign, self.publisher, self.metrics, self.playout)
         s = self.settings
         live.rate_limits = (s.ingress_bytes_per_s, s.ingress_frames_per_s, s.ingress_text_per_s)
         return live

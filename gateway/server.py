@@ -12,8 +12,9 @@ A thin asyncio shell (``websockets`` server) that wires the gateway's parts:
   wake-up per frame;
 * one ``CommandReader`` task hands commands to the ``Dispatcher``
   (``dispatch.py``), which applies them to the calls this gateway holds and
-  answers each with a ``CommandResult``; a playout task per call (only while
-  it has audio queued) paces ``streamAudio``;
+  answers each with a ``CommandResult``; one playout tick for all calls
+  (``playout.py``: a timer, armed only while some call has audio queued)
+  paces ``streamAudio``, as the writer's one flusher serves the inbound side;
 * a heartbeat task keeps ``keys.gateway_heartbeat`` alive and the gateway in
   ``GATEWAYS_ZSET``, gives this gateway's command stream a TTL (so a dead
   gateway's stream expires) and trims it by time (``COMMAND_KEEP_S`` behind
@@ -118,6 +119,7 @@ class Gateway:
         self.metrics.gauge("writer_alive", lambda: float(self.publisher.alive))
         self.metrics.gauge("calls_suspended", lambda: self.registry.suspended_count)
         self.metrics.gauge("handshakes_pending", lambda: self.handshake.pending)
+        self.metrics.gauge("calls_speaking", lambda: len(self.registry.playout))
         self._beats = 0
 
     def _writer_state(self) -> tuple[bool, str]:
@@ -231,6 +233,7 @@ class Gateway:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatch.close()
+        self.registry.playout.close()
         await self.publisher.close()
         try:
             await self.redis.delete(keys.gateway_heartbeat(self.gateway_id),

@@ -29,9 +29,9 @@ socket, a clock or Redis.
   a ``PlatformEvent``; anything else is reported as malformed, never raised.
 * Commands. ``apply`` is the one switch on command type: it turns a command
   into the exact text messages for the platform (``outbound``), the entries to
-  publish, and what the shell must do around them (``Outcome``: cut the
-  playout loop, wake it, close the socket after a while), or rejects it with a
-  reason. ``PlayAudio`` at 32 kHz is resampled to 16 kHz here, inline
+  publish, and what the shell must do around them (``Outcome``: take the
+  call off the playout tick, wake it, close the socket after a while), or
+  rejects it with a reason. ``PlayAudio`` at 32 kHz is resampled to 16 kHz here, inline
   (streamAudio takes 8000|16000; resampling is cheap).
 * Playout. Queued audio is paced by ``pacing.Pacer``; ``pump(now)`` releases
   what is due and reports it as ``Playout`` entries.
@@ -70,9 +70,9 @@ class Outcome:
     reason: str = ""
     messages: list[str] = field(default_factory=list)
     entries: list[Any] = field(default_factory=list)
-    #: Start (or wake) the playout loop after sending ``messages``.
+    #: Put the call on (or wake it on) the playout tick after sending ``messages``.
     wake_playout: bool = False
-    #: The queued audio was dropped: stop the playout loop (before sending).
+    #: The queued audio was dropped: take the call off the playout tick (before sending).
     cut_playout: bool = False
     #: The platform should close the socket now; close it ourselves if it has
     #: not after a grace.
@@ -223,8 +223,8 @@ class CallSession:
         refused = self._pacer.enqueue(cmd.utterance_id, pcm, rate, now)
         if refused:
             return Outcome("rejected", refused)
-        # The shell's playout loop releases the chunks (``pump``), so that one
-        # task alone writes audio to the socket, in order.
+        # The shell's playout tick releases the chunks (``pump``), so that it
+        # alone writes audio to the socket, in order.
         return Outcome("applied", wake_playout=True)
 
     def _interrupt(self, cmd: Any, now: float) -> Outcome:

@@ -32,6 +32,14 @@ class FakeWs:
         self.sent.append(text)
         self.got.set()
 
+    # The playout tick writes audio synchronously (DirectConnection's API).
+    def write_state(self):
+        return "full" if self.stall else "open"
+
+    def write_texts(self, texts):
+        self.sent += texts
+        self.got.set()
+
 
 def _closed_port() -> int:
     with socket.socket() as s:
