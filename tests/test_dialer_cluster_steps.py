@@ -1,11 +1,13 @@
-"""More of the dialer on a Redis Cluster (beside ``test_dialer_cluster``): real
-RQ worker processes whose queue lives on a plain Redis (``PV_QUEUE_REDIS_URL``:
-the session's EmbeddedRedis) while every call record, campaign index and the
-dialer's own keys live on the local cluster. Calls of many slots and three
-campaigns, retries and refusals, a work-horse killed mid-request; and the
-steps that replaced the cross-slot transactions: racing enqueuers of one
-idempotency key push one job, the sweep repairs the indexes from the record
-and never fails an attempt younger than its threshold."""
+"""The dialer on a Redis Cluster: real RQ worker processes whose queue lives on
+a plain Redis (``PV_QUEUE_REDIS_URL``: the session's EmbeddedRedis) while every
+call record, campaign index and the dialer's own keys live on the local
+cluster. One call and calls of many slots and three campaigns, a re-sent
+request whose job was lost, retries and refusals, a work-horse killed
+mid-request, a cluster without a queue URL refused, one cluster client per
+in-process dialer (not one per call); and the steps that replaced the
+cross-slot transactions: racing enqueuers of one idempotency key push one
+job, the sweep repairs the indexes from the record and never fails an attempt
+younger than its threshold."""
 
 from __future__ import annotations
 
@@ -14,16 +16,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
 import pytest
+import redis
 from redis.crc import key_slot
 from rq import Queue
 from rq.job import Job
+from rq.suspension import resume, suspend
+from rq.worker import Worker
 
 import workers_support  # tests/ is on the path (rootdir conftest)
 from piopiy_voice import callrecord, keys
+from piopiy_voice.errors import PiopiyConfigError
 from piopiy_voice.settings import Settings
 from piopiy_voice.workers.dialer import api as dialer_api
 from piopiy_voice.workers.dialer import enqueue_call
@@ -72,13 +79,16 @@ def q(r):
 def workers(env, tmp_path):
     procs = []
 
-    def start(n=1, **extra):
+    def start(n=1, fork=False, **extra):
+        """``n`` dialer processes; ``fork``: a work-horse per job (``--fork``);
+        ``extra``: environment variables."""
         e = dict(env, **extra)
         started = []
         for _ in range(n):
             log = open(tmp_path / f"dialer{len(procs)}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, "-m", "piopiy_voice.cli", "dialer"],
-                                           cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT), log))
+            cmd = [sys.executable, "-m", "piopiy_voice.cli", "dialer"] + (["--fork"] if fork else [])
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=log,
+                                           stderr=subprocess.STDOUT), log))
             started.append(procs[-1][0])
         return started
 
@@ -100,6 +110,93 @@ def meta(rc, call_id):
 
 def state_is(rc, call_id, *states):
     return lambda: meta(rc, call_id).get("state") in states
+
+
+def test_calls_are_placed_with_the_records_on_the_cluster_and_the_queue_apart(rc, q, piopiy, workers,
+                                                                               settings):
+    res = enqueue_call(rc, to=TO, campaign="spring", settings=settings)
+    # The record is on the cluster, the job on the queue's own Redis.
+    assert meta(rc, res.call_id)["state"] == "queued"
+    assert Job.exists(res.job_id, connection=q)
+    assert not q.exists(keys.call_meta(res.call_id))
+    workers(1)
+    wait_for(state_is(rc, res.call_id, "placed", "failed"), what="call placed")
+    rec = meta(rc, res.call_id)
+    assert rec["state"] == "placed" and rec["request_id"] == "req-1", rec
+    assert "inflight" not in rec and piopiy.count() == 1
+    events = [f[b"event"].decode() for _, f in rc.xrange(keys.call_timeline(res.call_id))]
+    assert events == ["state.dialing", "state.placed"]
+    assert rc.hget(keys.campaign_key("spring", "states"), res.call_id) == b"placed"
+    assert rc.zscore(dialing_key(), res.call_id) is None
+
+
+def test_a_resent_request_whose_job_was_lost_is_queued_again_and_rings_once(rc, q, piopiy, workers,
+                                                                            settings):
+    first = enqueue_call(rc, to=TO, settings=settings, idempotency_key="order-17")
+    # The enqueueing process died after the record, before the job: no job.
+    Job.fetch(first.job_id, connection=q).delete()
+    again = enqueue_call(rc, to=TO, settings=settings, idempotency_key="order-17")
+    assert not again.created and again.call_id == first.call_id
+    assert Job.exists(first.job_id, connection=q)
+    third = enqueue_call(rc, to=TO, settings=settings, idempotency_key="order-17")
+    assert third.call_id == first.call_id
+    workers(1)
+    wait_for(state_is(rc, first.call_id, "placed"), what="placed")
+    time.sleep(1.0)  # a second job, if one had been queued, would have dialed by now
+    assert piopiy.count() == 1
+
+
+def test_a_cluster_without_a_queue_url_is_refused_in_one_line(rc, env):
+    settings = Settings.from_env({k: v for k, v in env.items() if k != "PV_QUEUE_REDIS_URL"})
+    with pytest.raises(PiopiyConfigError, match="PV_QUEUE_REDIS_URL"):
+        enqueue_call(rc, to=TO, settings=settings)
+    proc = subprocess.run([sys.executable, "-m", "piopiy_voice.cli", "dialer"], cwd=ROOT,
+                          env={k: v for k, v in env.items() if k != "PV_QUEUE_REDIS_URL"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "PV_QUEUE_REDIS_URL" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _connections_received(cluster) -> int:
+    total = 0
+    for port in cluster.ports:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        try:
+            total += client.info("stats")["total_connections_received"]
+        finally:
+            client.close()
+    return total
+
+
+@pytest.mark.parametrize("fork", [False, True], ids=["in-process", "fork"])
+def test_a_dialer_keeps_one_cluster_client_not_one_per_call(rc, q, piopiy, workers, settings,
+                                                           redis_cluster, fork):
+    """Every call placed exactly once in both modes; the in-process dialer
+    opens its connections to the cluster once, the forking one per call (each
+    work-horse builds its own client: what ``--fork`` costs)."""
+    n = 40
+    ids = [enqueue_call(rc, to=f"9198765433{i:02d}", settings=settings).call_id for i in range(n)]
+    suspend(q)
+    try:
+        workers(1, fork=fork)
+        wait_for(lambda: Worker.count(connection=q) == 1, what="the dialer registered")
+        time.sleep(1.0)  # its start-up connections (sweeper, scheduler) are made
+        before = _connections_received(redis_cluster)
+    finally:
+        resume(q)
+    for cid in ids:
+        wait_for(state_is(rc, cid, "placed", "failed"), what=f"{cid} placed")
+    opened = _connections_received(redis_cluster) - before
+    assert piopiy.count() == n
+    assert sorted(str(req["body"]["to"]) for req in piopiy.requests) == sorted(
+        f"9198765433{i:02d}" for i in range(n))
+    assert all(meta(rc, cid)["dial_attempts"] == "1" for cid in ids)
+    if fork:
+        assert opened >= n, opened
+    else:
+        # One client's worth (measured 11: the topology asked of the seeds, then a
+        # connection per primary), whatever the number of calls.
+        assert opened <= 3 * len(redis_cluster.ports), opened
 
 
 def test_calls_of_many_slots_are_placed_once_each_through_rq(rc, q, piopiy, workers, settings,
@@ -167,7 +264,7 @@ def test_work_horse_killed_mid_request_fails_the_record_on_the_cluster(rc, q, pi
     piopiy.hang = threading.Event()
     try:
         res = enqueue_call(rc, to=TO, settings=settings)
-        (proc,) = workers(1)
+        (proc,) = workers(1, fork=True)
         wait_for(lambda: piopiy.count() == 1, what="the request in flight")
         assert meta(rc, res.call_id)["state"] == "dialing"
         assert rc.zscore(dialing_key(), res.call_id) is not None
@@ -187,6 +284,17 @@ def test_work_horse_killed_mid_request_fails_the_record_on_the_cluster(rc, q, pi
 
 
 # --------------------------------------------------- crash points, without workers
+
+def test_calls_stuck_in_dialing_are_swept_on_the_cluster(rc):
+    rc.hset(keys.call_meta("c-stuck"), mapping={"state": "dialing", "inflight": "100.0",
+                                                 "campaign": "spring"})
+    rc.zadd(dialing_key(), {"c-stuck": 100.0})
+    assert sweep_stuck(rc, 60, now=1000.0) == ["c-stuck"]
+    rec = meta(rc, "c-stuck")
+    assert rec["state"] == "failed" and rec["outcome"] == "outcome_unknown" and "inflight" in rec
+    assert rc.zscore(dialing_key(), "c-stuck") is None
+    assert rc.hget(keys.campaign_key("spring", "states"), "c-stuck") == b"failed"
+
 
 def test_racing_enqueuers_of_one_key_queue_one_job(rc, q, settings):
     results, errors = [], []
@@ -241,3 +349,46 @@ def test_status_reads_the_job_from_the_queue_redis(rc, q, settings, monkeypatch)
     assert st["job"] == {"id": res.job_id, "status": "queued", "origin": QUEUE}
     monkeypatch.delenv("PV_QUEUE_REDIS_URL")
     assert "PV_QUEUE_REDIS_URL" in call_status(rc, res.call_id)["job"]["status"]
+
+
+
+def _enqueue_dying_before_the_job(monkeypatch, rc, settings, **options):
+    """``enqueue_call`` whose process dies (a BaseException nothing catches)
+    after the record and before the job, as a SIGKILL there would leave it:
+    the call id it left in the enqueuing index."""
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed between the record and the job")
+    before = {m.decode() for m in rc.zrange(dialer_api.enqueuing_key(), 0, -1)}
+    monkeypatch.setattr(dialer_api, "_put_job_once", die)
+    with pytest.raises(KeyboardInterrupt):
+        enqueue_call(rc, to=TO, settings=settings, **options)
+    monkeypatch.undo()
+    (call_id,) = {m.decode() for m in rc.zrange(dialer_api.enqueuing_key(), 0, -1)} - before
+    assert meta(rc, call_id)["state"] == "queued"
+    return call_id
+
+
+def test_an_enqueue_that_died_before_its_job_is_finished_by_the_sweep(monkeypatch, rc, q, settings):
+    queue = Queue(QUEUE, connection=q)
+    # A whole enqueue leaves nothing in the index.
+    enqueue_call(rc, to=TO, settings=settings)
+    assert rc.zcard(dialer_api.enqueuing_key()) == 0 and queue.count == 1
+    keyless = _enqueue_dying_before_the_job(monkeypatch, rc, settings, campaign="swq")
+    keyed = _enqueue_dying_before_the_job(monkeypatch, rc, settings, idempotency_key="order-sweep")
+    # Younger than the threshold: left alone (the enqueuer may only be slow).
+    assert dialer_api.sweep_unfinished_enqueues(rc, queue, 60) == []
+    done = dict(dialer_api.sweep_unfinished_enqueues(rc, queue, 60, now=time.time() + 61))
+    assert done == {keyless: "failed", keyed: "queued"}
+    # Without a key: failed, never rung (no job); the campaign's index follows.
+    rec = meta(rc, keyless)
+    assert rec["state"] == "failed" and rec["outcome"] == "not_placed"
+    assert "no idempotency key" in rec["reason"]
+    assert not Job.exists(dialer_api.job_id_for(keyless), connection=q)
+    assert rc.hget(keys.campaign_key("swq", "states"), keyless) == b"failed"
+    # With a key: its job is queued, once; a re-send finds the same call and queues nothing more.
+    assert meta(rc, keyed)["state"] == "queued" and Job.exists(dialer_api.job_id_for(keyed), connection=q)
+    again = enqueue_call(rc, to=TO, settings=settings, idempotency_key="order-sweep")
+    assert again.call_id == keyed and not again.created
+    assert queue.count == 2  # the whole enqueue's job and the keyed one
+    assert rc.zcard(dialer_api.enqueuing_key()) == 0
+    assert dialer_api.sweep_unfinished_enqueues(rc, queue, 60, now=time.time() + 61) == []

@@ -36,24 +36,40 @@ wait_for = partial(workers_support.wait_for, timeout=15.0, interval=0.05)
 
 
 class FakePiopiy:
-    """The make-call endpoints: records every request, replies from a script
-    (a list of (status, body) consumed in order, then success)."""
+    """The make-call endpoints: records every request (with the client's port:
+    one per connection), replies from a script (a list of (status, body)
+    consumed in order, then success). ``keep_alive``: HTTP/1.1 connections
+    that serve many requests, as the platform's do."""
 
-    def __init__(self):
+    def __init__(self, keep_alive=False):
         self.requests: list[dict] = []
         self.script: list[tuple[int, dict]] = []
         self.lock = threading.Lock()
-        #: When set to an Event, every request blocks until it is set.
+        #: When set to an Event, every request blocks until it is set
+        #: (only requests to ``hang_numbers`` when that is not empty).
         self.hang: threading.Event | None = None
+        self.hang_numbers: set[str] = set()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            if keep_alive:
+                protocol_version = "HTTP/1.1"
+
+                def setup(self):
+                    super().setup()
+                    import socket  # noqa: PLC0415
+
+                    self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
-                    outer.requests.append({"t": time.time(), "path": self.path, "body": body})
+                    outer.requests.append({"t": time.time(), "path": self.path, "body": body,
+                                           "peer": self.client_address[1]})
                     n = len(outer.requests)
                     hang = outer.hang
+                    if outer.hang_numbers and str(body.get("to")) not in outer.hang_numbers:
+                        hang = None
                 if hang is not None:
                     hang.wait(20)
                 with outer.lock:
@@ -112,14 +128,16 @@ def settings(env):
 def workers(env, tmp_path):
     procs = []
 
-    def start(n=1, **extra):
+    def start(n=1, fork=False, **extra):
+        """``n`` dialer processes; ``fork``: a work-horse per job (``--fork``);
+        ``extra``: environment variables."""
         e = dict(env, **extra)
         started = []
         for i in range(n):
             log = open(tmp_path / f"worker{len(procs)}.log", "w")
             procs.append((subprocess.Popen(
-                [sys.executable, "-m", "piopiy_voice.cli", "dialer"], cwd=ROOT, env=e,
-                stdout=log, stderr=subprocess.STDOUT), log))
+                [sys.executable, "-m", "piopiy_voice.cli", "dialer"] + (["--fork"] if fork else []),
+                cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT), log))
             started.append(procs[-1][0])
         return started
 
@@ -355,15 +373,16 @@ def _horse(pid):
 
 
 def test_dialer_dying_mid_request_leaves_a_failed_record_never_redialed(r, piopiy, workers, settings):
-    """The work-horse killed while its make-call request is in flight: the
-    record must not stay "dialing" for ever, and nothing dials again."""
+    """The work-horse (``--fork``) killed while its make-call request is in
+    flight: the record must not stay "dialing" for ever, and nothing dials
+    again. (The in-process dialer: ``test_dialer_inprocess``.)"""
     import os
     import signal
 
     piopiy.hang = threading.Event()
     try:
         res = enqueue_call(r, to=TO, settings=settings)
-        (proc,) = workers(1)
+        (proc,) = workers(1, fork=True)
         wait_for(lambda: piopiy.count() == 1, what="the request in flight")
         assert meta(r, res.call_id)["state"] == "dialing"
         horse = wait_for(lambda: _horse(proc.pid), what="the work-horse")
@@ -382,8 +401,9 @@ def test_dialer_dying_mid_request_leaves_a_failed_record_never_redialed(r, piopi
 
 
 def test_abandoned_dial_job_is_marked_failed_by_rq_cleanup(r, piopiy, workers, settings):
-    """The whole dialer worker dies mid-request (no goodbye): RQ's registry
-    clean-up finds the job abandoned and its failure callback fixes the record."""
+    """The whole (forking) dialer worker dies mid-request (no goodbye): RQ's
+    registry clean-up finds the job abandoned and its failure callback fixes
+    the record."""
     import os
     import signal
 
@@ -392,7 +412,7 @@ def test_abandoned_dial_job_is_marked_failed_by_rq_cleanup(r, piopiy, workers, s
     piopiy.hang = threading.Event()
     try:
         res = enqueue_call(r, to=TO, campaign="c1", settings=settings)
-        (proc,) = workers(1)
+        (proc,) = workers(1, fork=True)
         wait_for(lambda: piopiy.count() == 1, what="the request in flight")
         horse = wait_for(lambda: _horse(proc.pid), what="the work-horse")
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:

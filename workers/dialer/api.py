@@ -21,8 +21,13 @@ the queue's Redis under its deterministic id. If (3) fails the record says
 ``failed`` (not placed) and the key is released, so the same request can be
 sent again. If the process dies between (1) and (3), a re-send with the same
 key finds the record still ``queued`` and no job, and enqueues it then
-(``_ensure_job``); a request without a key has no way back to its record,
-which stays ``queued`` until it expires, and nothing rings. A job never runs
+(``_ensure_job``). Steps (2)-(3) are bracketed by an entry in
+``enqueuing_key()`` (written before the record, removed after the job), so
+the dialers' sweep (``sweep_unfinished_enqueues``) finds an enqueue that died
+in between even if nobody re-sends it: with a key the job is queued (a re-send
+finds this same call); without one the caller never learned the call id and
+may have sent the request again under a new one, so the record is marked
+``failed`` (not placed) rather than rung. A job never runs
 twice for one call either way: its id is the call's, a job still pending
 is never pushed again (``_put_job_once``: WATCH/MULTI on the queue's Redis,
 so racing re-sends of one key push one job), and the job itself claims the
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -60,6 +66,8 @@ from piopiy_voice.pcmo_models import (
     pcmo_to_list,
 )
 from piopiy_voice.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: How long an idempotency key keeps answering with its call id.
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
@@ -433,6 +441,9 @@ def _enqueue_apart(conn: Any, queue: Queue, request: CallRequest, call_id: str, 
                 raise IdempotencyConflict(request.idempotency_key, prior["call_id"])
             _ensure_job(conn, queue, prior["call_id"])
             return Enqueued(prior["call_id"], job_id_for(prior["call_id"]), False, request.start_at)
+    # Its own round trip, before the record: on a cluster one pipeline's
+    # commands to different nodes land in no set order.
+    conn.zadd(enqueuing_key(), {call_id: time.time()})
     pipe = conn.pipeline(transaction=False)
     _queued_record(pipe, call_id, record, extra_record)
     pipe.execute()
@@ -445,9 +456,70 @@ def _enqueue_apart(conn: Any, queue: Queue, request: CallRequest, call_id: str, 
                              campaign=request.campaign)
         if idem:
             pipe.delete(idem)
+        pipe.zrem(enqueuing_key(), call_id)
         pipe.execute()
         raise
+    conn.zrem(enqueuing_key(), call_id)
     return Enqueued(call_id, job_id, True, request.start_at)
+
+
+def enqueuing_key() -> str:
+    """Sorted set (dial queue apart): call id -> time its enqueue began. An
+    entry older than a few seconds is an enqueue that died between its record
+    and its job (``sweep_unfinished_enqueues``)."""
+    return keys.dialer_key("enqueuing")
+
+
+def sweep_unfinished_enqueues(conn: Any, queue: Queue, older_than_s: float, *,
+                              now: float | None = None) -> list[tuple[str, str]]:
+    """Finish the enqueues (queue apart) that began more than ``older_than_s``
+    ago and never removed their ``enqueuing_key()`` entry: (call id, what was
+    done) for each. A job exists: nothing to do. The record is still
+    ``queued`` with an idempotency key: its job is queued now (``"queued"``;
+    a re-send of the key finds this same call). Without a key: marked
+    ``failed``, not placed (``"failed"``): the caller got no call id and may
+    have sent the request again as a new call, so ringing this one could ring
+    the person twice. No record (died before writing it): the entry goes."""
+    from rq.job import Job  # noqa: PLC0415
+
+    now = time.time() if now is None else now
+    done: list[tuple[str, str]] = []
+    for raw, began in conn.zrangebyscore(enqueuing_key(), "-inf", now - older_than_s, withscores=True):
+        call_id = raw.decode() if isinstance(raw, bytes) else raw
+        meta = keys.call_meta(call_id)
+        if Job.exists(job_id_for(call_id), connection=queue.connection):
+            conn.zrem(enqueuing_key(), call_id)
+            continue
+        side = conn.pipeline(transaction=False)  # the campaign's index: another slot
+        with conn.pipeline(transaction=True) as pipe:  # the call's keys: one hash slot
+            try:
+                pipe.watch(meta)
+                rec = callrecord.decode_record(pipe.hgetall(meta))
+                if rec.get("state") == "queued" and rec.get("idempotency_key"):
+                    pipe.unwatch()
+                    _ensure_job(conn, queue, call_id)
+                    done.append((call_id, "queued"))
+                elif rec.get("state") == "queued":
+                    pipe.multi()
+                    callrecord.set_state(
+                        pipe, call_id, "failed", outcome="not_placed",
+                        reason=("not placed: its enqueue stopped between the record and the job "
+                                f"{now - began:.0f}s ago "
+                                "and it had no idempotency key, so it is not rung: the request may "
+                                "have been sent again as a new call"),
+                        campaign=rec.get("campaign") or None, campaign_pipe=side)
+                    pipe.execute()
+                    side.execute()
+                    done.append((call_id, "failed"))
+                else:
+                    pipe.unwatch()
+            except redis.WatchError:
+                continue  # its job claimed it just now: the next sweep drops the entry
+        conn.zrem(enqueuing_key(), call_id)
+    for call_id, what in done:
+        log.warning("call %s: its enqueue never finished; %s", call_id,
+                    "its job is queued now" if what == "queued" else "marked failed (not placed)")
+    return done
 
 
 def _ensure_job(conn: Any, queue: Queue, call_id: str) -> None:

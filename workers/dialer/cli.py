@@ -63,6 +63,9 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--queue", help="queue name (default PV_DIAL_QUEUE)")
     p.add_argument("--name", help="worker name (default: RQ's)")
     p.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    p.add_argument("--fork", action="store_true",
+                   help="run every job in a forked work-horse (crash isolation, ~5x the CPU per "
+                        "call); default: jobs run in this process, job timeouts still enforced")
     args = p.parse_args(argv)
     settings = _settings()
     setup_logging("dialer", level=settings.log_level, fmt=settings.log_format)
@@ -73,7 +76,7 @@ def worker_main(argv: list[str]) -> int:
               f"while PV_GATEWAY_PUBLIC_URL is {settings.gateway_public_url}: set a secret of "
               "your own (e.g. `openssl rand -hex 32`)", file=sys.stderr)
         return 2
-    from rq import Queue, Worker
+    from rq import Queue
 
     url = resolve_redis_url(settings.redis_url)  # production role: REDIS_URL or exit 2
     # RQ runs on the queue's Redis (PV_QUEUE_REDIS_URL: required beside a
@@ -84,23 +87,28 @@ def worker_main(argv: list[str]) -> int:
     if settings.using_dev_secret:
         log.warning("PV_SIGNING_SECRET is the development default: stream URLs are forgeable")
     log.info("dialer on queue %s (redis %s, call records on %s): %.2f calls/s, %d live calls per "
-             "campaign, REST %s", queue.name, redact_url(queue_url), redact_url(url),
-             settings.dial_rate_per_s, settings.campaign_max_live, redact_url(settings.piopiy_base_url))
-    from .jobs import on_horse_killed
+             "campaign, REST %s, jobs %s", queue.name, redact_url(queue_url), redact_url(url),
+             settings.dial_rate_per_s, settings.campaign_max_live, redact_url(settings.piopiy_base_url),
+             "in forked work-horses" if args.fork else "in this process")
+    from .clients import start_process
+    from .worker import make_worker
 
-    _start_sweeper(url, settings)
-    worker = Worker([queue], connection=conn, name=args.name,
-                    work_horse_killed_handler=on_horse_killed)
+    start_process(settings)  # the jobs' settings, and the forked horses'
+    _start_sweeper(url, settings, queue if queue_url != url else None)
+    worker = make_worker([queue], conn, name=args.name, fork=args.fork)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level.upper())
     return 0
 
 
-def _start_sweeper(url: str, settings: Settings) -> None:
+def _start_sweeper(url: str, settings: Settings, apart_queue: Any = None) -> None:
     """Every dialer marks calls stuck in ``dialing`` (a dialer died mid-request)
-    as failed, outcome unknown (see ``jobs.sweep_stuck``)."""
+    as failed, outcome unknown (``jobs.sweep_stuck``); with the dial queue on a
+    Redis of its own (``apart_queue``) it also finishes enqueues that died
+    between their record and their job (``api.sweep_unfinished_enqueues``)."""
     import threading  # noqa: PLC0415
     import time  # noqa: PLC0415
 
+    from .api import sweep_unfinished_enqueues  # noqa: PLC0415
     from .jobs import sweep_stuck  # noqa: PLC0415
 
     every = max(1.0, min(15.0, settings.dial_stuck_after_s / 4))
@@ -110,6 +118,8 @@ def _start_sweeper(url: str, settings: Settings) -> None:
         while True:
             try:
                 sweep_stuck(conn, settings.dial_stuck_after_s)
+                if apart_queue is not None:
+                    sweep_unfinished_enqueues(conn, apart_queue, settings.dial_stuck_after_s)
             except Exception as exc:  # noqa: BLE001 (never kill the dialer for a sweep)
                 log.warning("stuck-dial sweep failed: %s", exc)
             time.sleep(every)

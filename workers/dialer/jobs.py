@@ -62,11 +62,18 @@ dying between the two leaves either an index entry whose record is no longer
 (the record is the source of truth). The claim adds the index entry *before*
 claiming, so no claimed call is ever missing from the index. The job reads and
 writes records on ``REDIS_URL`` and is run by RQ on ``PV_QUEUE_REDIS_URL``
-when that is set (``data_connection``).
+when that is set (``data_connection``). Its settings, that Redis client and
+the REST client are the process's (``clients``), not built per job.
 
 Final failures raise ``DialFailed`` (the job was enqueued without an RQ
 ``retry``), so they land in RQ's failed registry with the reason, and the
 record says ``failed`` with the same ``reason``.
+
+The job's timeout (RQ's death penalty: ``SIGALRM`` in the process that runs
+the job, forked or not, see ``worker``) can fire anywhere. Inside the
+make-call request it is an outcome like a read timeout: ``failed``,
+``outcome unknown``, never re-sent. Anywhere else it is a job that stopped
+without reporting, below.
 
 A job that dies without reporting (dialer worker killed, work-horse killed,
 job timeout outside the request) would leave its record ``queued`` or
@@ -89,6 +96,7 @@ from typing import Any
 
 import redis
 from rq import Retry, get_current_job
+from rq.timeouts import BaseTimeoutException
 
 from piopiy_voice import callrecord, keys
 from piopiy_voice.errors import PiopiyApiError, PiopiyNetworkError, PiopiyValidationError
@@ -99,6 +107,7 @@ from piopiy_voice.signing import sign_stream_url
 
 from . import ratelimit
 from .api import CallRequest
+from .clients import ProcessClients, process_clients
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +209,14 @@ def build_pcmo(settings: Settings, call_id: str, req: CallRequest) -> list[dict[
 
 
 class _Attempt:
-    def __init__(self, conn: redis.Redis, settings: Settings, call_id: str, req: CallRequest) -> None:
+    def __init__(self, conn: redis.Redis, settings: Settings, call_id: str, req: CallRequest,
+                 clients: ProcessClients | None = None) -> None:
         self.r = conn
         self.settings = settings
         self.call_id = call_id
         self.req = req
         self.campaign = req.campaign
+        self.clients = clients
 
     # -- record helpers ------------------------------------------------------
 
@@ -314,31 +325,30 @@ class _Attempt:
             if early > 0:
                 time.sleep(early)
 
+        if self.clients is None:  # not run by a dialer: clients of this attempt alone
+            self.clients = ProcessClients(self.settings)
         try:
-            client = RestClient.from_settings(self.settings, max_retries=0)
+            client = self.clients.rest()
             # Built before the claim: a bad setting must fail the call, not
             # leave it claimed with an attempt that never went out.
             pcmo = build_pcmo(self.settings, call_id, req)
         except ValueError as exc:  # PiopiyValidationError is one too
             raise self.fail(f"dialer misconfigured: {exc}", outcome=REFUSED) from None
 
-        try:
-            if self.campaign:
-                granted, wait_s = ratelimit.acquire_live_slot(
-                    self.r, self.campaign, call_id, self.settings.campaign_max_live,
-                    req.duration + SLOT_MARGIN_S)
-                if not granted:
-                    return self.wait("campaign_cap", min(CAP_RECHECK_S, max(wait_s, 1)))
-            wait_s = ratelimit.reserve_dial_slot(self.r, self.settings.dial_rate_per_s,
-                                                 max_wait_s=MAX_INLINE_WAIT_S)
-            if wait_s > MAX_INLINE_WAIT_S:
-                # Nothing reserved: come back when a slot is within reach.
-                return self.wait("rate", wait_s - MAX_INLINE_WAIT_S + 1)
-            if wait_s > 0:
-                time.sleep(wait_s)
-            return self._dial(client, pcmo)
-        finally:
-            client.close()
+        if self.campaign:
+            granted, wait_s = ratelimit.acquire_live_slot(
+                self.r, self.campaign, call_id, self.settings.campaign_max_live,
+                req.duration + SLOT_MARGIN_S)
+            if not granted:
+                return self.wait("campaign_cap", min(CAP_RECHECK_S, max(wait_s, 1)))
+        wait_s = ratelimit.reserve_dial_slot(self.r, self.settings.dial_rate_per_s,
+                                             max_wait_s=MAX_INLINE_WAIT_S)
+        if wait_s > MAX_INLINE_WAIT_S:
+            # Nothing reserved: come back when a slot is within reach.
+            return self.wait("rate", wait_s - MAX_INLINE_WAIT_S + 1)
+        if wait_s > 0:
+            time.sleep(wait_s)
+        return self._dial(client, pcmo)
 
     def _dial(self, client: RestClient, pcmo: list[dict[str, Any]]) -> dict[str, Any] | Retry:
         call_id, req = self.call_id, self.req
@@ -372,6 +382,7 @@ class _Attempt:
         except PiopiyValidationError as exc:
             raise self.fail(f"invalid request: {exc}", outcome=REFUSED) from None
         except PiopiyNetworkError as exc:
+            self.clients.discard_rest()  # its connection's state is unknown
             if exc.reached:
                 raise self.fail(
                     f"outcome unknown: the request may have reached the platform ({exc}); "
@@ -386,7 +397,13 @@ class _Attempt:
                     "(it may be ringing); not retried so the callee is not rung twice",
                     keep_inflight=True) from None
             raise self.fail(f"refused by the platform: {exc}", outcome=REFUSED) from None
+        except BaseTimeoutException as exc:  # the job's timeout fired mid-request
+            self.clients.discard_rest()
+            raise self.fail(f"outcome unknown: the dial job's timeout ran out while the request was "
+                            f"in flight ({exc}); not retried so the callee is not rung twice",
+                            keep_inflight=True) from exc
         except Exception as exc:  # noqa: BLE001 - whether it was sent is unknown
+            self.clients.discard_rest()
             raise self.fail(f"outcome unknown: unexpected error while dialing ({exc!r}); "
                             "not retried so the callee is not rung twice", keep_inflight=True) from exc
         return self.placed(reply)
@@ -468,13 +485,11 @@ def mark_abandoned(conn: Any, call_id: str, request: Any, why: str) -> str | Non
 def data_connection(queue_conn: Any, settings: Settings | None = None) -> Any:
     """The Redis of the call records for a job that RQ runs on ``queue_conn``:
     the same one, unless the dial queue has its own (``PV_QUEUE_REDIS_URL``,
-    e.g. beside a Redis Cluster: RQ needs a plain Redis), then ``REDIS_URL``."""
-    settings = settings or Settings.from_env()
-    if queue_conn is not None and not settings.queue_redis_url:
-        return queue_conn
-    from piopiy_voice.redisconn import connect, resolve_redis_url  # noqa: PLC0415
-
-    return connect(resolve_redis_url(settings.redis_url), socket_timeout=settings.redis_socket_timeout_s)
+    e.g. beside a Redis Cluster: RQ needs a plain Redis), then ``REDIS_URL``
+    (one client per process: ``clients``)."""
+    if settings is None:
+        return process_clients().records(queue_conn)
+    return ProcessClients(settings).records(queue_conn)
 
 
 def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, _tb: Any) -> None:
@@ -504,12 +519,13 @@ def place_call(call_id: str, request: dict[str, Any]) -> dict[str, Any] | Retry:
     ``DialFailed`` when the call is finally not placed (see module docstring).
     """
     job = get_current_job()
-    settings = Settings.from_env()
-    conn = data_connection(job.connection if job is not None else None, settings)
+    clients = process_clients()
+    settings = clients.settings
+    conn = clients.records(job.connection if job is not None else None)
     keys.validate_call_id(call_id)
     try:
         req = CallRequest.model_validate(request)
     except Exception as exc:  # noqa: BLE001 - a corrupt job must still leave a reason
         attempt = _Attempt(conn, settings, call_id, CallRequest.model_construct(campaign=None))
         raise attempt.fail(f"invalid job payload: {exc}") from None
-    return _Attempt(conn, settings, call_id, req).run()
+    return _Attempt(conn, settings, call_id, req, clients).run()

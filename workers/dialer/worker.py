@@ -1,0 +1,81 @@
+"""The RQ worker that runs dial jobs, in one of two modes.
+
+Theory of operation
+-------------------
+RQ's default ``Worker`` forks a work-horse for every job: the child runs the
+job and exits. Fork, a new connection to the queue's Redis in the child, new
+clients of the records' Redis and of the platform: 44-52 ms of CPU per call
+placed, ~19 calls/s per dialer at most (``bench/dialer_bench.py``), while the
+dial itself (a few Redis round trips and one HTTP request) costs a few ms. So
+the dialer runs jobs in its own process by default (9-12 ms per call):
+
+* **in-process** (default, ``DialerWorker``, RQ's ``SimpleWorker``): one job
+  at a time in the main thread, with the process's clients (``clients``).
+  The job's timeout is still enforced: RQ's death penalty arms ``SIGALRM``
+  around the job in the process that runs it, so a job stuck in a request,
+  a sleep or a Redis call is interrupted, failed (``jobs``: ``outcome
+  unknown`` if a request was in flight, never re-sent) and the dialer goes
+  on with the next job. Cost of the mode: no crash isolation. A job that
+  crashes the interpreter (a segfault, the OOM killer) takes the dialer with
+  it, and one stuck in C code that never returns to Python cannot be
+  interrupted; the call in flight is then failed ``outcome unknown`` by
+  another dialer's stuck-dial sweep (``PV_DIAL_STUCK_AFTER_S``) and by RQ's
+  abandoned-job clean-up, exactly as when a whole forking dialer dies.
+* **forking** (``--fork``, RQ's ``Worker``): a work-horse per job, as RQ
+  does by default. A horse that dies or hangs past the job timeout (+60 s) is
+  killed and its call failed by ``jobs.on_horse_killed``; memory a job leaks
+  dies with its horse. For users who run job code they do not trust to stay
+  well-behaved, at the CPU cost above.
+
+Either way a dialer runs one job at a time; dial rates scale with dialer
+processes (each places calls back to back) up to the global rate limit
+(``ratelimit``: one reservation schedule in Redis shared by every dialer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rq import SimpleWorker, Worker
+
+from .jobs import on_horse_killed
+
+
+class _OneTripHeartbeat:
+    """RQ's worker heartbeat (three commands, sent one by one: three round
+    trips, three times per job) sent as one pipeline: the same commands, one
+    round trip. With RQ's other bookkeeping it was two thirds of the Redis
+    round trips of a dial, the cost a dialer pays per call."""
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline)  # type: ignore[misc]
+        with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+            super().heartbeat(timeout, pipe)  # type: ignore[misc]
+            pipe.execute()
+        return None
+
+
+class DialerWorker(_OneTripHeartbeat, SimpleWorker):
+    """Runs each dial job in this process (see the module docstring).
+
+    RQ logs three lines per job at INFO; the job logs its own outcome, so
+    RQ's result-lifespan line is left out."""
+
+    log_result_lifespan = False
+
+
+class ForkingDialerWorker(_OneTripHeartbeat, Worker):
+    """Runs each dial job in a forked work-horse (``--fork``)."""
+
+    log_result_lifespan = False
+
+
+def make_worker(queues: list[Any], connection: Any, *, name: str | None = None,
+                fork: bool = False) -> Worker | SimpleWorker:
+    """The dialer's RQ worker: ``DialerWorker``, or ``ForkingDialerWorker``
+    with ``jobs.on_horse_killed`` when ``fork``."""
+    if fork:
+        return ForkingDialerWorker(queues, connection=connection, name=name,
+                                   work_horse_killed_handler=on_horse_killed)
+    return DialerWorker(queues, connection=connection, name=name)
