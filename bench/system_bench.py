@@ -89,6 +89,7 @@ import os
 import random
 import secrets
 import select
+import signal
 import shutil
 import subprocess
 import sys
@@ -944,6 +945,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.serve_platform:
         return serve_platform()
+    # A bench stopped with SIGTERM (kill, timeout) must still stop the roles
+    # and servers it started: raising unwinds through every step's ``finally``.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ns = [int(x) for x in args.calls.split(",") if x.strip()]
     floors = vad_floors(TEXTS, args.rate)
     print(f"system bench: {os.cpu_count()} cpus, load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -23,22 +22,13 @@ from piopiy_voice import contracts as c
 from piopiy_voice.api import auth
 from piopiy_voice.api.inbound import inbound_call_id
 from piopiy_voice.redisconn import connect, free_port
+from workers_support import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ANSWER_TOKEN = "answer-token-cluster"
 GATEWAY = "gw-cluster-fake"
 QUEUE = "calls-api-cluster"
-
-
-def _wait(pred, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class FakeGateway:
@@ -91,7 +81,7 @@ def api(rc, r, redis_cluster, redis_url, subprocess_env, tmp_path):
         except httpx.HTTPError:
             return False
     try:
-        _wait(ready, 30, "the API to answer /healthz")
+        wait_for(ready, 30, what="the API to answer /healthz")
         _, key = auth.create_key(rc, "read,listen,control,dial", "tests")
         yield type("Api", (), {"base": base, "key": key, "rc": rc, "q": r, "gw": gw,
                                "log": tmp_path / "api.log"})
@@ -123,10 +113,10 @@ def test_inbound_calls_of_many_slots_are_recorded_listed_and_read(api, redis_clu
         ids.append(inbound_call_id(f"cmi-{i}"))
     assert len({redis_cluster.primary_port_for(keys.call_meta(cid)) for cid in ids}) >= 2
     for cid in ids:
-        _wait(lambda: api.rc.hget(keys.call_meta(cid), "state") == b"placed", 10, f"record of {cid}")
+        wait_for(lambda: api.rc.hget(keys.call_meta(cid), "state") == b"placed", 10, what=f"record of {cid}")
     assert _answer(api, "cmi-0").status_code == 200  # the platform retrying: same call
     assert len(api.rc.xrange(keys.call_timeline(ids[0]))) == 1
-    _wait(lambda: api.rc.zcard(keys.API_CALLS_ZSET) == 12, 10, "the API's index")
+    wait_for(lambda: api.rc.zcard(keys.API_CALLS_ZSET) == 12, 10, what="the API's index")
 
     # one call went live on the fake gateway, another ended (a gateway's writes)
     with api.rc.pipeline() as pipe:
@@ -157,7 +147,7 @@ def test_inbound_calls_of_many_slots_are_recorded_listed_and_read(api, redis_clu
 def test_control_commands_reach_the_gateway_and_answer(api):
     assert _answer(api, "cmi-ctl").status_code == 200
     cid = inbound_call_id("cmi-ctl")
-    _wait(lambda: api.rc.exists(keys.call_meta(cid)), 10, "the record")
+    wait_for(lambda: api.rc.exists(keys.call_meta(cid)), 10, what="the record")
     not_live = httpx.post(f"{api.base}/calls/{cid}/control", headers=H(api.key),
                           json={"action": "pause"}, timeout=10)
     assert not_live.status_code == 409, not_live.text

@@ -31,6 +31,7 @@ from piopiy_voice.api import auth
 from piopiy_voice.gateway.control import CallHandle
 from piopiy_voice.redisconn import EmbeddedRedis, free_port
 from piopiy_voice.sandbox.demo import LocalSystem
+from workers_support import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -48,16 +49,6 @@ def _scenario(path: Path, seconds: int) -> str:
     path.write_text(json.dumps({"name": path.stem, "max_duration_s": seconds + 30, "steps": steps,
                                 "after_steps": "stay"}))
     return str(path)
-
-
-def _wait(pred, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module", params=["redis", "cluster"])
@@ -92,7 +83,7 @@ def system(request, redis_url, tmp_path_factory):
                 return httpx.get(base + "/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
-        _wait(ready, 30, "the API to answer /healthz")
+        wait_for(ready, 30, what="the API to answer /healthz")
         _, full = auth.create_key(s.r, "read,listen,control,dial", "tests")
         _, reader = auth.create_key(s.r, "read", "read-only")
         _, listener = auth.create_key(s.r, "listen", "listen-only")
@@ -104,7 +95,7 @@ def system(request, redis_url, tmp_path_factory):
         request_id = resp.json()["request_id"]
         from piopiy_voice.api.inbound import inbound_call_id
         call_id = inbound_call_id(request_id)
-        _wait(lambda: s.record(call_id).get("state") == "live", 20, "the inbound call to go live")
+        wait_for(lambda: s.record(call_id).get("state") == "live", 20, what="the inbound call to go live")
         yield SimpleNamespace(s=s, base=base, api=api, env=env, out=out, full=full, reader=reader,
                               listener=listener, call_id=call_id, request_id=request_id, port=api_port)
     finally:
@@ -143,7 +134,7 @@ def test_inbound_call_is_answered_recorded_and_listed(system):
         rows = httpx.get(system.base + "/calls", headers=H(system.reader), timeout=10).json()["calls"]
         row = next((r for r in rows if r["call_id"] == system.call_id), None)
         return row if row and row["owner"] else None
-    row = _wait(listed, 20, "the call in the list with its owner")
+    row = wait_for(listed, 20, what="the call in the list with its owner")
     assert row["state"] == "live" and row["direction"] == "inbound" and row["rate"] == 8000
     assert row["mode"] == "both" and row["gateway"] == system.env["PV_GATEWAY_ID"]
     assert row["duration_s"] >= 0 and row["talking"] in ("caller", "agent", "both", "none")
@@ -344,8 +335,8 @@ def test_thousands_of_idle_listen_sockets_are_cheap(system):
         return health, listed.status_code, list_s
     health, status, list_s = asyncio.run(run())
     assert health["listeners"] >= n and status == 200 and list_s < 2.0
-    _wait(lambda: httpx.get(system.base + "/healthz", timeout=5).json()["listeners"] == 0, 15,
-          "idle listeners to be released")
+    wait_for(lambda: httpx.get(system.base + "/healthz", timeout=5).json()["listeners"] == 0, 15,
+          what="idle listeners to be released")
     # The real call is untouched.
     assert system.s.record(system.call_id)["state"] == "live"
 
@@ -448,7 +439,7 @@ def test_post_calls_validates_and_is_idempotent(system):
     assert httpx.post(system.base + "/calls", headers=H(system.reader), json=body,
                       timeout=10).status_code == 403
     # The dialer places it; the list shows it from queued on.
-    _wait(lambda: system.s.record(out["call_id"]).get("state") in ("live", "ended"), 40, "the call to be placed")
+    wait_for(lambda: system.s.record(out["call_id"]).get("state") in ("live", "ended"), 40, what="the call to be placed")
     rows = httpx.get(system.base + "/calls", headers=H(system.reader), timeout=10).json()["calls"]
     assert out["call_id"] in {row["call_id"] for row in rows}
 
@@ -481,7 +472,7 @@ def test_answer_is_quick_when_redis_is_slow(system):
     assert resp.status_code == 200 and resp.json()[0]["action"] == "stream"
     assert took < 1.5, took
     cid = resp.headers["x-call-id"]
-    _wait(lambda: r.hget(keys.call_meta(cid), "direction") == b"inbound", 10, "the record written later")
+    wait_for(lambda: r.hget(keys.call_meta(cid), "direction") == b"inbound", 10, what="the record written later")
 
 
 # ------------------------------------------------------------------ the console in a browser
@@ -516,8 +507,8 @@ def test_console_lists_plays_controls_and_shows_refusals(system):
             before, _ = sandbox_controls(system, system.request_id)
             page.click('button[data-action="interrupt"]')
             expect(page.locator("#result")).to_contain_text("interrupt: applied", timeout=10000)
-            _wait(lambda: len(sandbox_controls(system, system.request_id)[0]) > len(before), 10,
-                  "the platform to receive the interrupt")
+            wait_for(lambda: len(sandbox_controls(system, system.request_id)[0]) > len(before), 10,
+                  what="the platform to receive the interrupt")
             assert sandbox_controls(system, system.request_id)[0][-1] == "break"
             page.fill("#transfer-to", "abc")
             page.click('button[data-action="transfer"]')
@@ -555,9 +546,9 @@ def test_console_keeps_playing_after_a_hand_off(system):
             page.click('button[data-action="transfer_supervisor"]')
             expect(page.locator("#result")).to_contain_text("transfer: applied", timeout=10000)
             expect(page.locator("#handoff")).to_be_visible(timeout=10000)
-            _wait(lambda: any(e["event"] == "bridge_dialing" and SUPERVISOR in map(str, e.get("numbers", []))
+            wait_for(lambda: any(e["event"] == "bridge_dialing" and SUPERVISOR in map(str, e.get("numbers", []))
                               for e in sandbox_controls(system, system.request_id)[1]["events"]), 10,
-                  "the platform to bridge the supervisor")
+                  what="the platform to bridge the supervisor")
             n = page.evaluate("window.pvStats.samples")
             page.wait_for_function(f"window.pvStats.samples > {n + 16000}", timeout=20000)
             page.screenshot(path=str(ARTIFACTS / "6-after-handoff.png"))

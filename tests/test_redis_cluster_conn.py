@@ -42,6 +42,30 @@ PASSWORD = "pw-never-shown"
 FAILOVER_BOUND_S = 15.0
 
 
+# ------------------------------------------------------- retry decision
+
+def test_retry_window_backs_off_then_raises_one_line(monkeypatch):
+    """The one retry decision of the sync and asyncio cluster clients, fed directly."""
+    from redis.exceptions import RedisClusterException
+
+    from piopiy_voice import redisconn
+    clock = [100.0]
+    monkeypatch.setattr(redisconn.time, "monotonic", lambda: clock[0])
+    window = redisconn._RetryWindow(1.0)
+    delays = [window.delay_after(redis.ConnectionError("refused")) for _ in range(3)]
+    assert delays == sorted(delays) and delays[0] > 0 and delays[-1] <= 1.0  # growing backoff
+    with pytest.raises(ValueError):  # not transient: raised as it is, at once
+        window.delay_after(ValueError("a bug"))
+    clock[0] += 0.95  # the next backoff would end past the window
+    bare = RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node")
+    with pytest.raises(ClusterUnreachableError, match="^Redis Cluster unreachable: ") as info:
+        window.delay_after(bare)
+    assert info.value.__cause__ is bare
+    spent = redisconn._RetryWindow(0.0)
+    with pytest.raises(redis.TimeoutError):  # a redis-py error is raised as it is
+        spent.delay_after(redis.TimeoutError("slow"))
+
+
 # ------------------------------------------------------------------ URLs
 
 def test_parse_cluster_url_forms():
