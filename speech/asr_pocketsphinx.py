@@ -8,10 +8,14 @@ stream converts its input to 16 kHz with a streaming
 ``piopiy_voice.audio.resample.Resampler`` (8 kHz up, 32 kHz down).
 Upsampled telephone audio has nothing above 4 kHz, where the model expects
 fricatives and a noise floor: the log filter-bank energies of the empty band
-collapse and throw the decoder off (measured WER on synthesized phrases: 51%
-at 8 kHz vs 4% at 16 kHz). So 8 kHz streams get the empty 4.2-7.8 kHz band
-filled with noise at 0.3 x the recent speech level (``_HighBandFill``), which
-brought 8 kHz to within a few points of 16 kHz on the same phrases.
+collapse and throw the decoder off (measured WER on synthesized lines of the
+corpus: 51% at 8 kHz vs 4% at 16 kHz). So 8 kHz streams get the empty
+4.2-7.8 kHz band filled with noise at 0.3 x the recent speech level
+(``_HighBandFill``), which brought 8 kHz to within a few points of 16 kHz on
+the same lines. On ``bench/asr_bench.py``'s phrases, half of them new
+combinations of the corpus's words spoken by 4 espeak voices, the WER is
+much higher: ~40% at 8 kHz and ~45% at 16 kHz (2026-11-26; BENCHMARKS.md),
+which is why the agent classifies intents from key words, not sentences.
 
 What it is good for, and what not: open dictation with the shipped general
 English LM (``mode="dictation"``) is poor on telephone and synthetic speech
@@ -38,6 +42,18 @@ utterance to settle, and 8 kHz audio is far from the model's default, so
 the first ``open`` at a rate primes it on a built-in synthesized sentence
 (``calibrate=False`` to skip), and every recognised segment updates it. Partial hypotheses are produced at most once
 per ``partial_every_ms`` of audio (default 300 ms), only when the text changed.
+
+Search: the first pass (lexicon-tree Viterbi, ``fwdtree``) runs as audio
+arrives; pocketsphinx's default second pass (``fwdflat``: a flat-lexicon
+re-decode of the whole utterance) runs inside ``end_utt``, i.e. after the
+caller stopped, on the path to the final. It is off by default
+(``second_pass=True`` turns it on): it was ~40% of the decoder's CPU per
+second of speech and most of ``finish()``'s time (p50 57 ms -> 8 ms per
+utterance at 8 kHz, max 137 -> 18 ms; more under load), time a caller waits
+for the answer, and with the domain LM's weight retuned for one pass (9, not
+10) accuracy stayed where it was (asr_bench's 80 utterances: 8 kHz 40.0% ->
+40.3%, 16 kHz 45.1% -> 44.2%; intents: BENCHMARKS.md). The lattice pass
+(``bestpath``: the final hypothesis and its posterior, the confidence) stays.
 """
 
 from __future__ import annotations
@@ -189,7 +205,7 @@ def _high_band_noise() -> np.ndarray:
 class _HighBandFill:
     """8 kHz -> 16 kHz for the 16 kHz acoustic model, with the empty 4-8 kHz
     band filled by noise at a level following the speech (see the module
-    docstring: measured WER at 8 kHz 51% without, 6-8% with)."""
+    docstring: measured WER at 8 kHz on the corpus's lines 51% without, 6-8% with)."""
 
     def __init__(self) -> None:
         self._up = Resampler(8000, MODEL_RATE)
@@ -298,7 +314,7 @@ class PocketsphinxRecognizer:
 
     def __init__(self, mode: str = "domain", corpus: str | os.PathLike | None = None,
                  phrases: list[str] | None = None, partial_every_ms: int = 300,
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, second_pass: bool = False) -> None:
         if mode not in ("domain", "dictation"):
             raise SpeechError(f"pocketsphinx mode must be 'domain' or 'dictation', got {mode!r}")
         if not 20 <= int(partial_every_ms) <= 10_000:
@@ -308,7 +324,7 @@ class PocketsphinxRecognizer:
         self.partial_every_ms = int(partial_every_ms)
         mdir = model_dir()
         self._kwargs: dict[str, Any] = dict(hmm=str(mdir / "en-us"), samprate=MODEL_RATE,
-                                            loglevel="FATAL")
+                                            loglevel="FATAL", fwdflat=bool(second_pass))
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.vocabulary: set[str] = set()
         if mode == "domain":
@@ -328,8 +344,12 @@ class PocketsphinxRecognizer:
             lm.write_text(build_arpa(sentences), encoding="utf-8")
             dic.write_text(dict_text, encoding="utf-8")
             # A heavier language weight than the general default (6.5): the small
-            # domain model is trusted more (measured: 16 kHz WER 7.8% -> 3.9%).
-            self._kwargs.update(lm=str(lm), dict=str(dic), lw=10.0)
+            # domain model is trusted more (measured: 16 kHz WER 7.8% -> 3.9%, two
+            # passes). 10 was tuned with the second pass; the first pass alone
+            # drops short function words at 10 ("my order not arrived"): 9
+            # (asr_bench: 8 kHz 40.3%, 16 kHz 44.2% vs 40.0% / 45.1% with two
+            # passes at 10; 8 costs 8 kHz intents; BENCHMARKS.md).
+            self._kwargs.update(lm=str(lm), dict=str(dic), lw=10.0 if second_pass else 9.0)
         else:
             self._kwargs.update(lm=str(mdir / "en-us.lm.bin"), dict=str(mdir / "cmudict-en-us.dict"))
         # One pool per input rate: upsampled 8 kHz audio has other cepstral

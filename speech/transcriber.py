@@ -11,9 +11,18 @@ atomically with ``checkpoint()``.
 Per audio frame: the VAD scores it, ``TurnDetector`` turns scores into
 speech_start / speech_end, and only speech is decoded: at speech_start a
 recognizer stream opens and gets the last ``preroll_ms`` of audio before the
-onset plus the onset itself (kept in a small ring buffer), then every frame
-until speech_end, when ``finish()`` gives the final. Partials go out as the
-engine produces them (at most every ~300 ms). A segment longer than
+onset plus the onset itself (kept in a small ring buffer), then the segment's
+frames until speech_end, when ``finish()`` gives the final. Partials go out
+as the engine produces them (at most every ~300 ms).
+
+Quiet frames inside a segment (those the turn detector counts towards its
+hangover) are held back, not decoded at once: if speech resumes they are
+fed first (a pause inside a sentence reaches the recognizer whole); if the
+hangover ends the turn, only the first ``tail_ms`` of them are fed before
+``finish()`` (``TAIL_MS``, 200 ms: chosen by measurement, a shorter tail
+cost intent accuracy; BENCHMARKS.md). The rest of the hangover (400 ms by
+default) was decoded CPU that only gave the recognizer silence to explain.
+Segment boundaries and times are the turn detector's, unchanged. A segment longer than
 ``max_segment_ms`` is closed and a new one starts (a caller who never pauses,
 or a TV the VAD takes for a voice, cannot grow one without bound).
 
@@ -51,6 +60,9 @@ from .vad import make_vad
 
 log = logging.getLogger(__name__)
 
+#: Silence fed after a segment's last speech frame before ``finish()`` (ms).
+TAIL_MS = 200
+
 
 @dataclass
 class _Point:
@@ -69,7 +81,8 @@ class _Point:
 class CallTranscriber:
     def __init__(self, call_id: str, rate: int, recognizer: Recognizer, *, vad: str = "energy",
                  onset_ms: int = 80, hangover_ms: int = 400, preroll_ms: int = 200, lead_in_ms: int = 60,
-                 max_segment_ms: int = 30_000, state: dict[str, Any] | None = None) -> None:
+                 tail_ms: int = TAIL_MS, max_segment_ms: int = 30_000,
+                 state: dict[str, Any] | None = None) -> None:
         self.call_id = call_id
         self.rate = rate
         self.recognizer = recognizer
@@ -77,7 +90,12 @@ class CallTranscriber:
         self.vad = make_vad(vad, rate)
         self.turns = TurnDetector(onset_ms, hangover_ms, lead_in_ms=lead_in_ms)
         self.preroll_ms = int(preroll_ms)
+        if tail_ms < 0:
+            raise SpeechError(f"tail_ms must be >= 0, got {tail_ms}")
+        self.tail_frames = int(tail_ms) // FRAME_MS
         self.max_segment_ms = int(max_segment_ms)
+        # Quiet frames of the open segment not yet fed (see the module docstring).
+        self._held: list[bytes] = []
         ring = (self.preroll_ms + onset_ms) // FRAME_MS + 1
         # (entry id, pcm, frames/seq/channel after it) of the newest frames.
         self._ring: deque[tuple[str, bytes, int, int, str]] = deque(maxlen=ring)
@@ -145,10 +163,15 @@ class CallTranscriber:
         except SpeechError:
             prob = 0.0  # a malformed frame (wrong size) is not speech
         out: list[Transcript] = []
+        events = self.turns.feed(prob, t_ms)
         if self._stream is not None:
-            out += self._feed(pcm)
+            if self.turns.speaking and self.turns.to_state()["quiet_ms"] > 0 or events:
+                self._held.append(pcm)   # a hangover frame (or the one that ended the turn)
+            else:
+                out += self._feed_held()
+                out += self._feed(pcm)
         self._ring.append((entry_id, pcm, self.frames, self.seq, self.channel))
-        for ev in self.turns.feed(prob, t_ms):
+        for ev in events:
             if ev.kind == "speech_start":
                 out += self._open_segment(ev.t_ms)
             else:
@@ -192,16 +215,27 @@ class CallTranscriber:
             out.append(self._transcript(h, end))
         return out
 
+    def _feed_held(self, limit: int | None = None) -> list[Transcript]:
+        held, self._held = self._held[:limit], []
+        out: list[Transcript] = []
+        for pcm in held:
+            if self._stream is None:
+                break   # the recognizer failed
+            out += self._feed(pcm)
+        return out
+
     def _close_segment(self, end_ms: int) -> list[Transcript]:
+        if self._stream is None:
+            return []
+        out = self._feed_held(self.tail_frames)
         stream, self._stream = self._stream, None
         if stream is None:
-            return []
+            return out
         try:
             hyp = stream.finish()
         except SpeechError as exc:
             self._fail(exc)
             hyp = Hyp("", True)
-        out = []
         if hyp.text or self._seg_partials:
             out.append(self._transcript(Hyp(hyp.text, True, hyp.confidence), max(end_ms, self._seg_start_ms)))
             self.segment += 1
@@ -209,6 +243,7 @@ class CallTranscriber:
 
     def _fail(self, exc: Exception) -> None:
         self.failures += 1
+        self._held = []
         log.warning("call %s: recognizer %s failed: %s", self.call_id, self.engine, exc)
         if self._stream is not None:
             try:
@@ -229,6 +264,7 @@ class CallTranscriber:
 
     def close(self) -> None:
         """Abandon an open segment without a result (lease lost, shutdown)."""
+        self._held = []
         if self._stream is not None:
             try:
                 self._stream.close()

@@ -31,7 +31,17 @@ FRAME = b"\x00\x01" * 160
 
 
 def _texts(gw):
-    return [cmd.text for cmd in gw.commands() if cmd.type == "cmd.speak"]
+    """What the gateway applies: each command id once (the worker's outbox
+    delivers at least once; ``gateway.dispatch`` drops a repeated id)."""
+    return [cmd.text for cmd in gw.applied() if cmd.type == "cmd.speak"]
+
+
+def _at_most_one_adjacent_repeat(gw):
+    """A repeat is the outbox delivering again what its checkpoint had not yet
+    recorded as delivered: at most one, right after the original, same id."""
+    ids = [cmd.command_id for cmd in gw.commands()]
+    assert len(ids) - len(set(ids)) <= 1, ids
+    assert all(cid == ids[i - 1] for i, cid in enumerate(ids) if cid in ids[:i]), ids
 
 
 def test_reannounced_live_call_resumes_from_its_done_checkpoint_ended_one_stays_dropped(
@@ -61,9 +71,11 @@ def test_reannounced_live_call_resumes_from_its_done_checkpoint_ended_one_stays_
         wait_for(lambda: len(_texts(back)) == 2, what="the resumed call served again")
         # Frame 20 counts the 15 frames before the drop: the same agent state.
         assert _texts(back) == ["10:11", "20:23"]
+        _at_most_one_adjacent_repeat(back)
         assert r.get(keys.call_lease("rc-back")) == b"w1" and not load(r, "rc-back").done
         time.sleep(0.5)
         assert _texts(gone) == ["10:11"] and r.get(keys.call_lease("rc-gone")) is None
+        _at_most_one_adjacent_repeat(gone)
         events = [f[b"event"] for _, f in r.xrange(keys.call_timeline("rc-back"))]
         claimed = [f for _, f in r.xrange(keys.call_timeline("rc-back")) if f[b"event"] == b"worker.claimed"]
         assert b"worker.claimed" in events and claimed[-1][b"after"] == b"reconnect"
