@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     #: A busy worker's loop turns are at least this far apart (ms), so each turn
     #: carries several frames per call and the per-turn work (one XREAD over
     #: every owned stream, timers, commits) is paid less often; 0: no floor.
-    worker_min_turn_ms: int = Field(5, alias="PV_WORKER_MIN_TURN_MS", ge=0, le=100)
+    worker_min_turn_ms: int = Field(20, alias="PV_WORKER_MIN_TURN_MS", ge=0, le=100)
     #: After a takeover, replayed audio commands (speak/play) decided on entries
     #: older than this are not sent (ms; 0: send everything).
     stale_command_ms: int = Field(500, alias="PV_STALE_COMMAND_MS", ge=0)

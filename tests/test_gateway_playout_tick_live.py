@@ -16,37 +16,18 @@ from websockets.exceptions import ConnectionClosed
 
 from piopiy_voice import contracts as c
 from piopiy_voice import keys
-from piopiy_voice.gateway.server import Gateway
-from piopiy_voice.redisconn import connect_async
-from piopiy_voice.settings import Settings
-from piopiy_voice.signing import sign_stream_url
+from test_gateway_server import GW, running
+from test_gateway_server import url as signed_url
 
 pytestmark = pytest.mark.integration
 
-SECRET = "test-secret-for-playout"
-GW = "gw-playout"
 LEAD_MS = 100
 CHUNK_S = 0.040
 BREAK = {"action": "break"}
 
 
-@contextlib.asynccontextmanager
-async def running(redis_url):
-    settings = Settings.from_env({}, signing_secret=SECRET, gateway_id=GW,
-                                 playout_lead_ms=LEAD_MS, drain_grace_s=1.0)
-    gw = Gateway(settings, redis_url=redis_url, host="127.0.0.1", port=0)
-    await gw.start()
-    client = connect_async(redis_url)
-    try:
-        yield gw, client
-    finally:
-        await gw.stop()
-        await client.aclose()
-
-
 def url(gw, call_id):
-    return sign_stream_url(f"ws://127.0.0.1:{gw.port}", call_id, SECRET, ttl_s=60,
-                           params={"rate": "16000", "mode": "callee"})
+    return signed_url(gw, call_id, rate="16000")
 
 
 async def until(cond, timeout=10.0, what="condition"):
@@ -104,7 +85,7 @@ def test_many_speaking_calls_are_paced_at_real_time_within_the_lead(redis_url, r
     n, ms = 40, 1200
 
     async def scenario():
-        async with running(redis_url) as (gw, client):
+        async with running(redis_url, playout_lead_ms=LEAD_MS) as (gw, client):
             ids = [f"call-many-{i}" for i in range(n)]
             conns = await open_calls(gw, ids)
             listeners = [Listener(ws) for ws in conns]
@@ -144,7 +125,7 @@ def test_many_speaking_calls_are_paced_at_real_time_within_the_lead(redis_url, r
 
 def test_interrupt_cuts_one_call_mid_utterance_with_break_after_its_last_chunk(redis_url, r):
     async def scenario():
-        async with running(redis_url) as (gw, client):
+        async with running(redis_url, playout_lead_ms=LEAD_MS) as (gw, client):
             ids = ["call-cut", "call-on-1", "call-on-2"]
             conns = await open_calls(gw, ids)
             listeners = [Listener(ws) for ws in conns]
@@ -174,7 +155,7 @@ def test_interrupt_cuts_one_call_mid_utterance_with_break_after_its_last_chunk(r
 
 def test_a_peer_that_stops_reading_is_held_without_unbounded_buffering(redis_url, r):
     async def scenario():
-        async with running(redis_url) as (gw, client):
+        async with running(redis_url, playout_lead_ms=LEAD_MS) as (gw, client):
             loop = asyncio.get_running_loop()
             # The slow peer's receive buffer, and the gateway's send buffer for
             # it, are made small so that its transport's buffer fills in a
@@ -232,7 +213,7 @@ async def _finished(client, cid):
 
 def test_one_failing_call_does_not_stop_the_others(redis_url, r):
     async def scenario():
-        async with running(redis_url) as (gw, client):
+        async with running(redis_url, playout_lead_ms=LEAD_MS) as (gw, client):
             ids = ["call-bad", "call-good-1", "call-good-2"]
             conns = await open_calls(gw, ids)
             listeners = [Listener(ws) for ws in conns]
@@ -261,7 +242,7 @@ def test_one_failing_call_does_not_stop_the_others(redis_url, r):
 
 def test_replaced_and_dropped_sockets_take_their_calls_off_the_tick(redis_url, r):
     async def scenario():
-        async with running(redis_url) as (gw, client):
+        async with running(redis_url, playout_lead_ms=LEAD_MS) as (gw, client):
             tick = gw.registry.playout
             first, dropped = await open_calls(gw, ["call-moving", "call-dropping"])
             old, drop = Listener(first), Listener(dropped)

@@ -16,10 +16,13 @@ an ``Outcome``; this module only executes outcomes. Each turn of the loop:
    streams of all owned calls, each from its own last processed id (on Redis
    Cluster one round trip per node instead: ``CallStreamReader``); each
    call's entries go to its driver strictly in order. Turns start at least
-   ``PV_WORKER_MIN_TURN_MS`` (5) apart: with hundreds of calls an XREAD that
-   returned as soon as any one frame arrived would carry ~0.2 entries per
-   stream and the per-turn work (packing the XREAD, parsing, timers, commit
-   scan: all proportional to the calls owned) would dominate the CPU;
+   ``PV_WORKER_MIN_TURN_MS`` (20) apart: an XREAD that returned as soon as
+   any one frame arrived would carry ~0.2-0.3 entries per stream and the
+   per-turn work (packing the XREAD, parsing, timers, commit scan: all
+   proportional to the calls owned; Redis' side of the XREAD) would dominate
+   the CPU. 20 ms (one frame per stream per turn) halved the worker's CPU at
+   25 calls against 5 ms, for ~10-15 ms more barge-in latency
+   (BENCHMARKS.md "Against pipecat");
 5. timers: a ``Tick`` for calls whose agent asked for one and that are not
    behind; for calls just taken over and now read to the stream's end, the
    works lost with the previous owner (``CallDriver.caught_up``);
