@@ -165,7 +165,7 @@ class CallTranscriber:
         out: list[Transcript] = []
         events = self.turns.feed(prob, t_ms)
         if self._stream is not None:
-            if self.turns.speaking and self.turns.to_state()["quiet_ms"] > 0 or events:
+            if events or self.turns.in_hangover:
                 self._held.append(pcm)   # a hangover frame (or the one that ended the turn)
             else:
                 out += self._feed_held()

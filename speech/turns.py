@@ -111,6 +111,11 @@ class TurnDetector:
         """Speaking, or a run of speech frames under way that may become a turn."""
         return self.speaking or self._run_start is not None
 
+    @property
+    def in_hangover(self) -> bool:
+        """Speaking, and the newest frames were quiet: the hangover is running."""
+        return self.speaking and self._quiet_ms > 0
+
     def to_state(self) -> dict[str, Any]:
         return {"speaking": self.speaking, "run_start": self._run_start, "lead_ms": self._lead_ms,
                 "last_speech_end": self._last_speech_end, "quiet_ms": self._quiet_ms}
