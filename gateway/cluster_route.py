@@ -51,6 +51,19 @@ errors once; when all succeeded nothing more is done):
 * ``TRYAGAIN`` / ``CLUSTERDOWN`` / ``LOADING`` / ``READONLY`` / ``MASTERDOWN``:
   back in front of their primary's buffer; that node's flusher pauses (from
   50 ms doubling to 250 ms) and a refresh is asked for.
+
+Probing. Redis reads a big batch in pieces (16 KB per read) and updates its
+cluster state between reads, so a node whose state turns from down to ok
+(the end of a failover) while it works through one batch refuses the
+batch's first commands and writes the rest: resent, the refused entries
+would land behind newer entries of their calls (seen once in CI: seqs
+128-132 of a call behind 133 and up, after a primary kill). So a node that
+refused something, or whose connection is new (a promoted replica, a
+reconnect: its state is unknown), is sent one command at a time until one is
+written; a written command means the state is ok, and whole batches resume.
+The turn the other way (ok to down inside a batch) is harmless: an ok prefix,
+a refused suffix resent in order. Cost: one round trip per reconnect or
+refusal episode.
 * anything else (OOM at ``maxmemory``, ``WRONGTYPE``...): rejected and
   counted, as on one server.
 
@@ -82,7 +95,8 @@ trip to every batch). The writer cannot see those; consumers see seq gaps.
 Everything not acknowledged is resent.
 
 Ordering: a call's entries land in order, across a migration or a failover
-too. The exception needs two faults at once: a batch that gets no answer
+too (a node's turn from down to ok inside a batch is kept out by probing,
+above). The exception needs two faults at once: a batch that gets no answer
 *after* its slot moved away and newer entries were already written at the
 new owner (or an ASK resend lost with its connection) lands behind those.
 Entries of different slots were never ordered with each other.
@@ -221,7 +235,8 @@ class _Node:
     connection's flusher and the ASK resends waiting for it."""
 
     __slots__ = ("addr", "buf", "kinds", "per_call", "wake", "task", "connected", "ping_due",
-                 "pause", "retired", "busy", "sent_at", "inflight", "epoch", "asks", "error")
+                 "pause", "probe", "retired", "busy", "sent_at", "inflight", "epoch", "asks",
+                 "error")
 
     def __init__(self, addr: Addr) -> None:
         self.addr = addr
@@ -236,6 +251,9 @@ class _Node:
         self.ping_due = False
         #: seconds to wait before the next batch (after TRYAGAIN/CLUSTERDOWN)
         self.pause = 0.0
+        #: send one command at a time until one is written (module docstring:
+        #: probing): set on every new connection and after a refusal
+        self.probe = False
         self.retired = False
         #: a batch is out (awaiting replies), since ``sent_at`` (monotonic)
         self.busy = False
@@ -602,6 +620,7 @@ class ClusterPublisher(Publisher):
                         log.info("redis writer connected to %s:%d", *node.addr)
                     node.connected = True
                     node.error = ""
+                    node.probe = True  # its cluster state is unknown
                     backoff = 0.05
                     if self.connected:
                         self.last_error = ""
@@ -635,17 +654,41 @@ class ClusterPublisher(Publisher):
                     node.busy = False
                     node.inflight = (0, 0)
                 node.pause = 0.0 if ok else min(max(node.pause * 2, 0.05), self.max_pause_s)
+                if kinds or asks:
+                    node.probe = not ok
         finally:
             if writer is not None:
                 writer.close()
 
     def _take(self, node: _Node) -> tuple[bytearray, bytearray, dict[bytes, int], int]:
-        """Empty the node's buffer into a batch (as the single-server writer does)."""
+        """Empty the node's buffer into a batch (as the single-server writer
+        does); only its first command while the node is probing."""
+        if node.probe and len(node.kinds) > 1:
+            return self._take_first(node)
         batch, kinds, per_call = node.buf, node.kinds, node.per_call
         node.buf, node.kinds, node.per_call = bytearray(), bytearray(), {}
         frames = sum(per_call.values())
         self.frames -= frames
         return batch, kinds, per_call, frames
+
+    def _take_first(self, node: _Node) -> tuple[bytearray, bytearray, dict[bytes, int], int]:
+        """The first command of the node's buffer as a batch of one (probing)."""
+        start, end, prefix_end = split_commands(node.buf[:_first_end(node.buf)])[0]
+        batch = node.buf[start:end]
+        del node.buf[:end]
+        kind = node.kinds[0]
+        del node.kinds[:1]
+        per_call: dict[bytes, int] = {}
+        if kind:
+            prefix = bytes(batch[:prefix_end])
+            left = node.per_call[prefix] - 1
+            if left:
+                node.per_call[prefix] = left
+            else:
+                del node.per_call[prefix]
+            per_call[prefix] = 1
+            self.frames -= 1
+        return batch, bytearray((kind,)), per_call, kind
 
     def _node_failed(self, node: _Node, why: str) -> None:
         node.connected = False
@@ -759,6 +802,16 @@ class ClusterPublisher(Publisher):
             self.metrics.inc("frames_rejected", rejected_audio)
         self.metrics.c["frames_published"] += published
         return ok
+
+
+def _first_end(buf: bytes | bytearray) -> int:
+    """Where the first of our RESP commands in ``buf`` ends."""
+    eol = buf.index(b"\r\n")
+    pos = eol + 2
+    for _ in range(int(buf[1:eol])):
+        eol = buf.index(b"\r\n", pos)
+        pos = eol + 2 + int(buf[pos + 1:eol]) + 2
+    return pos
 
 
 def _slot_of(cmd: bytes) -> int:

@@ -144,13 +144,18 @@ def workers(env, tmp_path):
     yield start
     for proc, _ in procs:
         proc.terminate()
-    for proc, log in procs:
+    for i, (proc, log) in enumerate(procs):
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+        # pytest shows a test's teardown output only when it failed: the
+        # dialers' own account of what they did then comes with it.
+        tail = (tmp_path / f"worker{i}.log").read_text(errors="replace").splitlines()[-60:]
+        print(f"--- dialer {i} (pid {proc.pid}, exit {proc.returncode}), last lines of its log:")
+        print("\n".join(tail))
 
 
 def meta(r, call_id):

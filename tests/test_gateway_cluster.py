@@ -263,6 +263,76 @@ def test_a_topology_change_moves_buffered_entries_to_the_new_primary():
     assert pub._route.get(prefixes[0]) is None and pub.room_for(prefixes[0])
 
 
+class _TurningNode:
+    """A one-node cluster on loopback speaking RESP whose state turns from
+    down to ok partway through what it is sent: it answers ``CLUSTERDOWN`` to
+    the first ``refuse`` XADDs, then writes. A batch that straddles the turn
+    is what a real node does when its failover ends while it reads a big
+    batch in 16 KB pieces (``cluster_route``: probing)."""
+
+    def __init__(self, refuse: int) -> None:
+        self.refuse = refuse
+        self.written: list[tuple[bytes, int]] = []  # (key, seq) in the order stored
+        self.writes: list[int] = []  # XADDs per read of a connection
+
+    async def serve(self, reader, writer):
+        rd = hiredis.Reader()
+        while data := await reader.read(1 << 16):
+            rd.feed(data)
+            out, xadds = [], 0
+            while (cmd := rd.gets()) is not False:
+                name = cmd[0].upper()
+                if name == b"PING":
+                    out.append(b"+PONG\r\n")
+                elif name == b"CLUSTER":
+                    port = str(self.port).encode()
+                    out.append(b"*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:%s\r\n"
+                               b"$2\r\nn1\r\n" % port)
+                elif name == b"XADD":
+                    xadds += 1
+                    if self.refuse > 0:
+                        self.refuse -= 1
+                        out.append(b"-CLUSTERDOWN The cluster is down\r\n")
+                    else:
+                        self.written.append((cmd[1], int(cmd[-3])))
+                        out.append(b"$3\r\n1-1\r\n")
+                else:
+                    out.append(b"+OK\r\n")
+            if xadds:
+                self.writes.append(xadds)
+            writer.write(b"".join(out))
+        writer.close()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+
+def test_a_node_turning_from_down_to_ok_inside_a_batch_reorders_nothing():
+    """Ten frames buffered before the writer connects (a backlog, as after a
+    failover); the node refuses the first three it reads. Without probing the
+    ten go in one batch: 4..10 written, 1..3 resent behind them. With it the
+    writer sends one at a time until one is written, then the rest at once."""
+    async def main():
+        node = await _TurningNode(refuse=3).start()
+        pub = Publisher(f"redis+cluster://127.0.0.1:{node.port}")
+        prefix = pub.audio_prefix("call-turn")
+        for seq in range(1, 11):
+            assert pub.add_audio(prefix, seq, PCM)
+        pub.start()
+        assert await pub.flush(10)
+        await pub.close()
+        node.server.close()
+        return node, pub.metrics.c
+
+    node, c = asyncio.run(asyncio.wait_for(main(), 20))
+    assert [seq for _k, seq in node.written] == list(range(1, 11))
+    assert c["frames_published"] == 10 and c["redis_retried"] == 3
+    # three refused probes of one, the probe that got through, then the rest as one batch
+    assert node.writes == [1, 1, 1, 1, 9], node.writes
+
+
 def _cmds(buf: bytes) -> list[bytes]:
     return [bytes(buf[s:e]) for s, e, _ in cr.split_commands(buf)]
 
