@@ -211,6 +211,8 @@ def build_pcmo(settings: Settings, call_id: str, req: CallRequest) -> list[dict[
 class _Attempt:
     def __init__(self, conn: redis.Redis, settings: Settings, call_id: str, req: CallRequest,
                  clients: ProcessClients | None = None) -> None:
+        # ``clients``: the dialer process's (``place_call``); None for an
+        # attempt that only records a failure (the horse-killed and failure hooks).
         self.r = conn
         self.settings = settings
         self.call_id = call_id
@@ -325,8 +327,7 @@ class _Attempt:
             if early > 0:
                 time.sleep(early)
 
-        if self.clients is None:  # not run by a dialer: clients of this attempt alone
-            self.clients = ProcessClients(self.settings)
+        assert self.clients is not None, "an attempt that dials needs its process's clients"
         try:
             client = self.clients.rest()
             # Built before the claim: a bad setting must fail the call, not
