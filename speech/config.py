@@ -71,6 +71,14 @@ class SpeechConfig(EnvSection):
     turn_hangover_ms: int = Field(400, alias="PV_TURN_HANGOVER_MS", ge=60, le=5000)
     #: Audio before the detected onset fed to the recognizer (ms).
     asr_preroll_ms: int = Field(200, alias="PV_ASR_PREROLL_MS", ge=0, le=1000)
+    #: Of the silence that ends a turn, this much is fed to the recognizer before
+    #: its final (ms); the rest of the hangover is never decoded. Shorter tails
+    #: cost intent accuracy, the whole hangover costs CPU (``speech.transcriber``).
+    asr_tail_ms: int = Field(200, alias="PV_ASR_TAIL_MS", ge=0, le=5000)
+    #: pocketsphinx: its second search pass (``fwdflat``) at every end of speech:
+    #: ~40% more decoder CPU and later finals, no accuracy gain measured
+    #: (``speech.asr_pocketsphinx``). Off by default.
+    asr_second_pass: bool = Field(False, alias="PV_ASR_SECOND_PASS")
     #: The transcriber role's lease on a call (ms).
     transcriber_lease_ms: int = Field(3000, alias="PV_TRANSCRIBER_LEASE_MS", ge=200, le=600_000)
     #: The transcriber's consumer name / lease value ("" = asr-HOSTNAME-PID; unique per replica).
@@ -87,7 +95,7 @@ class SpeechConfig(EnvSection):
         return v
 
     @field_validator("turn_onset_ms", "turn_lead_in_ms", "turn_hangover_ms", "asr_preroll_ms",
-                     "transcriber_lease_ms", mode="before")
+                     "asr_tail_ms", "transcriber_lease_ms", mode="before")
     @classmethod
     def _whole_ms(cls, v: object) -> object:
         # "250.0" and 250.5 were accepted before (read as numbers, then int()).
@@ -104,7 +112,8 @@ class SpeechConfig(EnvSection):
         if self.asr == "deepgram":
             return {"url": self.deepgram_url, "api_key": self.deepgram_api_key,
                     "model": self.deepgram_model}
-        return {"mode": self.asr_mode, "corpus": self.asr_corpus or None}
+        return {"mode": self.asr_mode, "corpus": self.asr_corpus or None,
+                "second_pass": self.asr_second_pass}
 
     def synthesizer_opts(self) -> dict:
         """Keyword options for ``tts.make_synthesizer(self.tts, **opts)``."""

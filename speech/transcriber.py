@@ -19,8 +19,8 @@ Quiet frames inside a segment (those the turn detector counts towards its
 hangover) are held back, not decoded at once: if speech resumes they are
 fed first (a pause inside a sentence reaches the recognizer whole); if the
 hangover ends the turn, only the first ``tail_ms`` of them are fed before
-``finish()`` (``TAIL_MS``, 200 ms: chosen by measurement, a shorter tail
-cost intent accuracy; BENCHMARKS.md). The rest of the hangover (400 ms by
+``finish()`` (``TAIL_MS``, 200 ms, ``PV_ASR_TAIL_MS``: chosen by
+measurement, a shorter tail cost intent accuracy; BENCHMARKS.md). The rest of the hangover (400 ms by
 default) was decoded CPU that only gave the recognizer silence to explain.
 Segment boundaries and times are the turn detector's, unchanged. A segment longer than
 ``max_segment_ms`` is closed and a new one starts (a caller who never pauses,
@@ -54,14 +54,16 @@ from typing import Any
 from piopiy_voice.contracts import AudioFrame, CallEnded, CommandResult, StreamGap, Transcript
 
 from .asr import Hyp, Recognizer, RecognizerStream
+from .config import SpeechConfig
 from .errors import SpeechError
 from .turns import FRAME_MS, TurnDetector
 from .vad import make_vad
 
 log = logging.getLogger(__name__)
 
-#: Silence fed after a segment's last speech frame before ``finish()`` (ms).
-TAIL_MS = 200
+#: Silence fed after a segment's last speech frame before ``finish()`` (ms):
+#: ``PV_ASR_TAIL_MS``'s default.
+TAIL_MS: int = SpeechConfig.model_fields["asr_tail_ms"].default
 
 
 @dataclass

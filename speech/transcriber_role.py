@@ -297,7 +297,7 @@ class Transcriber:
             core = CallTranscriber(cid, started.rate, self.recognizer, vad=c.vad, onset_ms=c.turn_onset_ms,
                                    lead_in_ms=c.turn_lead_in_ms,
                                    hangover_ms=c.turn_hangover_ms, preroll_ms=c.asr_preroll_ms,
-                                   state=state)
+                                   tail_ms=c.asr_tail_ms, state=state)
         except (SpeechError, ValueError) as exc:
             log.error("call %s: cannot transcribe (%s); leaving it", cid, exc)
             self.own.release(cid)

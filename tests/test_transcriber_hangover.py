@@ -145,3 +145,32 @@ def test_call_end_and_lease_loss_do_not_leak_held_frames():
 def test_tail_must_not_be_negative():
     with pytest.raises(Exception):
         CallTranscriber("c1", RATE, _Recording(), tail_ms=-20)
+
+
+def test_the_tail_and_the_second_pass_are_settings():
+    from piopiy_voice.speech.config import SpeechConfig  # noqa: PLC0415
+    from piopiy_voice.speech.errors import SpeechError  # noqa: PLC0415
+
+    default = SpeechConfig()
+    assert default.asr_tail_ms == TAIL_MS == 200
+    assert default.recognizer_opts()["second_pass"] is False
+    cfg = SpeechConfig.from_env({"PV_ASR_TAIL_MS": "100", "PV_ASR_SECOND_PASS": "true"})
+    assert cfg.asr_tail_ms == 100 and cfg.recognizer_opts()["second_pass"] is True
+    with pytest.raises(SpeechError, match="PV_ASR_TAIL_MS"):
+        SpeechConfig.from_env({"PV_ASR_TAIL_MS": "-20"})
+
+
+@pytest.mark.integration
+def test_the_transcriber_role_feeds_the_configured_tail(r):
+    """A call adopted by the role gets ``PV_ASR_TAIL_MS``, not the default."""
+    from piopiy_voice import keys  # noqa: PLC0415
+    from piopiy_voice.speech.config import SpeechConfig  # noqa: PLC0415
+    from piopiy_voice.speech.transcriber_role import Transcriber  # noqa: PLC0415
+
+    t = Transcriber(r, "asr-tail", 1500, _Recording(),
+                    config=SpeechConfig.from_env({"PV_ASR_TAIL_MS": "100"}))
+    fields = c.encode(c.CallStarted(call_id="c-tail", seq=1, gateway_id="gw1", rate=RATE))
+    eid = r.xadd(keys.CALLS_STREAM, fields).decode()
+    t._adopt(eid, {k.encode(): v.encode() if isinstance(v, str) else v for k, v in fields.items()},
+             claimed=False)
+    assert t.calls["c-tail"].core.tail_frames == 100 // 20
