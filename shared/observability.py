@@ -210,8 +210,26 @@ def run_loop_role(role: str, loop: Any, serve: Callable[[str, int], Any] | None,
 
     signal.signal(signal.SIGTERM, _graceful)
     signal.signal(signal.SIGINT, _graceful)
+    freeze_startup_heap()
     loop.run(max_seconds=max_seconds)
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive now (modules, models, the role's set-up) out of
+    the cyclic collector's reach, just before a long-running role starts work.
+
+    Why: a full (generation 2) collection walks every tracked object, and a
+    role's start-up leaves ~10^5 of them that live for ever (numpy, pydantic,
+    pocketsphinx, the agent's tables). The worker at 100 LLM calls ran one
+    every ~6 s, each holding its threads for 42-52 ms: a stall that every
+    call's frames and barge-ins wait out. After ``gc.freeze()`` the same
+    collections take ~6 ms (``bench/bargein_bench.py --calls 100``,
+    BENCHMARKS.md). Garbage made later is collected as before."""
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    gc.freeze()
 
 
 @contextlib.contextmanager

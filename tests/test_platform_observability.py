@@ -168,3 +168,33 @@ def test_every_counter_the_worker_runtime_counts_is_exported():
         assert line in text, line
     with pytest.raises(KeyError):
         m.inc("not_a_declared_counter")
+
+
+def test_a_looping_role_starts_work_with_its_start_up_heap_frozen():
+    """``run_loop_role`` freezes what start-up left before ``loop.run`` (full
+    collections then skip it: ``freeze_startup_heap``)."""
+    import gc  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from piopiy_voice.observability import run_loop_role  # noqa: PLC0415
+
+    class Loop:
+        frozen = -1
+
+        def run(self, max_seconds=None):
+            self.frozen = gc.get_freeze_count()
+
+        def stop(self):
+            pass
+
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    gc.unfreeze()
+    loop = Loop()
+    try:
+        assert gc.get_freeze_count() == 0
+        assert run_loop_role("worker", loop, None, "127.0.0.1", None, None) == 0
+    finally:
+        gc.unfreeze()
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
+    assert loop.frozen > 10_000  # the test process's modules, at least
