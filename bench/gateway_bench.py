@@ -39,6 +39,15 @@ unmeasured gaps between slices. Printed per phase: the gateway's CPU per frame
 the API process's, redis-server's and the listen clients' CPU, the frames the
 listeners received, and the gateway's sent -> Redis latency.
 
+``--compare-rev REV`` (without ``--speaking``: the inbound side, issue 14):
+the working tree's gateway and the one of git revision REV (``bench/revtree.py``)
+side by side on one private redis-server, with the bare receiver, the load
+alternating between the three in slices as above (each gateway its own N
+calls). Printed per gateway: CPU per inbound frame, the ratio working tree /
+REV, redis-server's CPU per frame in that gateway's slices, Redis batches
+written per second of load and frames per batch (from ``/metrics``, whole
+run), sent -> Redis latency and frames lost.
+
 ``--speaking K [--compare-rev REV]`` (the outbound side, issue 14): two
 gateway processes side by side on one private redis-server, the working
 tree's and the one of git revision REV (default HEAD, via ``bench/revtree.py``),
@@ -615,6 +624,124 @@ def main_listeners(args) -> int:
     return 0 if lost == 0 else 1
 
 
+# ------------------------------------------- inbound, side by side (--compare-rev)
+def _tree_and_rev_gateways(rev: str, redis_url: str, ids: tuple[str, str]
+                           ) -> list[tuple[str, str, int, subprocess.Popen]]:
+    """A gateway on the working tree's code and one on ``rev``'s, both on
+    ``redis_url``, each answering /healthz: (label, gateway id, port, process)."""
+    import urllib.request
+
+    from revtree import package_root
+
+    from piopiy_voice.redisconn import free_port
+
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    code = package_root(rev)
+    gws: list[tuple[str, str, int, subprocess.Popen]] = []
+    for label, gid, path in (("working tree", ids[0], str(ROOT)),
+                             (f"revision {rev} ({sha})", ids[1], f"{code}{os.pathsep}{ROOT}")):
+        port = free_port()
+        env = dict(os.environ, REDIS_URL=redis_url, PV_SIGNING_SECRET=SECRET,
+                   PV_LOG_LEVEL="WARNING", PYTHONPATH=path)
+        where = subprocess.run([sys.executable, "-c", "import piopiy_voice.gateway.registry as m; "
+                                "print(m.__file__)"], env=env, capture_output=True, text=True,
+                               cwd="/").stdout.strip()
+        print(f"{label:<28}: gateway code from {where}")
+        gws.append((label, gid, port, _child(
+            [sys.executable, "-m", "piopiy_voice.gateway.server", "--port", str(port),
+             "--gateway-id", gid], env=env, stdout=subprocess.DEVNULL, stderr=None)))
+    for label, _, port, proc in gws:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    for *_, p in gws:
+                        _stop(p)
+                    raise RuntimeError(f"{label}: gateway did not start")
+                time.sleep(0.1)
+    return gws
+
+
+def main_inbound_compare(args) -> int:
+    """``--compare-rev REV``: the working tree's gateway against REV's, inbound load."""
+    import uvloop
+
+    from piopiy_voice.redisconn import EmbeddedRedis, connect
+    from piopiy_voice.signing import sign_stream_url
+
+    rev = args.compare_rev
+    la = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; "
+          f"{args.calls} calls per gateway x {args.seconds:g} s at {args.rate} Hz, 20 ms frames, "
+          f"slices alternating")
+    me = psutil.Process()
+    bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
+    redis = EmbeddedRedis()
+    gws: list[tuple[str, str, int, subprocess.Popen]] = []
+    try:
+        gws = _tree_and_rev_gateways(rev, redis.url, ("tree", "rev"))
+        bport = int(bare.stdout.readline())
+        b = Target("bare", bport, [f"/x/{i}" for i in range(args.calls)], psutil.Process(bare.pid))
+        targets, ids = [b], {}
+        for label, gid, port, proc in gws:
+            ids[label] = [f"{gid}-{i}" for i in range(args.calls)]
+            paths = [sign_stream_url(f"ws://127.0.0.1:{port}", cid, SECRET,
+                                     params={"rate": str(args.rate), "mode": "callee"})
+                     .split(f":{port}", 1)[1] for cid in ids[label]]
+            targets.append(Target(label, port, paths, psutil.Process(proc.pid)))
+        watch = {"redis": psutil.Process(redis.proc.pid)}
+        c0 = sum(me.cpu_times()[:2])
+        uvloop.run(drive(targets, args.seconds, args.rate, watch=watch))
+        gen_cpu = sum(me.cpu_times()[:2]) - c0
+        batches = {label: _metric(port, "pv_gateway_redis_batches_total") for label, _, port, _ in gws}
+        bare.terminate()
+        bare.communicate(timeout=10)
+        client = connect(redis.url)
+        back = {label: _read_back(client, ids[label]) for label in ids}
+    finally:
+        for *_, proc in gws:
+            _stop(proc)
+        _stop(bare)
+        redis.close()
+
+    bus = b.cpu_s / b.window_frames * 1e6
+    print(f"bare uvloop receiver  : {bus:6.1f} us CPU/frame "
+          f"(user {b.user_s / b.window_frames * 1e6:.1f}; {b.window_frames} frames measured)")
+    per, lost = {}, 0
+    for t in targets[1:]:
+        us = per[t.name] = t.cpu_s / t.window_frames * 1e6
+        sl = sorted(t.slices)
+        secs = sum(w1 - w0 for w0, w1 in t.windows)
+        print(f"{t.name:<22}: {us:6.1f} us CPU/frame (user {t.user_s / t.window_frames * 1e6:.1f}; "
+              f"{t.window_frames} frames, {len(sl)} slices: min {sl[0]:.1f} median "
+              f"{statistics.median(sl):.1f} max {sl[-1]:.1f}); ratio to bare {us / bus:.2f}x")
+        rcpu = t.watch_cpu.get("redis", 0.0)
+        load_s = t.sent / args.calls * 0.020   # seconds of load this gateway got (all slices)
+        print(f"{'':<22}  redis-server {rcpu / t.window_frames * 1e6:.1f} us CPU/frame in its slices "
+              f"({rcpu / secs * 100 if secs else float('nan'):.0f}% of a core); "
+              f"{batches[t.name] / load_s:.0f} Redis batches per second of load, "
+              f"{t.sent / max(1.0, batches[t.name]):.1f} entries per batch (whole run)")
+        lat, audio = back[t.name]
+        vs = sorted(v for _, v in lat)
+        lost += t.sent - audio
+        if vs:
+            print(f"{'':<22}  latency sent->Redis p50 {_pct(vs, .5):.1f} ms, p99 {_pct(vs, .99):.1f} ms, "
+                  f"max {vs[-1]:.1f} ms (floored to 1 ms); frames lost {t.sent - audio} of {t.sent}")
+    new, old = per[targets[1].name], per[targets[2].name]
+    print(f"ratio working tree / {rev}: {new / old:.3f}x CPU per frame ({new - old:+.1f} us per frame); "
+          f"above the bare receiver: {new - bus:.1f} us vs {old - bus:.1f} us per frame")
+    sent = sum(t.sent for t in targets)
+    print(f"load generator        : {gen_cpu / sent * 1e6:6.1f} us CPU/frame; worst tick lateness "
+          + " / ".join(f"{t.late * 1000:.1f}" for t in targets) + " ms (bare / tree / rev)")
+    la = os.getloadavg()
+    print(f"load avg after run    : {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    return 0 if lost == 0 else 1
+
+
 # ------------------------------------------------------- outbound (--speaking)
 CHUNK_S = 0.040
 #: Chunks 0-2 of an utterance leave at once (the default 100 ms lead); pacing
@@ -735,18 +862,11 @@ async def _speak(targets: list[Speaker], redis_url: str, k: int, rate: int, seco
 
 def main_speaking(args) -> int:
     """``--speaking K``: the working tree's playout against revision ``--compare-rev``."""
-    import urllib.request
-
     import uvloop
 
-    from revtree import package_root
-
-    from piopiy_voice.redisconn import EmbeddedRedis, free_port
+    from piopiy_voice.redisconn import EmbeddedRedis
 
     k, rev = args.speaking, args.compare_rev or "HEAD"
-    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.strip()
-    code = package_root(rev)
     la = os.getloadavg()
     print(f"machine: {os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; "
           f"{k} speaking calls per gateway at {args.rate} Hz, {args.utterance:g} s utterances, "
@@ -754,28 +874,8 @@ def main_speaking(args) -> int:
     redis = EmbeddedRedis()
     targets: list[Speaker] = []
     try:
-        for label, gid, path in (("working tree", "bench-tree", str(ROOT)),
-                                 (f"revision {rev} ({sha})", "bench-rev", f"{code}{os.pathsep}{ROOT}")):
-            port = free_port()
-            env = dict(os.environ, REDIS_URL=redis.url, PV_SIGNING_SECRET=SECRET,
-                       PV_LOG_LEVEL="WARNING", PYTHONPATH=path)
-            where = subprocess.run([sys.executable, "-c", "import piopiy_voice.gateway.registry as m; "
-                                    "print(m.__file__)"], env=env, capture_output=True, text=True,
-                                   cwd="/").stdout.strip()
-            print(f"{label:<28}: gateway code from {where}")
-            proc = _child([sys.executable, "-m", "piopiy_voice.gateway.server", "--port", str(port),
-                           "--gateway-id", gid], env=env, stdout=subprocess.DEVNULL, stderr=None)
+        for label, gid, port, proc in _tree_and_rev_gateways(rev, redis.url, ("bench-tree", "bench-rev")):
             targets.append(Speaker(label, gid, port, proc))
-        for t in targets:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{t.port}/healthz", timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or t.popen.poll() is not None:
-                        raise RuntimeError(f"{t.label}: gateway did not start")
-                    time.sleep(0.1)
         bare = _child([sys.executable, __file__, "--serve-bare-sender", "--rate", str(args.rate)],
                       stderr=None)
         try:
@@ -834,7 +934,8 @@ def main(argv=None) -> int:
                     help="outbound mode: K calls kept speaking by PlayAudio commands on the working "
                          "tree's gateway and on --compare-rev's, slices alternating")
     ap.add_argument("--compare-rev", metavar="REV",
-                    help="with --speaking: the git revision to compare against (default HEAD)")
+                    help="the git revision to compare the working tree's gateway against, side by "
+                         "side (with --speaking: default HEAD; without: the inbound side)")
     ap.add_argument("--utterance", type=float, default=3.0,
                     help="with --speaking: seconds of audio per PlayAudio (one per call per slice)")
     ap.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
@@ -856,6 +957,8 @@ def main(argv=None) -> int:
         ap.error("--listeners must be between 0 and --calls")
     if args.listeners:
         return main_listeners(args)
+    if args.compare_rev:
+        return main_inbound_compare(args)
     import uvloop
 
     from piopiy_voice.redisconn import EmbeddedRedis, connect

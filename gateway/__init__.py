@@ -20,8 +20,9 @@ Where things live (one owner for each piece of a call's state):
                   ``Publisher(url)`` builds for a cluster URL): one buffer and
                   connection per primary, entries routed by hash slot,
                   MOVED/ASK, failover and resharding followed
-    connection.py DirectConnection: frames handed to the call, and the playout's
-                  messages written, synchronously
+    connection.py DirectConnection: the platform's plain data frames read, and
+                  the playout's messages framed and written, by itself and
+                  synchronously (everything else left to ``websockets``)
     outbound.py   the exact JSON the platform understands on the live socket
     server.py     Gateway (wires the above into a websockets server) and
                   ``main`` (piopiy-voice gateway)

@@ -16,7 +16,12 @@ new entries accumulate, so batches grow with load. Below ``batch_min``
 queued entries the flusher first lingers ``linger_s`` (2 ms) for more: a batch
 costs about the same whatever its size, so at light load this halves the
 per-frame cost for ~2 ms of latency. Replies are parsed by hiredis
-and only counted (errors are logged).
+and only counted (errors are logged). A batch's replies are awaited with no
+timer of their own (an ``asyncio.timeout`` costs ~6 us of Python, and there
+are ~250 batches a second at 25 calls): one watchdog timer per connection,
+``_watch_replies``, cuts the connection when a batch has waited longer than
+``reply_timeout`` (checked every quarter of it), which fails the batch like
+any lost connection.
 
 All writes for a call go through this one ordered byte stream, so the call's
 entries (start, audio, events, results, playout, end) land in Redis in the
@@ -200,6 +205,11 @@ class Publisher:
         self._inflight = (0, 0)
         self._supervisor: asyncio.Task | None = None
         self._inflight_batch: tuple[bytearray, bytearray, dict] | None = None
+        #: Loop time the in-flight batch was written (None: none in flight),
+        #: and whether the watchdog cut the connection for its late replies.
+        self._sent_at: float | None = None
+        self._reply_late = False
+        self._watchdog: asyncio.TimerHandle | None = None
         #: Why the writer last failed (for /readyz), "" when healthy.
         self.last_error = ""
 
@@ -476,25 +486,57 @@ class Publisher:
         return reader, writer, replies[len(hello) - len(commands):]
 
     async def _replies(self, reader: asyncio.StreamReader, rd: Any, n: int) -> list:
-        out = []
+        """``n`` replies, within ``reply_timeout`` (connection handshakes; the
+        cluster writer's reads)."""
         async with asyncio.timeout(self.reply_timeout):
-            while len(out) < n:
-                data = await reader.read(1 << 18)
-                if not data:
-                    raise ConnectionError("redis closed the connection")
-                rd.feed(data)
-                while (reply := rd.gets()) is not False:
-                    out.append(reply)
+            return await self._read_replies(reader, rd, n)
+
+    async def _read_replies(self, reader: asyncio.StreamReader, rd: Any, n: int) -> list:
+        """``n`` replies, with no timer of its own: the flusher's batches,
+        whose connection the watchdog (``_watch_replies``) cuts if it stays
+        silent."""
+        out: list = []
+        while len(out) < n:
+            data = await reader.read(1 << 18)
+            if not data:
+                if self._reply_late:
+                    raise TimeoutError(f"no reply from redis within {self.reply_timeout:g} s")
+                raise ConnectionError("redis closed the connection")
+            rd.feed(data)
+            while (reply := rd.gets()) is not False:
+                out.append(reply)
         return out
 
+    def _watch_replies(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle:
+        """Every quarter of ``reply_timeout``: a batch unanswered for longer
+        than ``reply_timeout`` cuts the connection (the flusher then resends
+        it after reconnecting). Returns the next check's handle."""
+        sent, writer = self._sent_at, self._writer
+        if sent is not None and writer is not None and loop.time() - sent > self.reply_timeout:
+            self._reply_late = True
+            writer.transport.abort()
+        return loop.call_later(self.reply_timeout / 4, self._rearm_watch, loop)
+
+    def _rearm_watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = self._watch_replies(loop)
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watchdog = self._watch_replies(loop)
+        try:
+            await self._flush_forever(loop)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog, self._sent_at = None, None
+
+    async def _flush_forever(self, loop: asyncio.AbstractEventLoop) -> None:
         backoff = 0.05
         #: A replica answers at once, every time: wait this long before asking again.
         demoted_backoff = 0.05
         reader = writer = None
         rd = hiredis.Reader()
         self._wake.set()  # connect now: readiness must not wait for the first entry
-        loop = asyncio.get_running_loop()
         while True:
             if not self._wake.is_set():
                 # Idle for a second: a PING keeps ``connected`` true to fact (a
@@ -509,6 +551,7 @@ class Publisher:
                 self._drop_conn()
                 writer = None
             if writer is None:
+                self._reply_late = False
                 try:
                     reader, writer = await self._connect()
                 except Exception as exc:  # noqa: BLE001 (uvloop: RuntimeError too)
@@ -544,8 +587,9 @@ class Publisher:
             self._inflight = (n, frames)
             self._inflight_batch = (batch, kinds, per_call)
             try:
+                self._sent_at = loop.time()
                 writer.write(batch)
-                replies = await self._replies(reader, rd, n)
+                replies = await self._read_replies(reader, rd, n)
                 errors = [i for i, reply in enumerate(replies) if isinstance(reply, hiredis.ReplyError)]
                 if errors and _demoted(replies, errors):
                     raise _Demoted("READONLY: the node is a replica now (failover); resending")
@@ -564,6 +608,7 @@ class Publisher:
                     demoted_backoff = min(demoted_backoff * 2, 2.0)
                 continue
             finally:
+                self._sent_at = None
                 self._idle.set()
             # Not reset when cancelled mid-batch: close() counts that batch as lost.
             self._inflight = (0, 0)

@@ -134,3 +134,54 @@ def test_a_call_over_its_backlog_share_gets_one_gap_report_not_one_per_frame():
         assert live.session.gap_pending == 90 and live.session.frames_dropped == 90
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_batch_redis_never_answers_is_resent_on_a_new_connection(redis_url, r):
+    # The flusher keeps no timer per batch: one watchdog per connection cuts a
+    # connection whose batch has waited past ``reply_timeout``; the batch is
+    # then resent (at least once) on a new connection, as after any loss.
+    from urllib.parse import urlparse
+
+    real = urlparse(redis_url)
+
+    async def main():
+        connections = []
+
+        async def serve(reader, writer):
+            connections.append(writer)
+            if len(connections) == 1:
+                # Answer the connection handshake (PING), then swallow everything.
+                assert (await reader.readuntil(b"PING\r\n")).endswith(b"PING\r\n")
+                writer.write(b"+PONG\r\n")
+                while await reader.read(1 << 16):
+                    pass
+                return
+            up_r, up_w = await asyncio.open_connection(real.hostname, real.port)
+
+            async def pipe(src, dst):
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                dst.close()
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pub = Publisher(f"redis://127.0.0.1:{port}/0", reply_timeout=0.4)
+        pub.start()
+        t0 = asyncio.get_running_loop().time()
+        assert pub.add_audio(pub.audio_prefix("call-late"), 1, b"\x05\x00" * 160)
+        assert await pub.flush(5)
+        waited = asyncio.get_running_loop().time() - t0
+        err = pub.metrics.c["redis_errors"]
+        await pub.close()
+        server.close()
+        for w in connections:
+            w.close()
+        return waited, err, len(connections)
+
+    waited, errors, conns = asyncio.run(asyncio.wait_for(main(), 20))
+    # Cut between reply_timeout and reply_timeout + a quarter of it (+ scheduling).
+    assert 0.4 <= waited < 1.5, waited
+    assert errors == 1 and conns == 2
+    [(_, fields)] = r.xrange(keys.call_stream("call-late"))
+    assert fields[b"seq"] == b"1" and fields[b"pcm"] == b"\x05\x00" * 160
