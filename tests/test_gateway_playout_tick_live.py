@@ -75,6 +75,18 @@ class Listener:
         return b"".join(p for _, p in self.chunks())
 
 
+async def play_each(client, ids, pcms):
+    for cid, pcm in zip(ids, pcms):
+        await play(client, cid, pcm)
+
+
+async def heard_whole(listeners, pcms, what="all audio"):
+    """Each listener received its pcm whole, in order."""
+    await until(lambda: all(len(li.pcm()) == len(p) for li, p in zip(listeners, pcms)), what=what)
+    for li, pcm in zip(listeners, pcms):
+        assert li.pcm() == pcm
+
+
 async def open_calls(gw, ids, **kw):
     conns = [await connect(url(gw, cid), compression=None, **kw) for cid in ids]
     await until(lambda: all(gw.registry.has_socket(cid) for cid in ids), what="calls attached")
@@ -95,14 +107,12 @@ def test_many_speaking_calls_are_paced_at_real_time_within_the_lead(redis_url, r
             for cid, pcm in zip(ids, pcms):       # starts spread over a chunk's time
                 await play(client, cid, pcm)
                 await asyncio.sleep(rnd.uniform(0, 0.002))
-            await until(lambda: all(len(li.pcm()) == len(p) for li, p in zip(listeners, pcms)),
-                        what="all audio")
+            await heard_whole(listeners, pcms)
             ticks = gw.metrics.c["playout_ticks"] - ticks0
             for ws in conns:
                 await ws.close()
             worst_late = worst_early = 0.0
-            for cid, li, pcm in zip(ids, listeners, pcms):
-                assert li.pcm() == pcm, cid
+            for cid, li in zip(ids, listeners):
                 chunks = li.chunks()
                 t0 = chunks[0][0]
                 for k, (t, _) in enumerate(chunks):
@@ -130,14 +140,12 @@ def test_interrupt_cuts_one_call_mid_utterance_with_break_after_its_last_chunk(r
             conns = await open_calls(gw, ids)
             listeners = [Listener(ws) for ws in conns]
             pcms = [random.Random(i).randbytes(32 * 1500) for i in range(3)]
-            for cid, pcm in zip(ids, pcms):
-                await play(client, cid, pcm)
+            await play_each(client, ids, pcms)
             await asyncio.sleep(0.5)
             await client.xadd(keys.gateway_commands(GW), c.encode(c.Interrupt(call_id="call-cut")))
             cut = listeners[0]
             await until(lambda: any(m == BREAK for _, m in cut.got), what="break")
-            await until(lambda: all(len(li.pcm()) == len(p)
-                                    for li, p in zip(listeners[1:], pcms[1:])), what="others")
+            await heard_whole(listeners[1:], pcms[1:], what="others")
             await asyncio.sleep(0.3)
             messages = [m for _, m in cut.got]
             assert messages[-1] == BREAK and messages.count(BREAK) == 1   # nothing after it
@@ -145,7 +153,7 @@ def test_interrupt_cuts_one_call_mid_utterance_with_break_after_its_last_chunk(r
             assert pcms[0].startswith(sent) and 300 <= len(sent) // 32 <= 900
             [started, interrupted] = await until(lambda: playouts(client, "call-cut"))
             assert interrupted[:2] == ("u", "interrupted") and interrupted[2] <= len(sent) // 32
-            for li, pcm in zip(listeners[1:], pcms[1:]):
+            for li, pcm in zip(listeners[1:], pcms[1:]):   # nothing more came after
                 assert li.pcm() == pcm and BREAK not in [m for _, m in li.got]
             for ws in conns:
                 await ws.close()
@@ -223,12 +231,8 @@ def test_one_failing_call_does_not_stop_the_others(redis_url, r):
 
             gw.registry.get("call-bad").session.pump = boom
             pcms = [random.Random(i).randbytes(32 * 800) for i in range(3)]
-            for cid, pcm in zip(ids, pcms):
-                await play(client, cid, pcm)
-            await until(lambda: all(len(li.pcm()) == len(p)
-                                    for li, p in zip(listeners[1:], pcms[1:])), what="others")
-            for li, pcm in zip(listeners[1:], pcms[1:]):
-                assert li.pcm() == pcm
+            await play_each(client, ids, pcms)
+            await heard_whole(listeners[1:], pcms[1:], what="others")
             assert gw.metrics.c["playout_errors"] == 1 and listeners[0].pcm() == b""
             assert "call-bad" in gw.registry and gw.registry.has_socket("call-bad")
             # Its socket still carries commands.
