@@ -58,12 +58,15 @@ cluster state between reads, so a node whose state turns from down to ok
 batch's first commands and writes the rest: resent, the refused entries
 would land behind newer entries of their calls (seen once in CI: seqs
 128-132 of a call behind 133 and up, after a primary kill). So a node that
-refused something, or whose connection is new (a promoted replica, a
-reconnect: its state is unknown), is sent one command at a time until one is
-written; a written command means the state is ok, and whole batches resume.
-The turn the other way (ok to down inside a batch) is harmless: an ok prefix,
-a refused suffix resent in order. Cost: one round trip per reconnect or
-refusal episode.
+refused something, or that is connected with entries already waiting for it
+(a promoted replica's backlog, a reconnect: its state is unknown), is sent
+one command at a time until one is written; a written command means the
+state is ok, and whole batches resume. The turn the other way (ok to down
+inside a batch) is harmless: an ok prefix, a refused suffix resent in order.
+Cost: one round trip per such episode. A node connected with nothing waiting
+(the gateway's start) is not probed: that extra round trip on a call's
+first entries let the call's announcement (``pv:calls``, another slot, so
+another node) overtake its record's ``live`` often enough to show in CI.
 * anything else (OOM at ``maxmemory``, ``WRONGTYPE``...): rejected and
   counted, as on one server.
 
@@ -620,7 +623,10 @@ class ClusterPublisher(Publisher):
                         log.info("redis writer connected to %s:%d", *node.addr)
                     node.connected = True
                     node.error = ""
-                    node.probe = True  # its cluster state is unknown
+                    # Entries waited for this node (a promoted replica's backlog, a
+                    # reconnect): its state is unknown, probe it. A node met with an
+                    # empty buffer (the gateway's start) is not: see "Probing".
+                    node.probe = bool(node.kinds)
                     backoff = 0.05
                     if self.connected:
                         self.last_error = ""
