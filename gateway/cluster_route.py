@@ -57,16 +57,16 @@ cluster state between reads, so a node whose state turns from down to ok
 (the end of a failover) while it works through one batch refuses the
 batch's first commands and writes the rest: resent, the refused entries
 would land behind newer entries of their calls (seen once in CI: seqs
-128-132 of a call behind 133 and up, after a primary kill). So a node that
-refused something, or that is connected with entries already waiting for it
-(a promoted replica's backlog, a reconnect: its state is unknown), is sent
-one command at a time until one is written; a written command means the
-state is ok, and whole batches resume. The turn the other way (ok to down
-inside a batch) is harmless: an ok prefix, a refused suffix resent in order.
-Cost: one round trip per such episode. A node connected with nothing waiting
-(the gateway's start) is not probed: that extra round trip on a call's
-first entries let the call's announcement (``pv:calls``, another slot, so
-another node) overtake its record's ``live`` often enough to show in CI.
+128-132 of a call behind 133 and up, after a primary kill, while the writer
+resent its whole backlog to a refusing node every 50-250 ms). So a node that
+refused something is sent one command at a time until one is written; a
+written command means the state is ok, and whole batches resume. The turn
+the other way (ok to down inside a batch) is harmless: an ok prefix, a
+refused suffix resent in order. Cost: one round trip per refusal episode.
+Not covered: the very first batch to a node straddling its turn (probing
+every new connection was tried: the extra round trip on a call's first
+entries at the gateway's start let the call's announcement, ``pv:calls`` on
+another node, overtake its record's ``live`` often enough to fail CI).
 * anything else (OOM at ``maxmemory``, ``WRONGTYPE``...): rejected and
   counted, as on one server.
 
@@ -255,7 +255,7 @@ class _Node:
         #: seconds to wait before the next batch (after TRYAGAIN/CLUSTERDOWN)
         self.pause = 0.0
         #: send one command at a time until one is written (module docstring:
-        #: probing): set on every new connection and after a refusal
+        #: probing): set after a refusal
         self.probe = False
         self.retired = False
         #: a batch is out (awaiting replies), since ``sent_at`` (monotonic)
@@ -623,10 +623,6 @@ class ClusterPublisher(Publisher):
                         log.info("redis writer connected to %s:%d", *node.addr)
                     node.connected = True
                     node.error = ""
-                    # Entries waited for this node (a promoted replica's backlog, a
-                    # reconnect): its state is unknown, probe it. A node met with an
-                    # empty buffer (the gateway's start) is not: see "Probing".
-                    node.probe = bool(node.kinds)
                     backoff = 0.05
                     if self.connected:
                         self.last_error = ""

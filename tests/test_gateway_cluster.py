@@ -311,11 +311,12 @@ class _TurningNode:
 
 def test_a_node_turning_from_down_to_ok_inside_a_batch_reorders_nothing():
     """Ten frames buffered before the writer connects (a backlog, as after a
-    failover); the node refuses the first three it reads. Without probing the
-    ten go in one batch: 4..10 written, 1..3 resent behind them. With it the
-    writer sends one at a time until one is written, then the rest at once."""
+    failover); the node refuses the first twelve XADDs it reads: the first
+    batch whole, then it turns ok. Without probing the ten are resent as one
+    batch that straddles the turn: 3..10 written, 1..2 resent behind them.
+    With it the writer sends one at a time until one is written, then the rest."""
     async def main():
-        node = await _TurningNode(refuse=3).start()
+        node = await _TurningNode(refuse=12).start()
         pub = Publisher(f"redis+cluster://127.0.0.1:{node.port}")
         prefix = pub.audio_prefix("call-turn")
         for seq in range(1, 11):
@@ -328,9 +329,10 @@ def test_a_node_turning_from_down_to_ok_inside_a_batch_reorders_nothing():
 
     node, c = asyncio.run(asyncio.wait_for(main(), 20))
     assert [seq for _k, seq in node.written] == list(range(1, 11))
-    assert c["frames_published"] == 10 and c["redis_retried"] == 3
-    # three refused probes of one, the probe that got through, then the rest as one batch
-    assert node.writes == [1, 1, 1, 1, 9], node.writes
+    assert c["frames_published"] == 10 and c["redis_retried"] == 12
+    # the first batch refused whole, two refused probes of one, the probe that
+    # got through, then the rest as one batch
+    assert node.writes == [10, 1, 1, 1, 9], node.writes
 
 
 def _cmds(buf: bytes) -> list[bytes]:
