@@ -354,6 +354,17 @@ def _audio_frame(call_id: str, seq: int, pcm: bytes, v: int = PROTOCOL_VERSION) 
     return obj
 
 
+def audio_pcm(fields: Mapping[bytes | str, bytes | str]) -> bytes | None:
+    """The PCM of an audio entry as redis-py returns it (bytes keys), the same
+    object ``decode`` puts in its ``AudioFrame``; None for anything else. Not a
+    validation: ``decode`` still judges the entry."""
+    if fields.get(b"type") == b"audio":  # type: ignore[call-overload]
+        pcm = fields.get(b"pcm")  # type: ignore[call-overload]
+        if pcm.__class__ is bytes:
+            return pcm  # type: ignore[return-value]
+    return None
+
+
 def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:
     """Redis fields -> a validated message model.
 

@@ -13,3 +13,7 @@ Small public surface over one module per concept:
 Heavy engines (pocketsphinx, onnxruntime, websockets, libespeak-ng) are imported
 only when an engine that needs them is made.
 """
+
+from piopiy_voice.blas import single_threaded
+
+single_threaded()  # before numpy loads: see piopiy_voice.blas

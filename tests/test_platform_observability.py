@@ -151,7 +151,7 @@ def test_every_counter_the_worker_runtime_counts_is_exported():
     for name in ("works_started_total", "works_lost_total", "work_results_ignored_total",
                  "redis_oom_total", "redis_group_recreated_total", "leases_retaken_total",
                  "calls_reannounced_total", "calls_resumed_after_reconnect_total",
-                 "stale_commands_suppressed_total"):
+                 "stale_commands_suppressed_total", "urgent_commits_total"):
         m.inc(name, 3)
     m.works_in_flight = 2
     text = m.render()
@@ -164,6 +164,7 @@ def test_every_counter_the_worker_runtime_counts_is_exported():
                  "pv_worker_calls_reannounced_total 3.0",
                  "pv_worker_calls_resumed_after_reconnect_total 3.0",
                  "pv_worker_stale_commands_suppressed_total 3.0",
+                 "pv_worker_urgent_commits_total 3.0",
                  "pv_worker_works_in_flight 2.0"):
         assert line in text, line
     with pytest.raises(KeyError):

@@ -211,3 +211,105 @@ def test_turn_detector_lead_in_needs_a_voiced_run_and_is_capped():
     # A checkpoint written before the lead-in existed still loads.
     td.load_state({"speaking": False, "run_start": None, "last_speech_end": 0, "quiet_ms": 0})
     assert td.to_state()["lead_ms"] == 0
+
+
+def _four_calls(rate):
+    """Four calls' frames of equal length: speech, chords, brown noise, silence then speech."""
+    n = rate // 50
+    sigs = [_speech(rate), _chords(rate, 2.0), _brown(rate, 2.0),
+            np.concatenate((np.zeros(rate), _speech(rate)))]
+    calls = [_frames(s, rate) for s in sigs]
+    m = min(len(c) for c in calls)
+    assert m * n >= rate  # at least a second each
+    return [c[:m] for c in calls]
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_frames_scored_ahead_in_a_batch_get_the_decisions_they_get_alone(rate):
+    """The worker scores each turn's frames of all its calls in one batch
+    (``VoicingBatch``): every call's probabilities must be those of its VAD fed
+    alone, whatever shares its turns (1-3 frames per call per turn here)."""
+    from piopiy_voice.speech.vad import VoicingBatch
+
+    calls = _four_calls(rate)
+    alone = [make_vad("energy", rate) for _ in calls]
+    batched = [make_vad("energy", rate) for _ in calls]
+    batch = VoicingBatch()
+    rng = np.random.default_rng(7)
+    i = scored = 0
+    while i < len(calls[0]):
+        k = int(rng.integers(1, 4))
+        for vad, frames in zip(batched, calls):
+            for pcm in frames[i:i + k]:
+                vad.ahead(pcm, batch)
+        scored += batch.run()
+        for a, b, frames in zip(alone, batched, calls):
+            for pcm in frames[i:i + k]:
+                assert b.speech_prob(pcm) == a.speech_prob(pcm)
+                assert b.voicing == pytest.approx(a.voicing, abs=1e-4)
+        i += k
+    # Every loud frame went through the batch (not the per-frame fallback).
+    assert scored > len(calls[0])
+    assert all(not vad._ready for vad in batched)
+
+
+def test_a_frame_not_scored_ahead_is_scored_alone_and_the_queue_resyncs():
+    """``speech_prob`` takes a queued figure only for the very frame queued next;
+    anything else (a frame skipped, a batch never run, another frame) is
+    computed on the spot, and the stale queue is dropped."""
+    from piopiy_voice.speech.vad import VoicingBatch
+
+    rate = 8000
+    frames = _frames(_speech(rate), rate)[:60]
+    ref = make_vad("energy", rate)
+    want = [ref.speech_prob(f) for f in frames]
+    vad = make_vad("energy", rate)
+    batch = VoicingBatch()
+    got = []
+    # Turn 1: queue 0..9 but the batch never runs: all scored alone.
+    for f in frames[:10]:
+        vad.ahead(f, batch)
+    got += [vad.speech_prob(f) for f in frames[:10]]
+    batch.run()   # a late run does not matter: the queue was dropped
+    # Turn 2: queue 10..19, but 10 is heard as a copy (another object): resync.
+    for f in frames[10:20]:
+        vad.ahead(f, batch)
+    batch.run()
+    got.append(vad.speech_prob(bytes(bytearray(frames[10]))))
+    got += [vad.speech_prob(f) for f in frames[11:20]]
+    # Turn 3: queued 20..29 and not heard; turn 4 queues 30..59 (the earlier
+    # queue is dropped as out of step) and hears 20..59 in order.
+    for f in frames[20:30]:
+        vad.ahead(f, batch)
+    batch.run()
+    for f in frames[30:60]:
+        vad.ahead(f, batch)
+    batch.run()
+    got += [vad.speech_prob(f) for f in frames[20:60]]
+    assert got == want
+    # Wrong-size frames and 32 kHz calls are not queued at all.
+    vad.ahead(b"\0" * 10, batch)
+    hi = make_vad("energy", 32000)
+    hi.ahead(_frames(_speech(32000), 32000)[0], batch)
+    assert not vad._ready and not hi._ready and batch.run() == 0
+
+
+@pytest.mark.parametrize("package", ["piopiy_voice.workers", "piopiy_voice.speech"])
+def test_the_roles_packages_keep_blas_to_one_thread_unless_told(package):
+    """A batched product must not fan out over every core (``piopiy_voice.blas``):
+    importing the package before numpy leaves one BLAS thread; an explicit
+    setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import {package}, os, numpy as np\n"
+            "a = np.ones((400, 400), dtype=np.float32); a @ a\n"
+            "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir('/proc/self/task')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["1", "1"]
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OPENBLAS_NUM_THREADS="2"),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", str(min(2, os.cpu_count() or 1))]

@@ -233,3 +233,35 @@ def test_a_done_checkpoint_announced_again_resumes_the_same_agent_state():
     fed = again.feed(e(*[audio(s) for s in range(15, 23)]), e.ms / 1000)
     assert [cmd.text for cmd in fed.commands] == ["20:22"]  # frame 20 counted across the drop
     assert again.ckpt.cmd_seq == 2 and fed.commands[0].command_id == "call-1:2"
+
+
+def test_frames_heard_ahead_in_a_batch_change_no_decision():
+    """``hear_ahead`` (the worker's VAD batch across calls) is a speed hook: a
+    conversation fed with it decides exactly what it decides without it, and
+    its loud frames really went through the batch."""
+    import numpy as np
+
+    from piopiy_voice.speech.tts import EspeakSynthesizer
+    from piopiy_voice.speech.vad import VoicingBatch
+    from piopiy_voice.workers.agent.default import DefaultAgent
+
+    speech = EspeakSynthesizer().synthesize_sync("Wait, I have another question for you.", 8000)
+    pcm = np.frombuffer(speech, "<i2")
+    frames = [b"\0" * 320] * 50 + [pcm[i:i + 160].tobytes() for i in range(0, pcm.size - 159, 160)]
+    frames += [b"\0" * 320] * 60
+    plain, _ = CallDriver.start(DefaultAgent, SETTINGS, CALL, "w1")
+    ahead, _ = CallDriver.start(DefaultAgent, SETTINGS, CALL, "w1")
+    batch = VoicingBatch()
+    e1, e2 = Entries(), Entries()
+    got, want, scored = [], [], 0
+    for i in range(0, len(frames), 3):   # three frames a turn
+        turn = [c.audio_fields("call-1", 2 + j, f) for j, f in enumerate(frames[i:i + 3], start=i)]
+        want += [(cmd.type, cmd.command_id) for cmd in plain.feed(e1(*turn), wall=2000.0).commands]
+        entries = e2(*turn)
+        ahead.hear_ahead(entries, batch)
+        scored += batch.run()
+        got += [(cmd.type, cmd.command_id) for cmd in ahead.feed(entries, wall=2000.0).commands]
+    assert ("cmd.interrupt", "call-1:2") in want   # the caller talked over the greeting
+    assert got == want
+    assert ahead.checkpoint().state == plain.checkpoint().state
+    assert scored >= 40

@@ -64,7 +64,7 @@ import logging
 from typing import Any, Callable
 
 from piopiy_voice import keys
-from piopiy_voice.contracts import CallEnded, CallStarted, WorkDone, decode, is_command
+from piopiy_voice.contracts import CallEnded, CallStarted, WorkDone, audio_pcm, decode, is_command
 
 from .agent.base import Agent, Cancel, Tick, Work
 from .checkpoint import Checkpoint
@@ -74,6 +74,10 @@ log = logging.getLogger("piopiy_voice.workers.driver")
 AGENT_ATTEMPTS = 3
 #: Commands that make the caller hear something (suppressed when stale in a replay).
 AUDIO_COMMANDS = frozenset({"cmd.play_audio", "cmd.speak", "cmd.play_music"})
+#: Commands the runner commits and delivers the moment they are decided, before
+#: the rest of the loop turn's calls are fed (see ``piopiy_voice.workers.runner``,
+#: step 4): a barge-in's cut is the one decision a caller hears the delay of.
+URGENT_COMMANDS = frozenset({"cmd.interrupt"})
 #: Default staleness bound of a replayed audio command (ms).
 DEFAULT_STALE_MS = 500
 #: After an agent raised on a Tick, no Tick for this long (seconds).
@@ -121,6 +125,11 @@ class Outcome:
         self.dirty = False
         #: Stale audio commands suppressed while replaying (see the module docstring).
         self.stale = 0
+
+    @property
+    def urgent(self) -> bool:
+        """A command decided now must not wait for the loop turn's end (``URGENT_COMMANDS``)."""
+        return any(c.type in URGENT_COMMANDS for c in self.commands)
 
 
 class CallDriver:
@@ -197,6 +206,16 @@ class CallDriver:
         return drv, out, kind
 
     # -------------------------------------------------------------- inputs
+    def hear_ahead(self, entries: list[tuple[Any, Any]], batch: Any) -> None:
+        """Before ``feed(entries)``: the agent's ``hear_ahead`` with the PCM of
+        the audio entries (a speed hook; see ``Agent.hear_ahead``)."""
+        frames = [pcm for _, fields in entries if (pcm := audio_pcm(fields)) is not None]
+        if frames:
+            try:
+                self.agent.hear_ahead(frames, batch)
+            except Exception:  # noqa: BLE001 (a speed hook: ``feed`` still hears every frame)
+                log.exception("call %s: the agent's hear_ahead failed", self.call.call_id)
+
     def feed(self, entries: list[tuple[Any, Any]], wall: float) -> Outcome:
         """Entries of the call's stream after ``ckpt.last_id``, in order, as
         XREAD returns them (ids and field maps, bytes or str)."""

@@ -82,6 +82,9 @@ COUNTER_SPECS: dict[str, CounterSpec] = {
     "command_deliveries_retried_total": CounterSpec(
         P + "command_deliveries_retried_total",
         "committed commands whose delivery to the gateway's stream failed and is retried"),
+    "urgent_commits_total": CounterSpec(
+        P + "urgent_commits_total",
+        "calls committed and delivered mid-turn because a barge-in cut their playout"),
     "stale_commands_suppressed_total": CounterSpec(
         P + "stale_commands_suppressed_total", "speech not sent while replaying a backlog after a takeover"),
 }

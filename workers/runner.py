@@ -15,7 +15,15 @@ an ``Outcome``; this module only executes outcomes. Each turn of the loop:
 4. ONE blocking ``XREAD`` (block <= 200 ms while owning calls) over the
    streams of all owned calls, each from its own last processed id (on Redis
    Cluster one round trip per node instead: ``CallStreamReader``); each
-   call's entries go to its driver strictly in order. Turns start at least
+   call's entries go to its driver strictly in order. Before any is fed,
+   every call's agent gets the PCM of its audio entries (``hear_ahead``) and
+   the calls' VADs score them together (``speech.vad.VoicingBatch``: three
+   matrix products for all the turn's frames instead of three per frame). A
+   call whose entries
+   made its agent cut the playout (a barge-in: ``driver.URGENT_COMMANDS``)
+   is committed and delivered at once, with its own two round trips, before
+   the next call is fed: at 100 calls feeding the whole turn takes 10-50 ms
+   of CPU, which a barge-in would otherwise wait for. Turns start at least
    ``PV_WORKER_MIN_TURN_MS`` (20) apart: an XREAD that returned as soon as
    any one frame arrived would carry ~0.2-0.3 entries per stream and the
    per-turn work (packing the XREAD, parsing, timers, commit scan: all
@@ -81,6 +89,7 @@ from piopiy_voice import callrecord, keys
 from piopiy_voice.contracts import CallStarted, decode, encode
 from piopiy_voice.redisconn import connect, resolve_redis_url
 from piopiy_voice.settings import Settings
+from piopiy_voice.speech.vad import VoicingBatch
 
 from . import orphans
 from .agent.base import Agent, load_agent_class
@@ -163,6 +172,8 @@ class Worker:
                              claim_limit=int(getattr(settings, "worker_claim_per_scan", 20) or 20))
         self.committer = Committer(self.r, self.worker_id, self.lease_ms)
         self.reader = CallStreamReader(self.r)
+        #: The loop's VAD batch, reused every turn (step 4).
+        self.voicing = VoicingBatch()
         self.calls: dict[str, OwnedCall] = {}
         #: Committed commands not yet seen on their gateway's stream, per call:
         #: (gateway id, [(seq, command or raw fields)...]) in order. Kept for
@@ -482,17 +493,38 @@ class Worker:
         self._xread_ms = (time.monotonic() - t) * 1000
         behind: set[str] = set()
         wall = time.time()
+        fed: list[tuple[OwnedCall, list]] = []
         for stream, entries in resp or ():
-            cid = keys.call_id_of(stream)
-            oc = self.calls.get(cid)
-            if oc is None:
-                continue
+            oc = self.calls.get(keys.call_id_of(stream))
+            if oc is not None:
+                oc.driver.hear_ahead(entries, self.voicing)
+                fed.append((oc, entries))
+        self.voicing.run()
+        for oc, entries in fed:
+            cid = oc.call.call_id
+            if cid not in self.calls:
+                continue   # dropped by an urgent commit's lease check this turn
             if len(entries) >= READ_COUNT:
                 behind.add(cid)
-            self._apply(oc, oc.driver.feed(entries, wall))
+            out = oc.driver.feed(entries, wall)
+            self._apply(oc, out)
+            if out.urgent:
+                self._flush_urgent(oc)
         self._behind = behind
         for eid, fields in self.own.new_entries(new[0] if new else None):
             self._adopt(eid, fields, claimed=False)
+
+    def _flush_urgent(self, oc: OwnedCall) -> None:
+        """Commit and deliver one call's commands now, mid-turn (step 4). A
+        failure leaves them pending for the turn's own commit, which retries
+        them and handles the error; the turn must go on feeding the calls
+        (and adopting the new ones) it has read."""
+        try:
+            self._flush([oc], urgent=True)
+            self._count("urgent_commits_total")
+        except redis.RedisError as exc:
+            log.warning("call %s: urgent commit failed (%s); retried with the turn's commit",
+                        oc.call.call_id, exc)
 
     def _timers(self) -> None:
         behind = self._behind
@@ -546,10 +578,13 @@ class Worker:
         if due or len(self._io) or self._starts or self._cancels or self._outbox:
             self._flush(due)
 
-    def _flush(self, ocs: list[OwnedCall], *, handback: bool = False) -> list[bool]:
+    def _flush(self, ocs: list[OwnedCall], *, handback: bool = False,
+               urgent: bool = False) -> list[bool]:
         """One round trip: this turn's side effects, then each call's commands
         with its checkpoint (each call's script is atomic); a second delivers
-        what was committed (``_deliver``). Then start works."""
+        what was committed (``_deliver``). Then start works: with ``urgent``
+        (``_flush_urgent``) only those of ``ocs``, since other calls fed this
+        turn are not committed yet."""
         pipe, self._io = self._io, self.r.pipeline(transaction=False)
         n_side = len(pipe)
         for oc in ocs:
@@ -559,9 +594,10 @@ class Worker:
                 release=drv.ended or handback,
                 ttl_s=keys.CALL_KEY_TTL_AFTER_END if drv.ended else 0, pipe=pipe,
             )
+        only = {oc.call.call_id for oc in ocs} if urgent else None
         if not len(pipe):
             self._deliver([])
-            self._start_works(set())
+            self._start_works(set(), only=only)
             return []
         try:
             replies = pipe.execute(raise_on_error=False)[n_side:]
@@ -617,7 +653,7 @@ class Worker:
                 touch.append(oc.start_entry)
         self.own.touch(touch, pipe=after)
         self._deliver(ocs, after)
-        self._start_works(dropped, failed)
+        self._start_works(dropped, failed, only=only)
         if errors:
             raise errors[0]
         return ok
@@ -664,16 +700,18 @@ class Worker:
             else:
                 del queued[:done]
 
-    def _start_works(self, dropped: set[str], failed: set[str] = frozenset()) -> None:
+    def _start_works(self, dropped: set[str], failed: set[str] = frozenset(),
+                     only: set[str] | None = None) -> None:
         """Hand this turn's works to the runtime (after the commit: a call
         found lost starts nothing; a call whose commit failed starts them after
-        its next commit) and send its cancels."""
+        its next commit; with ``only``, calls not in it wait for their commit)
+        and send its cancels."""
         if self._starts:
             starts, self._starts = self._starts, []
             for cid, work in starts:
                 if cid in dropped:
                     continue
-                if cid in failed:
+                if cid in failed or (only is not None and cid not in only):
                     self._starts.append((cid, work))
                     continue
                 if self.runtime is None:

@@ -47,6 +47,12 @@ Contract
   flight and has no final result in the stream; the agent asks again.
 - ``on_event`` also receives ``Transcript`` (what the caller said, from the
   transcriber role) and ``WorkDone`` events.
+- ``hear_ahead(frames, batch)`` (optional, a speed hook): before a loop turn's
+  entries are fed, the worker hands each call's agent the PCM of that call's
+  audio entries of the turn, in order, with the turn's
+  ``speech.vad.VoicingBatch``, so VADs of many calls score their frames in one
+  batch (``ConversationAgent`` does). Decisions must not depend on it: a frame
+  not scored ahead is scored when ``on_event`` gets it.
 - Raising from ``on_event`` is treated as a poison entry: the runtime retries
   the same entry up to 3 times, then dead-letters it and moves on. State
   changes made before the exception stay, so mutate state after the checks
@@ -130,6 +136,10 @@ class Agent:
     def next_wakeup(self) -> float | None:
         """When the agent wants a ``Tick`` (epoch seconds), or None."""
         return None
+
+    def hear_ahead(self, frames: list[bytes], batch: Any) -> None:
+        """The PCM of this turn's audio entries, before they are fed (see the
+        module docstring): nothing to do unless the agent has a VAD to batch."""
 
     # -- persistence ---------------------------------------------------
     #: Attributes saved by ``to_state`` and restored by ``from_state`` as they are.

@@ -42,6 +42,14 @@ MAX_USER_CHARS = 1000
 class TurnTaking:
     """The caller's side of the conversation (module docstring)."""
 
+    def hear_ahead(self, frames: list[bytes], batch: Any) -> None:
+        """``Agent.hear_ahead``: the frames ``_on_audio`` will hear go to the VAD's batch."""
+        if self.mode == "paused":
+            return
+        for pcm in frames:
+            if len(pcm) == self.frame_len:
+                self.ears.ahead(pcm, batch)
+
     def _on_audio(self, pcm: bytes, now: float) -> list[Any]:
         if len(pcm) != self.frame_len or self.mode == "paused":
             return []  # frames still in flight after Pause are not ours to hear
