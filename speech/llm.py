@@ -32,19 +32,26 @@ reset, cut mid-stream), ``LlmProtocolError`` (not SSE/JSON, an in-stream
 error object, an unknown tool, tool arguments that are not a JSON object).
 
 Any compatible server works: hosted APIs, vLLM, llama.cpp's server, Ollama
-(``/v1``). The ``httpx.AsyncClient`` is made lazily in the running event loop
-(and remade if the loop changes) so one ``ChatClient`` can be shared by every
-call of a worker's agent runtime and keep its connections warm.
+(``/v1``). The HTTP client is ``aiohttp`` (its C parser: a streamed token
+costs 0.3x the CPU it cost through httpx, which spent most of it in its
+pure-Python HTTP/1.1 state machine, and at 100 calls that CPU was the agent
+runtime's biggest share, taken from the loop thread's GIL: BENCHMARKS.md
+"Conversation"). Its session is made lazily in the running event loop (and
+remade if the loop changes) so one ``ChatClient`` can be shared by every call
+of a worker's agent runtime and keep its connections warm. Proxies come from
+``HTTP(S)_PROXY``/``NO_PROXY``, as for any HTTP client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Sequence
 
-import httpx
+import aiohttp
 
 from pydantic import Field, field_validator, model_validator
 
@@ -171,26 +178,51 @@ class ChatClient:
     """Streams chat completions from one OpenAI-compatible server (see module doc)."""
 
     def __init__(self, config: LlmConfig | None = None, **overrides: Any) -> None:
+        self._http: aiohttp.ClientSession | None = None
         self.config = (config or LlmConfig()).replace(**overrides) if overrides else (config or LlmConfig())
-        self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        _live.add(self)
 
     @property
     def url(self) -> str:
         return self.config.base_url.rstrip("/") + "/chat/completions"
 
-    def _client(self) -> httpx.AsyncClient:
+    def _forget(self) -> None:
+        """Let the session go without a close (that needs its loop, which may be
+        gone): it is only marked closed, so aiohttp does not log it as leaked
+        when it is collected. For process exit and a client collected unclosed."""
+        session, self._http = self._http, None
+        if session is not None and not session.closed:
+            connector = session.connector
+            session.detach()
+            if connector is not None and not connector.closed:
+                try:
+                    # aiohttp's own way to drop a connector's sockets without
+                    # awaiting (what its finalizer does, minus the leak report).
+                    connector._close()
+                except Exception:  # noqa: BLE001 (a loop already closed: the sockets go with it)
+                    pass
+
+    def __del__(self) -> None:
+        self._forget()
+
+    def _session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
-        if self._http is None or self._loop is not loop or self._http.is_closed:
-            # A client is bound to the loop that made it; tests and restarts make new loops.
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout_s),
-                                           limits=httpx.Limits(max_keepalive_connections=50))
+        if self._http is None or self._loop is not loop or self._http.closed:
+            if self._loop is not loop:
+                self._forget()   # bound to a loop that is gone (tests, a restarted runtime)
+            # Our deadlines bound every read (``stream``); no session-wide timeout.
+            # ``trust_env``: HTTP(S)_PROXY and NO_PROXY apply, as for any HTTP client.
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None), trust_env=True,
+                auto_decompress=False)
             self._loop = loop
         return self._http
 
     async def aclose(self) -> None:
-        if self._http is not None and not self._http.is_closed:
-            await self._http.aclose()
+        if self._http is not None and not self._http.closed:
+            await self._http.close()
         self._http = None
 
     def request_body(self, messages: Sequence[Mapping[str, Any]],
@@ -218,7 +250,9 @@ class ChatClient:
         total_deadline = start + cfg.timeout_s
         got_token = False
         offered = {t.get("function", {}).get("name") for t in (tools or [])}
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        # identity: a compressed event stream would hold tokens back in the decoder.
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                   "Accept-Encoding": "identity"}
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         body = self.request_body(messages, tools, cfg)
@@ -244,21 +278,23 @@ class ChatClient:
                 raise LlmTimeout(phase, cfg.first_token_s if phase == "first_token"
                                  else cfg.timeout_s) from None
 
-        http = self._client()
-        request = http.build_request("POST", self.url, json=body, headers=headers)
+        session = self._session()
         try:
-            response = await bounded(http.send(request, stream=True))
+            response = await bounded(session.post(self.url, data=json.dumps(body).encode(),
+                                                  headers=headers))
         except LlmError:
             raise
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise LlmConnectionError(f"cannot reach {self.url}: {exc!r}") from None
+        finished = False
         try:
-            if response.status_code // 100 != 2:
-                raw = await bounded(response.aread())
-                raise LlmHttpError(response.status_code, raw[:500].decode("utf-8", "replace"))
-            if response.headers.get("content-type", "").startswith("application/json"):
+            if response.status // 100 != 2:
+                raw = await bounded(response.read())
+                raise LlmHttpError(response.status, raw[:500].decode("utf-8", "replace"))
+            if response.headers.get("Content-Type", "").startswith("application/json"):
                 # A server that ignored "stream": one JSON completion.
-                raw = await bounded(response.aread())
+                raw = await bounded(response.read())
+                finished = True
                 async for d in self._whole(raw, offered):
                     yield d
                 return
@@ -266,49 +302,60 @@ class ChatClient:
             finish: str | None = None
             done = False
             size = 0
-            lines = response.aiter_lines()
-            while True:
+            tail = b""
+            content = response.content
+            while not done:
+                # One read takes whatever arrived: several events when the
+                # server got ahead of us, so the per-read costs are shared.
                 try:
-                    line = await bounded(lines.__anext__())
-                except StopAsyncIteration:
-                    break
-                except httpx.HTTPError as exc:
+                    got = await bounded(content.readany())
+                except aiohttp.ClientError as exc:
                     raise LlmConnectionError(f"stream cut: {exc!r}") from None
-                size += len(line)
+                if not got:
+                    break
+                size += len(got)
                 if size > MAX_REPLY_BYTES:
                     raise LlmProtocolError(f"reply larger than {MAX_REPLY_BYTES} bytes")
-                if not line.startswith("data:"):
-                    continue  # blank separators, ": keep-alive" comments, "event:" lines
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = _json(data)
-                if "error" in chunk:
-                    raise LlmProtocolError(f"server error in stream: {str(chunk['error'])[:200]}")
-                choices = chunk.get("choices") or []
-                if not isinstance(choices, list):
-                    raise LlmProtocolError("'choices' is not a list")
-                for choice in choices[:1]:
-                    if not isinstance(choice, dict):
-                        raise LlmProtocolError("a choice is not an object")
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content")
-                    if isinstance(text, str) and text:
-                        got_token = True
-                        yield Delta(text=text)
-                    for frag in delta.get("tool_calls") or []:
-                        got_token = True
-                        _merge(calls, frag)
-                    if choice.get("finish_reason"):
-                        finish = str(choice["finish_reason"])
+                *lines, tail = (tail + got).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, ": keep-alive" comments, "event:" lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = _json(data)
+                    if "error" in chunk:
+                        raise LlmProtocolError(f"server error in stream: {str(chunk['error'])[:200]}")
+                    choices = chunk.get("choices") or []
+                    if not isinstance(choices, list):
+                        raise LlmProtocolError("'choices' is not a list")
+                    for choice in choices[:1]:
+                        if not isinstance(choice, dict):
+                            raise LlmProtocolError("a choice is not an object")
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
+                        if isinstance(text, str) and text:
+                            got_token = True
+                            yield Delta(text=text)
+                        for frag in delta.get("tool_calls") or []:
+                            got_token = True
+                            _merge(calls, frag)
+                        if choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
             if not done and finish is None:
                 raise LlmConnectionError("stream ended before [DONE]")
+            finished = done and content.at_eof()
             tool_calls = _finish_calls(calls, offered)
             if tool_calls or finish:
                 yield Delta(tool_calls=tool_calls, finish_reason=finish or "stop")
         finally:
-            await response.aclose()
+            # A body read to its end leaves the connection to the pool; anything
+            # else (an error, a cancel, bytes after [DONE]) closes it.
+            if finished:
+                response.release()
+            else:
+                response.close()
 
     async def _whole(self, raw: bytes, offered: set) -> AsyncIterator[Delta]:
         data = _json(raw.decode("utf-8", "replace"))
@@ -333,7 +380,17 @@ class ChatClient:
         return "".join(text), calls
 
 
-def _json(data: str) -> dict[str, Any]:
+_live: "weakref.WeakSet[ChatClient]" = weakref.WeakSet()
+
+
+@atexit.register
+def _forget_sessions() -> None:
+    # At exit module globals (``workers.agent.llm``'s clients) may outlive their loop.
+    for client in list(_live):
+        client._forget()
+
+
+def _json(data: str | bytes) -> dict[str, Any]:
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, RecursionError):
