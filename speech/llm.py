@@ -345,17 +345,22 @@ class ChatClient:
                             finish = str(choice["finish_reason"])
             if not done and finish is None:
                 raise LlmConnectionError("stream ended before [DONE]")
-            finished = done and content.at_eof()
+            finished = done
             tool_calls = _finish_calls(calls, offered)
             if tool_calls or finish:
                 yield Delta(tool_calls=tool_calls, finish_reason=finish or "stop")
         finally:
-            # A body read to its end leaves the connection to the pool; anything
-            # else (an error, a cancel, bytes after [DONE]) closes it.
-            if finished:
+            # A reply read to its end leaves the connection to the pool (once the
+            # body's end, usually right behind [DONE], has been read: off the
+            # caller's path); anything else (an error, a cancel) closes it.
+            if not finished:
+                response.close()
+            elif response.content.at_eof():
                 response.release()
             else:
-                response.close()
+                task = asyncio.get_running_loop().create_task(_release_at_end(response))
+                _draining.add(task)
+                task.add_done_callback(_draining.discard)
 
     async def _whole(self, raw: bytes, offered: set) -> AsyncIterator[Delta]:
         data = _json(raw.decode("utf-8", "replace"))
@@ -378,6 +383,27 @@ class ChatClient:
             text.append(d.text)
             calls = d.tool_calls or calls
         return "".join(text), calls
+
+
+#: After [DONE], how long the rest of a body may take before its connection is dropped.
+DRAIN_S = 1.0
+_draining: set[asyncio.Task] = set()
+
+
+async def _release_at_end(response: aiohttp.ClientResponse) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            size = 0
+            while got := await response.content.readany():
+                size += len(got)
+                if size > MAX_REPLY_BYTES:
+                    break
+        if response.content.at_eof():
+            response.release()
+            return
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 (whatever it was: drop it)
+        pass
+    response.close()
 
 
 _live: "weakref.WeakSet[ChatClient]" = weakref.WeakSet()

@@ -84,6 +84,12 @@ class FakeOpenAI:
         self.replies: deque[Reply] = deque()
         self.default = Reply()
         self.requests: list[dict[str, Any]] = []
+        #: The client address of each request: which connection carried it.
+        self.peers: list[tuple[str, int]] = []
+        #: False: a streamed reply closes its connection (``Connection: close``);
+        #: True: the connection stays open for the next request, as hosted APIs,
+        #: vLLM and llama.cpp keep it.
+        self.keep_alive = False
         self.stopping = threading.Event()
         fake = self
 
@@ -100,6 +106,7 @@ class FakeOpenAI:
                 except ValueError:
                     body = None
                 fake.requests.append(body)
+                fake.peers.append(self.client_address)
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._plain(404, {"error": {"message": "not found"}})
                 problem = _check_request(body)
@@ -114,7 +121,8 @@ class FakeOpenAI:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
-                self.send_header("Connection", "close")
+                if not fake.keep_alive:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 for i, chunk in enumerate(fake.chunks(body, reply)):
                     if reply.drop_after is not None and i >= reply.drop_after:

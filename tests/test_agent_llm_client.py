@@ -133,3 +133,34 @@ def test_config_from_env_and_per_call_params():
         LlmConfig.from_env({"PV_LLM_TIMEOUT_S": "-1"})
     with pytest.raises(LlmError, match="http"):
         LlmConfig(base_url="ftp://x")
+
+
+def test_a_kept_alive_connection_carries_the_next_reply_and_an_abandoned_one_is_not_reused(fake):
+    """A server that keeps connections open (hosted APIs, vLLM) serves one
+    client's replies on one connection; a reply abandoned halfway (a barge-in
+    cancels it) closes its connection, so its unread rest never reaches the
+    next reply, which arrives whole on another connection."""
+    fake.keep_alive = True
+    fake.default = Reply(text="one two three four five six seven eight nine ten.", token_delay_s=0.01)
+    client = _client(fake)
+
+    async def go():
+        texts = []
+        try:
+            for _ in range(3):
+                texts.append("".join([d.text async for d in client.stream(MSGS)]))
+            async for d in client.stream(MSGS):
+                if d.text:
+                    break   # the caller barged in: the rest of this reply is dropped
+            texts.append("".join([d.text async for d in client.stream(MSGS)]))
+        finally:
+            await client.aclose()
+        return texts
+
+    texts = asyncio.run(go())
+    assert texts == [fake.default.text] * 4
+    # Reused: a whole reply's connection goes back to the pool once its body's
+    # end is read, which happens off the caller's path, so the next request
+    # may find it busy still and open a second one; never more.
+    assert len(set(fake.peers[:4])) <= 2
+    assert fake.peers[3] not in fake.peers[4:]   # the abandoned reply's connection: gone
