@@ -462,6 +462,12 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
 
 
+def _machine() -> str:
+    """The banner's first words: the box and how busy it was at the start."""
+    la = os.getloadavg()
+    return f"machine: {os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
+
+
 def main_listeners(args) -> int:
     """``--listeners K``: the gateway without and with an API streaming K calls."""
     import json
@@ -474,8 +480,7 @@ def main_listeners(args) -> int:
     from piopiy_voice.signing import sign_stream_url
 
     k = args.listeners
-    print(f"machine: {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.2f} "
-          f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; {args.calls} calls x {args.seconds:g} s "
+    print(f"{_machine()}; {args.calls} calls x {args.seconds:g} s "
           f"per phase at {args.rate} Hz, 20 ms frames; {k} of them listened in the 'listeners' phase")
     me = psutil.Process()
     bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
@@ -674,9 +679,7 @@ def main_inbound_compare(args) -> int:
     from piopiy_voice.signing import sign_stream_url
 
     rev = args.compare_rev
-    la = os.getloadavg()
-    print(f"machine: {os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; "
-          f"{args.calls} calls per gateway x {args.seconds:g} s at {args.rate} Hz, 20 ms frames, "
+    print(f"{_machine()}; {args.calls} calls per gateway x {args.seconds:g} s at {args.rate} Hz, 20 ms frames, "
           f"slices alternating")
     me = psutil.Process()
     bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
@@ -867,9 +870,7 @@ def main_speaking(args) -> int:
     from piopiy_voice.redisconn import EmbeddedRedis
 
     k, rev = args.speaking, args.compare_rev or "HEAD"
-    la = os.getloadavg()
-    print(f"machine: {os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; "
-          f"{k} speaking calls per gateway at {args.rate} Hz, {args.utterance:g} s utterances, "
+    print(f"{_machine()}; {k} speaking calls per gateway at {args.rate} Hz, {args.utterance:g} s utterances, "
           f"{args.seconds:g} s measured per gateway, slices alternating")
     redis = EmbeddedRedis()
     targets: list[Speaker] = []
@@ -964,8 +965,7 @@ def main(argv=None) -> int:
     from piopiy_voice.redisconn import EmbeddedRedis, connect
     from piopiy_voice.signing import sign_stream_url
 
-    print(f"machine: {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.2f}; "
-          f"{args.calls} calls x {args.seconds:g} s at {args.rate} Hz, 20 ms frames")
+    print(f"{_machine()}; {args.calls} calls x {args.seconds:g} s at {args.rate} Hz, 20 ms frames")
     me = psutil.Process()
     bare = _child([sys.executable, __file__, "--serve-bare"], stderr=None)
     if args.cluster:

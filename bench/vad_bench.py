@@ -1,6 +1,7 @@
 """Voice activity detectors on speech, silence, noise, music and babble.
 
 Run: .venv/bin/python bench/vad_bench.py [--seconds 20] [--engines energy-level,energy,webrtc,silero]
+     .venv/bin/python bench/vad_bench.py --batch 100    # the worker's batched scoring
 
 Every signal is generated here, deterministically (fixed seeds):
 
@@ -208,12 +209,56 @@ def onset_delays(probs: np.ndarray, firsts: list[int], lead_in_ms: int) -> list[
     return delays
 
 
+def batch_cost(rate: int, signals: list[list[bytes]], calls: int, turns: int = 300) -> None:
+    """The energy engine the worker's way (``--batch N``): N calls, one frame
+    each per loop turn, scored one by one vs ahead in one ``VoicingBatch`` per
+    turn; the two alternate three times, CPU per frame of each, and whether
+    every probability agreed."""
+    from piopiy_voice.speech.vad import VoicingBatch
+
+    streams = [signals[i % len(signals)][(37 * i) % 200:] for i in range(calls)]
+    turns = min(turns, min(len(s) for s in streams))
+    cost = {"one by one": [], "batched": []}
+    differ = 0
+    for _ in range(3):
+        ref = [make_vad("energy", rate) for _ in streams]
+        t = time.process_time()
+        want = [[v.speech_prob(s[k]) for v, s in zip(ref, streams)] for k in range(turns)]
+        cost["one by one"].append((time.process_time() - t) / (turns * calls))
+        vads, batch = [make_vad("energy", rate) for _ in streams], VoicingBatch()
+        t = time.process_time()
+        got = []
+        for k in range(turns):
+            for v, s in zip(vads, streams):
+                v.ahead(s[k], batch)
+            batch.run()
+            got.append([v.speech_prob(s[k]) for v, s in zip(vads, streams)])
+        cost["batched"].append((time.process_time() - t) / (turns * calls))
+        differ += sum(a != b for x, y in zip(want, got) for a, b in zip(x, y))
+    print(f"energy engine, {calls} calls x {turns} turns at {rate} Hz (speech and the non-speech "
+          f"signals, one frame per call per turn), three alternating runs:")
+    for label, v in cost.items():
+        print(f"  {label:<11} " + "  ".join(f"{c * 1e6:.1f}" for c in v) + " us CPU per frame")
+    print(f"  batched / one by one: {np.mean(cost['batched']) / np.mean(cost['one by one']):.2f}x; "
+          f"probabilities that differ: {differ} of {3 * turns * calls}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each non-speech signal")
     ap.add_argument("--engines", default="energy-level,energy,webrtc,silero")
     ap.add_argument("--rates", default="8000,16000")
+    ap.add_argument("--batch", type=int, metavar="N",
+                    help="instead: CPU per frame of the energy engine batched over N calls (the worker's way)")
     args = ap.parse_args()
+    if args.batch:
+        for rate in map(int, args.rates.split(",")):
+            sp, _, _ = speech_track(rate)
+            batch_cost(rate, [_frames(sp, rate), _frames(_scale_to(music(rate, 20, 5), -26), rate),
+                              _frames(_scale_to(babble(rate, 20, 6), -30), rate),
+                              _frames(_scale_to(colored_noise(rate, 20, "pink", 3), -30), rate)],
+                       args.batch)
+        return
     engines = args.engines.split(",")
     print(f"{'engine':<13}{'rate':>6}{'recall':>8}{'silence':>9}{'white':>7}{'pink':>7}{'brown':>7}"
           f"{'music':>7}{'babble':>8}{'us/frame':>10}")

@@ -204,13 +204,14 @@ def _key_bytes(k: Any) -> bytes:
     return str(k).encode()
 
 
-def split_commands(buf: bytes | bytearray) -> list[tuple[int, int, int]]:
-    """Our own RESP commands in ``buf`` -> (start, end, start of the third
-    argument from the end) of each; that last offset ends an audio entry's
-    prefix (``Publisher.audio_prefix``: seq, pcm name and pcm follow it)."""
-    out = []
+def split_commands(buf: bytes | bytearray, limit: int | None = None) -> list[tuple[int, int, int]]:
+    """Our own RESP commands in ``buf`` (the first ``limit`` of them at most)
+    -> (start, end, start of the third argument from the end) of each; that
+    last offset ends an audio entry's prefix (``Publisher.audio_prefix``: seq,
+    pcm name and pcm follow it)."""
+    out: list[tuple[int, int, int]] = []
     pos, size = 0, len(buf)
-    while pos < size:
+    while pos < size and (limit is None or len(out) < limit):
         start = pos
         eol = buf.index(b"\r\n", pos)
         argc = int(buf[pos + 1:eol])
@@ -675,7 +676,7 @@ class ClusterPublisher(Publisher):
 
     def _take_first(self, node: _Node) -> tuple[bytearray, bytearray, dict[bytes, int], int]:
         """The first command of the node's buffer as a batch of one (probing)."""
-        start, end, prefix_end = split_commands(node.buf[:_first_end(node.buf)])[0]
+        start, end, prefix_end = split_commands(node.buf, limit=1)[0]
         batch = node.buf[start:end]
         del node.buf[:end]
         kind = node.kinds[0]
@@ -804,16 +805,6 @@ class ClusterPublisher(Publisher):
             self.metrics.inc("frames_rejected", rejected_audio)
         self.metrics.c["frames_published"] += published
         return ok
-
-
-def _first_end(buf: bytes | bytearray) -> int:
-    """Where the first of our RESP commands in ``buf`` ends."""
-    eol = buf.index(b"\r\n")
-    pos = eol + 2
-    for _ in range(int(buf[1:eol])):
-        eol = buf.index(b"\r\n", pos)
-        pos = eol + 2 + int(buf[pos + 1:eol]) + 2
-    return pos
 
 
 def _slot_of(cmd: bytes) -> int:

@@ -15,7 +15,8 @@ by a transcriber. Each turn of the loop:
 3. reads the streams of all owned calls, each from its own position (ONE
    blocking ``XREAD``; on Redis Cluster one round trip per node,
    ``piopiy_voice.workers.reader``), feeds each call's entries to its
-   ``CallTranscriber``;
+   ``CallTranscriber`` (the turn's frames of all calls scored first in one
+   VAD batch, ``speech.vad.VoicingBatch``, as the worker does);
 4. commits per call: the Transcript entries produced are XADDed to the call's
    own stream *atomically* with the transcriber checkpoint
    (``keys.call_asr_checkpoint``: the safe resume point), by a Lua script that
@@ -55,7 +56,7 @@ from typing import Any
 import redis
 
 from piopiy_voice import keys
-from piopiy_voice.contracts import CallEnded, CallStarted, decode, encode
+from piopiy_voice.contracts import CallEnded, CallStarted, audio_pcm, decode, encode
 from piopiy_voice.errors import PiopiyError
 from piopiy_voice.observability import run_loop_role, setup_logging
 from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url, script_call
@@ -66,6 +67,7 @@ from piopiy_voice.workers.reader import CallStreamReader
 from .asr import Recognizer, make_recognizer
 from .config import SpeechConfig
 from .errors import SpeechError
+from .vad import VoicingBatch
 from .transcriber import CallTranscriber
 from .transcriber_metrics import REDIS_ERROR_COUNTERS, TranscriberMetrics, serve
 
@@ -142,6 +144,8 @@ class Transcriber:
                              checkpoint_key=keys.call_asr_checkpoint)
         self._commit_script = r.register_script(_COMMIT_LUA)
         self.reader = CallStreamReader(r)
+        #: The loop's VAD batch, reused every turn (step 3).
+        self.voicing = VoicingBatch()
         self.calls: dict[str, OwnedCall] = {}
         self._stopping = False
         self._next_renew = 0.0
@@ -314,6 +318,12 @@ class Transcriber:
         _, resp = self.reader.read(self.r.pipeline(transaction=False), streams, READ_COUNT,
                                    BUSY_BLOCK_MS)
         now = time.monotonic()
+        for stream, entries in resp or ():
+            oc = self.calls.get(keys.call_id_of(stream))
+            if oc is not None:
+                oc.core.hear_ahead([pcm for _, f in entries if (pcm := audio_pcm(f)) is not None],
+                                   self.voicing)
+        self.voicing.run()
         for stream, entries in resp or ():
             cid = keys.call_id_of(stream)
             oc = self.calls.get(cid)

@@ -185,3 +185,36 @@ def test_an_in_process_dialer_killed_mid_request_leaves_the_call_failed_never_re
     workers(1)
     wait_for(lambda: rerun.get_status(refresh=True) in ("finished", "failed"), what="re-run done")
     assert len(piopiy.requests) == 1
+
+
+def test_a_dialer_killed_with_sigkill_leaves_no_scheduler_holding_its_socket(
+        r, piopiy, workers, settings):
+    """RQ runs the scheduler in a process forked from the dialer, which holds a
+    copy of the dialer's Redis socket. Killed with SIGKILL, the dialer used to
+    leave it behind, and with it the dialer's blocking BLMOVE, which swallowed
+    the next job pushed (that call was never dialed: the first of 60 here,
+    every time). The scheduler now dies with its dialer
+    (``dialer.worker.TiedScheduler``)."""
+    (dialer,) = workers(1)
+    wait_for(lambda: os.path.exists(f"/proc/{dialer.pid}") and _children(dialer.pid),
+             what="the dialer's scheduler process")
+    time.sleep(0.5)   # the dialer is blocked in BLMOVE on the empty queue
+    (scheduler,) = _children(dialer.pid)
+    os.kill(dialer.pid, signal.SIGKILL)
+    dialer.wait(5)
+    wait_for(lambda: not os.path.exists(f"/proc/{scheduler}") or _zombie(scheduler), timeout=2,
+             what="the scheduler to die with its dialer")
+    ids = [enqueue_call(r, to=to, settings=settings).call_id for to in numbers(60, base=800)]
+    workers(2, PV_DIAL_RATE_PER_S="200")
+    for cid in ids:
+        wait_for(state_is(r, cid, "placed"), timeout=15, what=f"{cid} placed")
+    assert r.llen(f"rq:queue:{QUEUE}:intermediate") == 0
+    assert sorted(str(req["body"]["to"]) for req in piopiy.requests) == numbers(60, base=800)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -69,6 +69,32 @@ def test_core_transcribes_segments_with_call_audio_times(recognizer, rate):
     assert partials and all(p.segment in (0, 1) for p in partials)
 
 
+def test_frames_heard_ahead_in_a_batch_give_the_same_transcripts(recognizer):
+    """The role scores each turn's frames of all its calls in one VAD batch
+    (``hear_ahead``): a call's transcripts are those it gets without one."""
+    from piopiy_voice.speech.vad import VoicingBatch
+
+    frames = _call_audio("where is my order", "can i talk to a human please")
+    other = _call_audio("yes that is right")   # a second call sharing the batches
+    plain, batched, neighbour = (CallTranscriber(cid, RATE, recognizer) for cid in ("c1", "c1", "c2"))
+    batch = VoicingBatch()
+    want, got, scored = _feed(plain, frames), [], 0
+    for i in range(0, len(frames), 2):   # two frames a turn
+        turn = [c.AudioFrame(call_id="c1", seq=1 + j, pcm=f) for j, f in enumerate(frames[i:i + 2], i)]
+        mine = [c.AudioFrame(call_id="c2", seq=1 + j, pcm=f) for j, f in enumerate(other[i:i + 2], i)]
+        batched.hear_ahead([m.pcm for m in turn], batch)
+        neighbour.hear_ahead([m.pcm for m in mine], batch)
+        scored += batch.run()
+        for m in turn:
+            got += batched.handle(f"{m.seq}-0", m)
+        for m in mine:
+            neighbour.handle(f"{m.seq}-0", m)
+    assert [(t.final, t.segment, t.text, t.start_ms, t.end_ms) for t in got] == \
+        [(t.final, t.segment, t.text, t.start_ms, t.end_ms) for t in want]
+    assert [t.text for t in got if t.final][0].startswith("where is my order")
+    assert scored > 100
+
+
 def test_core_switches_channel_after_transfer_and_finishes_on_call_end(recognizer):
     core = CallTranscriber("c1", RATE, recognizer)
     first = _call_audio("what time do you close")
