@@ -21,7 +21,11 @@ Engines (``make_synthesizer(name, **opts)``):
   p99 242 ms at 100 calls with espeak on a thread of the worker, 43-53 ms with
   no synthesis there; BENCHMARKS.md). ``processes=0`` renders on a thread.
   ``synthesize_sync`` (benches, the sandbox, prompt building) renders in the
-  calling process.
+  calling process. Not bit-for-bit repeatable: the library carries state from
+  one utterance to the next (its pitch flutter), so the same text renders a
+  little differently depending on what that process rendered before (a test
+  that times pauses against the audio renders it in a fresh process:
+  ``tests/test_transcriber_hangover.py``).
 - ``platform``: returns ``b""``: the agent sends a ``Speak`` command instead and
   the platform's own ``speak`` PCMO action talks.
 - ``http``: an OpenAI-compatible ``POST /v1/audio/speech`` (JSON ``model``,

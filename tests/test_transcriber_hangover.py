@@ -6,6 +6,10 @@ shows exactly which frames were decoded (the VAD hears espeak speech)."""
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -49,11 +53,23 @@ _WORDS = {1: "i want to speak", 2: "to an agent", 3: "what time do you close", 4
           5: "my order please", 6: "thank you goodbye"}
 
 
+@functools.lru_cache(maxsize=None)
+def _speech_of(text_id: int) -> bytes:
+    """espeak's rendering of ``_WORDS[text_id]``, made in a fresh process: the
+    library carries state from one utterance to the next (its pitch flutter),
+    so the same text renders differently depending on what this process
+    synthesized before, and this test's pauses are timed against the audio
+    (measured: the 240 ms pause split the first sentence after 6 of 12
+    different histories). A fresh process renders it the same every run."""
+    code = ("import sys; from piopiy_voice.speech.tts import EspeakSynthesizer; "
+            "sys.stdout.buffer.write(EspeakSynthesizer(processes=0).synthesize_sync(sys.argv[1], int(sys.argv[2])))")
+    return subprocess.run([sys.executable, "-c", code, _WORDS[text_id], str(RATE)],
+                          capture_output=True, check=True).stdout
+
+
 def _voiced(text_id: int) -> list[bytes]:
     """Speech (espeak), trimmed to its loud part so silences are the test's own."""
-    from piopiy_voice.speech.tts import EspeakSynthesizer
-
-    x = np.frombuffer(EspeakSynthesizer().synthesize_sync(_WORDS[text_id], RATE), "<i2")
+    x = np.frombuffer(_speech_of(text_id), "<i2")
     loud = np.nonzero(np.abs(x) > 300)[0]
     pcm = x[loud[0]: loud[-1] + 1].tobytes()
     pcm += bytes(-len(pcm) % FB)
