@@ -34,6 +34,14 @@ Engines:
   32 kHz calls are resampled to 16 kHz first (``audio.resample.Resampler``).
 
 All engines reject a frame of the wrong size with ``SpeechError``.
+
+Batching (``VoicingBatch``, energy engine only): the worker and the transcriber
+read one frame or two of every call per loop turn. Before feeding them they
+let each call's VAD queue its frames (``EnergyVoicingVad.ahead``: the level
+and the analysis window, which depend on the audio alone), and one ``run``
+computes the voicing of all of them; ``speech_prob`` then takes its frame's
+figures instead of computing them. Decisions stay those of the frame scored
+alone (see the class).
 """
 
 from __future__ import annotations
