@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -354,15 +354,18 @@ def _audio_frame(call_id: str, seq: int, pcm: bytes, v: int = PROTOCOL_VERSION) 
     return obj
 
 
-def audio_pcm(fields: Mapping[bytes | str, bytes | str]) -> bytes | None:
-    """The PCM of an audio entry as redis-py returns it (bytes keys), the same
-    object ``decode`` puts in its ``AudioFrame``; None for anything else. Not a
-    validation: ``decode`` still judges the entry."""
-    if fields.get(b"type") == b"audio":  # type: ignore[call-overload]
-        pcm = fields.get(b"pcm")  # type: ignore[call-overload]
-        if pcm.__class__ is bytes:
-            return pcm  # type: ignore[return-value]
-    return None
+def audio_pcms(entries: Iterable[tuple[Any, Mapping[bytes | str, bytes | str]]]) -> list[bytes]:
+    """The PCM of the audio entries among ``entries`` ((id, fields) as redis-py's
+    XREAD returns them, bytes keys), in order: the same objects ``decode`` puts in
+    its ``AudioFrame``s (the VAD batch matches them by identity). Not a
+    validation: ``decode`` still judges each entry."""
+    out = []
+    for _, fields in entries:
+        if fields.get(b"type") == b"audio":  # type: ignore[call-overload]
+            pcm = fields.get(b"pcm")  # type: ignore[call-overload]
+            if pcm.__class__ is bytes:
+                out.append(pcm)
+    return out
 
 
 def decode(fields: Mapping[bytes | str, bytes | str]) -> Any:

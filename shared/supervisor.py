@@ -30,6 +30,28 @@ from typing import Callable, Mapping
 DEFAULT_GRACE_S = 10.0
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None) -> bool:
+    """In a child process: SIGKILL when the thread that forked it ends (Linux
+    ``PR_SET_PDEATHSIG``), so nothing it holds (sockets, ports) outlives a
+    parent killed with SIGKILL. With ``parent_pid``, exit at once if that parent
+    died before the request took effect. False where the kernel cannot do it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # noqa: PLC0415
+
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(0)
+    return True
+
+
 def role_command(role: str, *args: str, python: str | None = None) -> list[str]:
     """The command line of one ``piopiy-voice`` role run by ``python`` (default: this one)."""
     return [python or sys.executable, "-m", "piopiy_voice.cli", role, *args]

@@ -324,25 +324,11 @@ class ChatClient:
                     if data == b"[DONE]":
                         done = True
                         break
-                    chunk = _json(data)
-                    if "error" in chunk:
-                        raise LlmProtocolError(f"server error in stream: {str(chunk['error'])[:200]}")
-                    choices = chunk.get("choices") or []
-                    if not isinstance(choices, list):
-                        raise LlmProtocolError("'choices' is not a list")
-                    for choice in choices[:1]:
-                        if not isinstance(choice, dict):
-                            raise LlmProtocolError("a choice is not an object")
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content")
-                        if isinstance(text, str) and text:
-                            got_token = True
-                            yield Delta(text=text)
-                        for frag in delta.get("tool_calls") or []:
-                            got_token = True
-                            _merge(calls, frag)
-                        if choice.get("finish_reason"):
-                            finish = str(choice["finish_reason"])
+                    text, fragments, finish_now = _chunk(data, calls)
+                    got_token = got_token or bool(text) or fragments
+                    finish = finish_now or finish
+                    if text:
+                        yield Delta(text=text)
             if not done and finish is None:
                 raise LlmConnectionError("stream ended before [DONE]")
             finished = done
@@ -424,6 +410,29 @@ def _json(data: str | bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise LlmProtocolError(f"chunk is not a JSON object: {data[:80]!r}")
     return obj
+
+
+def _chunk(data: bytes, calls: dict[int, _PartialCall]) -> tuple[str, bool, str | None]:
+    """One streamed chunk (a ``data:`` payload): (its text, whether it carried
+    tool-call fragments, folded into ``calls``; its finish reason)."""
+    chunk = _json(data)
+    if "error" in chunk:
+        raise LlmProtocolError(f"server error in stream: {str(chunk['error'])[:200]}")
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise LlmProtocolError("'choices' is not a list")
+    if not choices:
+        return "", False, None
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise LlmProtocolError("a choice is not an object")
+    delta = choice.get("delta") or {}
+    text = delta.get("content")
+    fragments = delta.get("tool_calls") or []
+    for frag in fragments:
+        _merge(calls, frag)
+    finish = choice.get("finish_reason")
+    return (text if isinstance(text, str) else ""), bool(fragments), (str(finish) if finish else None)
 
 
 def _merge(calls: dict[int, _PartialCall], frag: Any) -> None:

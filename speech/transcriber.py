@@ -122,10 +122,9 @@ class CallTranscriber:
         """The PCM of the audio entries about to be handled, for the VAD to
         score in ``batch`` (``speech.vad.VoicingBatch``); a speed hook only:
         a frame not scored ahead is scored when ``handle`` gets it."""
-        ahead = getattr(self.vad, "ahead", None)
-        if ahead is not None and not self.ended:
+        if not self.ended:
             for pcm in frames:
-                ahead(pcm, batch)
+                self.vad.ahead(pcm, batch)
 
     def handle(self, entry_id: str, msg: Any) -> list[Transcript]:
         if self.ended:

@@ -56,7 +56,7 @@ from typing import Any
 import redis
 
 from piopiy_voice import keys
-from piopiy_voice.contracts import CallEnded, CallStarted, audio_pcm, decode, encode
+from piopiy_voice.contracts import CallEnded, CallStarted, audio_pcms, decode, encode
 from piopiy_voice.errors import PiopiyError
 from piopiy_voice.observability import run_loop_role, setup_logging
 from piopiy_voice.redisconn import connect, redact_url, resolve_redis_url, script_call
@@ -321,8 +321,7 @@ class Transcriber:
         for stream, entries in resp or ():
             oc = self.calls.get(keys.call_id_of(stream))
             if oc is not None:
-                oc.core.hear_ahead([pcm for _, f in entries if (pcm := audio_pcm(f)) is not None],
-                                   self.voicing)
+                oc.core.hear_ahead(audio_pcms(entries), self.voicing)
         self.voicing.run()
         for stream, entries in resp or ():
             cid = keys.call_id_of(stream)

@@ -71,15 +71,12 @@ def cluster_binary() -> str | None:
 
 
 def _die_with_parent() -> None:
-    """(in the child, Linux) SIGKILL when the thread that started us ends: a test
-    run killed with SIGKILL (no atexit) leaves no servers behind. LocalCluster
-    must therefore be built and restarted from a long-lived thread (the main one)."""
-    try:
-        import ctypes  # noqa: PLC0415
+    """(in the child) ``supervisor.die_with_parent``: a test run killed with
+    SIGKILL (no atexit) leaves no servers behind. LocalCluster must therefore be
+    built and restarted from a long-lived thread (the main one)."""
+    from piopiy_voice.supervisor import die_with_parent  # noqa: PLC0415
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    die_with_parent()
 
 
 def _bindable(port: int) -> bool:

@@ -193,8 +193,8 @@ def test_a_dialer_killed_with_sigkill_leaves_no_scheduler_holding_its_socket(
     copy of the dialer's Redis socket. Killed with SIGKILL, the dialer used to
     leave it behind, and with it the dialer's blocking BLMOVE, which swallowed
     the next job pushed (that call was never dialed: the first of 60 here,
-    every time). The scheduler now dies with its dialer
-    (``dialer.worker.TiedScheduler``)."""
+    every time). The dialer's forked children now die with it
+    (``dialer.worker.tie_forked_children``)."""
     (dialer,) = workers(1)
     wait_for(lambda: os.path.exists(f"/proc/{dialer.pid}") and _children(dialer.pid),
              what="the dialer's scheduler process")

@@ -64,7 +64,7 @@ import logging
 from typing import Any, Callable
 
 from piopiy_voice import keys
-from piopiy_voice.contracts import CallEnded, CallStarted, WorkDone, audio_pcm, decode, is_command
+from piopiy_voice.contracts import CallEnded, CallStarted, WorkDone, audio_pcms, decode, is_command
 
 from .agent.base import Agent, Cancel, Tick, Work
 from .checkpoint import Checkpoint
@@ -209,7 +209,7 @@ class CallDriver:
     def hear_ahead(self, entries: list[tuple[Any, Any]], batch: Any) -> None:
         """Before ``feed(entries)``: the agent's ``hear_ahead`` with the PCM of
         the audio entries (a speed hook; see ``Agent.hear_ahead``)."""
-        frames = [pcm for _, fields in entries if (pcm := audio_pcm(fields)) is not None]
+        frames = audio_pcms(entries)
         if frames:
             try:
                 self.agent.hear_ahead(frames, batch)

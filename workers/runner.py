@@ -19,8 +19,8 @@ an ``Outcome``; this module only executes outcomes. Each turn of the loop:
    every call's agent gets the PCM of its audio entries (``hear_ahead``) and
    the calls' VADs score them together (``speech.vad.VoicingBatch``: three
    matrix products for all the turn's frames instead of three per frame). A
-   call whose entries
-   made its agent cut the playout (a barge-in: ``driver.URGENT_COMMANDS``)
+   call whose entries made its agent cut the playout (a barge-in:
+   ``driver.URGENT_COMMANDS``)
    is committed and delivered at once, with its own two round trips, before
    the next call is fed: at 100 calls feeding the whole turn takes 10-50 ms
    of CPU, which a barge-in would otherwise wait for. Turns start at least

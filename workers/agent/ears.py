@@ -35,12 +35,11 @@ class Ears:
     def speaking(self) -> bool:
         return self.turns.speaking
 
-    def ahead(self, pcm: bytes, batch: Any) -> None:
-        """Let the VAD score ``pcm`` in ``batch`` before ``process`` gets it
-        (``speech.vad.VoicingBatch``; VADs that cannot batch ignore it)."""
-        ahead = getattr(self.vad, "ahead", None)
-        if ahead is not None:
-            ahead(pcm, batch)
+    def ahead(self, frames: list[bytes], batch: Any) -> None:
+        """Let the VAD score ``frames`` in ``batch`` before ``process`` gets
+        them (``speech.vad.VoicingBatch``; VADs that cannot batch ignore it)."""
+        for pcm in frames:
+            self.vad.ahead(pcm, batch)
 
     def process(self, pcm: bytes) -> str | None:
         events = self.turns.feed(self.vad.speech_prob(pcm), self.t_ms)

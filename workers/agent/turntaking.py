@@ -44,11 +44,8 @@ class TurnTaking:
 
     def hear_ahead(self, frames: list[bytes], batch: Any) -> None:
         """``Agent.hear_ahead``: the frames ``_on_audio`` will hear go to the VAD's batch."""
-        if self.mode == "paused":
-            return
-        for pcm in frames:
-            if len(pcm) == self.frame_len:
-                self.ears.ahead(pcm, batch)
+        if self.mode != "paused":
+            self.ears.ahead(frames, batch)   # frames of the wrong size: the VAD skips them
 
     def _on_audio(self, pcm: bytes, now: float) -> list[Any]:
         if len(pcm) != self.frame_len or self.mode == "paused":

@@ -91,10 +91,11 @@ def worker_main(argv: list[str]) -> int:
              settings.dial_rate_per_s, settings.campaign_max_live, redact_url(settings.piopiy_base_url),
              "in forked work-horses" if args.fork else "in this process")
     from .clients import start_process
-    from .worker import make_worker
+    from .worker import make_worker, tie_forked_children
 
     start_process(settings)  # the jobs' settings, and the forked horses'
     _start_sweeper(url, settings, queue if queue_url != url else None)
+    tie_forked_children()   # RQ's scheduler and horses die with this process
     worker = make_worker([queue], conn, name=args.name, fork=args.fork)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level.upper())
     return 0

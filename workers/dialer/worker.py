@@ -39,82 +39,45 @@ open in it, and with it the dialer's blocking ``BLMOVE`` on the queue, which
 Redis then served with the next job pushed: that call sat in RQ's
 intermediate list, never dialed, until RQ failed it a minute later as
 "stuck" (found in the tests: the first of 60 calls never placed, every time
-a killed dialer left its scheduler behind). Our scheduler (``TiedScheduler``)
-asks the kernel to kill it the moment its dialer dies (Linux
-``PR_SET_PDEATHSIG``), so the socket dies with the dialer. Its lock then
-expires (a minute) before another dialer's scheduler takes over.
+a killed dialer left its scheduler behind). So every process a dialer forks
+asks the kernel to kill it the moment the dialer dies
+(``tie_forked_children``, ``supervisor.die_with_parent``: Linux
+``PR_SET_PDEATHSIG``), and the socket dies with the dialer. The scheduler's
+lock then expires (a minute) before another dialer's scheduler takes over; a
+``--fork`` work-horse dies mid-job like the dialer itself (its call is failed
+``outcome_unknown`` by the stuck-dial sweep, never redialed).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
-import sys
 from typing import Any
 
 from rq import SimpleWorker, Worker
-from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.scheduler import RQScheduler
+
+from piopiy_voice.supervisor import die_with_parent
 
 from .jobs import on_horse_killed
 
 log = logging.getLogger("piopiy_voice.dialer")
 
-_PR_SET_PDEATHSIG = 1
 
+def tie_forked_children() -> None:
+    """From now on every process this one forks (RQ's scheduler, ``--fork``'s
+    work-horses) is SIGKILLed when this one dies (module docstring). Call it
+    once, in the dialer process."""
+    forker = [0]
 
-def die_with_parent(parent_pid: int) -> bool:
-    """In a forked child: be SIGKILLed when the parent dies (Linux); exit now
-    if it died already. False where the kernel cannot do it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent_pid:   # it died before the request took effect
-        os._exit(0)
-    return True
+    def before() -> None:
+        forker[0] = os.getpid()
 
+    def in_child() -> None:
+        if not die_with_parent(forker[0]):
+            log.warning("pid %d: cannot tie its life to the dialer's on this system; a dialer "
+                        "killed with SIGKILL may leave it behind with its socket", os.getpid())
 
-class TiedScheduler(RQScheduler):
-    """RQ's scheduler, in a process that dies with its dialer (module docstring)."""
-
-    def start(self):  # in the dialer, before the fork
-        self._dialer_pid = os.getpid()
-        return super().start()
-
-    def work(self) -> None:  # in the forked scheduler process
-        if not die_with_parent(self._dialer_pid):
-            log.warning("scheduler: cannot tie its life to the dialer's on this system; a "
-                        "dialer killed with SIGKILL may leave it behind with its socket")
-        super().work()
-
-
-class _TiedSchedulerStart:
-    """RQ 3's ``Worker._start_scheduler``, with ``TiedScheduler`` (the test
-    ``test_dialer_inprocess``'s killed-dialer case fails if RQ stops calling it)."""
-
-    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO",
-                         date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
-                         log_format: str = DEFAULT_LOGGING_FORMAT) -> None:
-        self.scheduler = TiedScheduler(
-            self.queues, connection=self.connection,  # type: ignore[attr-defined]
-            logging_level=logging_level if logging_level is not None else self.log.level,  # type: ignore[attr-defined]
-            date_format=date_format, log_format=log_format,
-            serializer=self.serializer)  # type: ignore[attr-defined]
-        self.scheduler.acquire_locks()
-        if self.scheduler.acquired_locks:
-            if burst:
-                try:
-                    self.scheduler.register_birth()
-                    self.scheduler.enqueue_scheduled_jobs()
-                finally:
-                    self.scheduler.release_locks()
-                    self.scheduler.register_death()
-            else:
-                self.scheduler.start()
+    os.register_at_fork(before=before, after_in_child=in_child)
 
 
 class _OneTripHeartbeat:
@@ -132,7 +95,7 @@ class _OneTripHeartbeat:
         return None
 
 
-class DialerWorker(_TiedSchedulerStart, _OneTripHeartbeat, SimpleWorker):
+class DialerWorker(_OneTripHeartbeat, SimpleWorker):
     """Runs each dial job in this process (see the module docstring).
 
     RQ logs three lines per job at INFO; the job logs its own outcome, so
@@ -141,7 +104,7 @@ class DialerWorker(_TiedSchedulerStart, _OneTripHeartbeat, SimpleWorker):
     log_result_lifespan = False
 
 
-class ForkingDialerWorker(_TiedSchedulerStart, _OneTripHeartbeat, Worker):
+class ForkingDialerWorker(_OneTripHeartbeat, Worker):
     """Runs each dial job in a forked work-horse (``--fork``)."""
 
     log_result_lifespan = False
