@@ -81,6 +81,7 @@ class BargeCaller(Caller):
         self.reply_ms: list[tuple[int, int]] = []   # (question end, first reply audio)
         self.no_reply = 0
         self.apologies = 0   # the "trouble" prompt: a reply failed
+        self.reply_parts = 0   # reply sentences sent (PlayAudio or Speak), the whole run
 
     def _speak(self, kind: str) -> None:
         text = self.rng.choice(QUESTIONS if kind == "ask" else BARGES)
@@ -117,6 +118,7 @@ class BargeCaller(Caller):
         elif ":trouble:" in getattr(cmd, "utterance_id", ""):
             self.apologies += 1
         elif cmd.type in ("cmd.play_audio", "cmd.speak") and ":say:" in getattr(cmd, "utterance_id", ":say:"):
+            self.reply_parts += 1
             if self.state == "waiting" and self.reply_wall is None and t_ms >= self.last_end_ms:
                 import time
                 self.reply_wall = time.time()
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = [n for n in usage if n.startswith("worker")]
     cpu = sum(usage[n][0] - marks["usage0"][n][0] for n in workers)
     loop_cpu = sum(usage[n][2] - marks["usage0"][n][2] for n in workers)
+    child_cpu = sum(usage[n][3] - marks["usage0"][n][3] for n in workers)
     print(f"barge-in bench: {args.calls} calls @ {args.rate} Hz on {args.workers} worker(s) (LlmAgent, {args.tts}), fake model "
           f"first token after {args.model_delay:g} s, fake gateway on Redis; {args.seconds:.0f} s window "
           f"(+{args.warmup:.0f} s warm-up); load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  worker CPU {100 * cpu / window:.0f}% of a core (loop thread {100 * loop_cpu / window:.0f}%, "
           f"agent runtime + synthesis threads {100 * (cpu - loop_cpu) / window:.0f}%), "
           f"RSS {sum(usage[n][1] for n in workers):.0f} MB" + (" (all workers)" if len(workers) > 1 else ""))
+    print(f"  synthesis child processes: {100 * child_cpu / window:.0f}% of a core; PlayAudio/Speak "
+          f"commands for replies: {sum(c.reply_parts for c in callers)}")
     print(f"  questions without a reply in 6 s: {sum(c.no_reply for c in callers)}; replies that "
           f"failed (the \"trouble\" apology): {sum(c.apologies for c in callers)}")
     if gw.late_ticks:

@@ -93,6 +93,27 @@ def loop_cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_s(pid: int) -> float:
+    """CPU of the process's live descendants (a worker's synthesis children)."""
+    total, kids = 0.0, []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:  # a child belongs to the thread that forked it (the agent runtime's)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                kids += [int(k) for k in fh.read().split()]
+        except OSError:
+            pass
+    for kid in kids:
+        try:
+            total += cpu_s(kid) + children_cpu_s(kid)
+        except OSError:  # it exited between the two reads
+            pass
+    return total
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
@@ -165,10 +186,11 @@ class System:
                     out[k] = out[k] + v if k in ("n", "entries_total") else max(out[k], v)
         return out
 
-    def usage(self) -> dict[str, tuple[float, float, float]]:
-        """(cpu seconds, RSS MB, main-thread cpu seconds) per process under test."""
-        return {name: (cpu_s(p.pid), rss_mb(p.pid), loop_cpu_s(p.pid)) for name, p in self.procs.items()
-                if name != "fake-llm" and p.poll() is None}
+    def usage(self) -> dict[str, tuple[float, float, float, float]]:
+        """(cpu seconds, RSS MB, main-thread cpu seconds, its live child
+        processes' cpu seconds) per process under test."""
+        return {name: (cpu_s(p.pid), rss_mb(p.pid), loop_cpu_s(p.pid), children_cpu_s(p.pid))
+                for name, p in self.procs.items() if name != "fake-llm" and p.poll() is None}
 
     def close(self) -> None:
         for p in self.procs.values():

@@ -232,7 +232,7 @@ def latency(args: argparse.Namespace) -> int:
           f"max {lag['max'] * 1000:.1f}")
     window = args.seconds
     print(f"  callers talking {talk_s:.0f} call-s in the window ({talk_s / window / args.calls:.0%} of call time)")
-    for name, (cpu, rss, _) in usage.items():
+    for name, (cpu, rss, *_) in usage.items():
         c0 = marks["usage0"][name][0]
         share = 100 * (cpu - c0) / window
         print(f"  {name}: CPU {share:.0f}% of a core = {share / args.calls:.2f}% per call, "

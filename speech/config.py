@@ -60,6 +60,11 @@ class SpeechConfig(EnvSection):
     #: espeak: child processes a worker synthesises in (0 = a thread of the worker,
     #: whose GIL time then delays every call's frames; BENCHMARKS.md).
     tts_processes: int = Field(1, alias="PV_TTS_PROCESSES", ge=0, le=64)
+    #: A reply's next sentence is synthesised this long before what was already
+    #: sent would have played out, not as soon as the model writes it, so a
+    #: barge-in leaves little synthesised for nothing (s; 0 = no pacing:
+    #: every sentence at once). See ``workers.agent.voice.PlaybackPacer``.
+    tts_lead_s: float = Field(1.5, alias="PV_TTS_LEAD_S", ge=0, le=60)
     #: Speech must last this long to start a turn (ms).
     turn_onset_ms: int = Field(80, alias="PV_TURN_ONSET_MS", ge=20, le=2000)
     #: Of that onset, loud unvoiced sound just before the first vowel may give

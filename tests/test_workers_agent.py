@@ -61,17 +61,23 @@ def _done(work: Work, item: Any, final: bool, index: int) -> c.WorkDone:
 
 
 def run_work(work: Work) -> list[c.WorkDone]:
-    """What the agent runtime would deliver for ``work`` (no Redis, no thread)."""
+    """What the agent runtime would deliver for ``work`` (no Redis, no thread).
+
+    Sim's clock is virtual and a work's results come back all at once, so a
+    reply's synthesis is not paced to playback here (``lead_s`` 0); pacing
+    has its own tests in real time (``test_agent_pacing.py``)."""
+    kwargs = {**work.kwargs, "lead_s": 0.0} if "lead_s" in work.kwargs else work.kwargs
+
     async def go() -> list[c.WorkDone]:
         out: list[c.WorkDone] = []
         if inspect.isasyncgenfunction(work.fn):
-            async for item in work.fn(*work.args, **work.kwargs):
+            async for item in work.fn(*work.args, **kwargs):
                 out.append(_done(work, item, False, len(out)))
             out.append(_done(work, None, True, len(out)))
         elif inspect.iscoroutinefunction(work.fn):
-            out.append(_done(work, await work.fn(*work.args, **work.kwargs), True, 0))
+            out.append(_done(work, await work.fn(*work.args, **kwargs), True, 0))
         else:
-            out.append(_done(work, work.fn(*work.args, **work.kwargs), True, 0))
+            out.append(_done(work, work.fn(*work.args, **kwargs), True, 0))
         return out
 
     async def bounded() -> list[c.WorkDone]:

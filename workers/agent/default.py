@@ -34,6 +34,9 @@ __all__ = ["DefaultAgent", "PROMPTS", "prompt"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 SAY_TIMEOUT_S = 10.0
+#: Of that deadline, the part after which sentences are no longer paced to
+#: playback (``voice.PlaybackPacer``): what is left is for their synthesis.
+SAY_PACED_S = 6.0
 
 
 class DefaultAgent(ConversationAgent):
@@ -45,5 +48,7 @@ class DefaultAgent(ConversationAgent):
             return self._stop_speaking(now) + self._say_goodbye(now)
         sentences = [s for s in _SENTENCE_END.split(intent.reply) if s]
         synth = self.synthesizer()
-        work = self.work("say", say_sentences, synth, sentences, self.call.rate, timeout_s=SAY_TIMEOUT_S)
+        work = self.work("say", say_sentences, synth, sentences, self.call.rate,
+                         lead_s=self.config.speech.tts_lead_s, pace_for_s=SAY_PACED_S,
+                         timeout_s=SAY_TIMEOUT_S)
         return self.begin_reply(work, now)

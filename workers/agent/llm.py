@@ -8,7 +8,8 @@ the ws_url query): ``system_prompt``, ``model``, ``temperature``,
 
 A caller's turn starts one work, ``reply_stream``: it streams the completion
 (``speech.llm.ChatClient``), cuts the tokens into sentences as they arrive
-and synthesizes each while the model keeps writing, yielding
+and synthesizes each while the model keeps writing (the first at once, the
+next ones paced to playback: ``voice.PlaybackPacer``), yielding
 ``({"say": sentence}, pcm)`` per sentence, then ``{"tools": [...]}`` if the
 model called any, or ``{"failed": kind, "error": ...}`` (deadline, HTTP
 error, cut or malformed stream, unknown tool, bad arguments, synthesis
@@ -38,6 +39,7 @@ from piopiy_voice.speech.text import SentenceSplitter
 from piopiy_voice.speech.llm import ChatClient, LlmConfig, LlmError
 
 from .conversation import ConversationAgent
+from .voice import PlaybackPacer, speak_paced
 
 #: Work deadline beyond the model's own total deadline: synthesis of the last sentences.
 TTS_MARGIN_S = 10.0
@@ -81,9 +83,12 @@ def chat_client(cfg: LlmConfig) -> ChatClient:
 
 
 async def reply_stream(client: ChatClient, cfg: LlmConfig, messages: list[dict[str, Any]],
-                       synth: Any, rate: int):
-    """Work: the model's reply as spoken sentences and tool calls (module docstring)."""
+                       synth: Any, rate: int, lead_s: float = 0.0):
+    """Work: the model's reply as spoken sentences and tool calls (module
+    docstring); sentences paced to playback by ``lead_s`` until the model's
+    own deadline (``voice.PlaybackPacer``)."""
     queue: asyncio.Queue = asyncio.Queue()
+    pacer = PlaybackPacer(lead_s, asyncio.get_running_loop().time() + cfg.timeout_s)
 
     async def read() -> None:
         cutter = SentenceSplitter()
@@ -107,12 +112,10 @@ async def reply_stream(client: ChatClient, cfg: LlmConfig, messages: list[dict[s
         while True:
             kind, item = await queue.get()
             if kind == "say":
-                try:
-                    pcm = await synth.synthesize(item, rate)
-                except Exception as exc:  # the engine failed: this reply failed, the call goes on
-                    yield {"failed": "tts", "error": f"{type(exc).__name__}: {exc}"}
+                said = await speak_paced(synth, item, rate, pacer)
+                yield said
+                if isinstance(said, dict):  # the engine failed: this reply failed, the call goes on
                     return
-                yield ({"say": item}, pcm)
             elif kind == "tools":
                 yield {"tools": item}
             elif kind == "failed":
@@ -139,7 +142,8 @@ class LlmAgent(ConversationAgent):
         messages = [{"role": "system", "content": self.system_prompt}] + self.messages()
         synth = self.synthesizer()
         work = self.work("llm_reply", reply_stream, chat_client(self.config.llm), self.llm, messages,
-                         synth, self.call.rate, timeout_s=self.llm.timeout_s + TTS_MARGIN_S)
+                         synth, self.call.rate, lead_s=self.config.speech.tts_lead_s,
+                         timeout_s=self.llm.timeout_s + TTS_MARGIN_S)
         return self.begin_reply(work, now)
 
     def on_reply_item(self, value: dict[str, Any], now: float) -> list[Any]:
