@@ -218,3 +218,52 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def finished_job() -> str:
+    return "done"
+
+
+@pytest.mark.parametrize("cls", ["DialerWorker", "ForkingDialerWorker"])
+def test_a_stop_signal_swallowed_by_a_log_line_still_stops_the_dialer(r, cls):
+    # RQ stops an idle worker by raising StopRequested from its signal handler
+    # wherever the main thread is; logging swallows any Exception raised while
+    # it writes a line. Here the signal "arrives" while RQ logs the dequeued job
+    # (the worker is not busy yet): the handler runs inside the formatter.
+    import logging
+
+    from piopiy_voice.workers.dialer import worker as dialer_worker
+
+    queue = Queue("stop-test", connection=r)
+    job = queue.enqueue(finished_job)
+    worker = getattr(dialer_worker, cls)([queue], connection=r, name=f"stop-{cls}")
+    delivered = []
+
+    class SignalInsideALogLine(logging.StreamHandler):
+        def format(self, record):
+            text = super().format(record)
+            if job.id in text and not delivered:
+                delivered.append(text)
+                worker.request_stop(signal.SIGTERM, None)   # raises StopRequested here
+            return text
+
+    rq_log = logging.getLogger("rq.worker")
+    handler = SignalInsideALogLine(io.StringIO())
+    rq_log.addHandler(handler)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        t0 = time.monotonic()
+        # Without the fix the dialer goes back to the queue after the job and
+        # waits there until max_idle_time (20 s) ends it.
+        worker.work(max_idle_time=20, logging_level="INFO", with_scheduler=False)
+        took = time.monotonic() - t0
+    finally:
+        logging.raiseExceptions = raise_exceptions
+        rq_log.removeHandler(handler)
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert delivered, "the log line of the dequeued job never came"
+    assert Job.fetch(job.id, connection=r).get_status() == "finished"
+    assert took < 10, f"the dialer went on for {took:.1f} s after its stop"
+    assert "stopping on request" in handler.stream.getvalue()

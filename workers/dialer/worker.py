@@ -95,7 +95,27 @@ class _OneTripHeartbeat:
         return None
 
 
-class DialerWorker(_OneTripHeartbeat, SimpleWorker):
+class _StopNotSwallowed:
+    """A stop signal is kept even where RQ's way of delivering it is lost.
+
+    RQ stops an idle worker by raising ``StopRequested`` from its signal
+    handler, in whatever the main thread is running at that moment, and a
+    busy one by setting ``_stop_requested``, which its loop checks before
+    each dequeue. ``StopRequested`` is an ``Exception``: any ``except
+    Exception`` it lands in swallows it, and logging has one around every
+    line it writes. Found in the tests: SIGTERM arrived while RQ logged a
+    job's start (the worker not yet busy), logging printed "--- Logging
+    error ---" and went on, and the dialer ran the job and then waited on
+    the queue until it was killed. So the request is always recorded in
+    ``_stop_requested`` as well: a swallowed stop still ends the dialer at
+    its loop's next check, after the job at hand."""
+
+    def _shutdown(self) -> None:
+        self._stop_requested = True
+        super()._shutdown()  # type: ignore[misc]
+
+
+class DialerWorker(_StopNotSwallowed, _OneTripHeartbeat, SimpleWorker):
     """Runs each dial job in this process (see the module docstring).
 
     RQ logs three lines per job at INFO; the job logs its own outcome, so
@@ -104,7 +124,7 @@ class DialerWorker(_OneTripHeartbeat, SimpleWorker):
     log_result_lifespan = False
 
 
-class ForkingDialerWorker(_OneTripHeartbeat, Worker):
+class ForkingDialerWorker(_StopNotSwallowed, _OneTripHeartbeat, Worker):
     """Runs each dial job in a forked work-horse (``--fork``)."""
 
     log_result_lifespan = False
