@@ -17,6 +17,10 @@ Theory of operation
   ends the stream. A body that stops before either was cut: an error, never a
   silently short answer.
 
+A request the server drops unanswered (it closed the kept-alive connection
+as the request arrived: its keep-alive timeout) is sent once more on a new
+connection, within the same deadlines; a refused connection is not retried.
+
 Deadlines are what keep a phone call from going silent. ``first_token_s``
 bounds the time from the request to the first content or tool-call fragment
 (headers, queueing, prompt processing: a server that accepts the request and
@@ -278,14 +282,25 @@ class ChatClient:
                 raise LlmTimeout(phase, cfg.first_token_s if phase == "first_token"
                                  else cfg.timeout_s) from None
 
-        session = self._session()
-        try:
-            response = await bounded(session.post(self.url, data=json.dumps(body).encode(),
-                                                  headers=headers))
-        except LlmError:
-            raise
-        except aiohttp.ClientError as exc:
-            raise LlmConnectionError(f"cannot reach {self.url}: {exc!r}") from None
+        data = json.dumps(body).encode()
+        for attempt in (1, 2):
+            try:
+                response = await bounded(self._session().post(self.url, data=data, headers=headers))
+                break
+            except LlmError:
+                raise
+            except aiohttp.ClientError as exc:
+                # A server closes an idle kept-alive connection when its own
+                # keep-alive timeout ends (uvicorn's, under vLLM, is 5 s); a
+                # request sent on it as it closes is dropped with no answer.
+                # aiohttp resends such a request only for idempotent methods,
+                # so this POST is sent once more, on a new connection, within
+                # the same deadline. A connection refused is not retried: the
+                # call's fallback must not wait for a server that is down.
+                dropped = isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) \
+                    and not isinstance(exc, aiohttp.ClientConnectorError)
+                if attempt == 2 or not dropped:
+                    raise LlmConnectionError(f"cannot reach {self.url}: {exc!r}") from None
         finished = False
         try:
             if response.status // 100 != 2:

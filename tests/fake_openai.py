@@ -39,6 +39,9 @@ class Reply:
     bad_chunk_at: int | None = None    # index of a chunk replaced by non-JSON
     send_done: bool = True
     stream: bool = True                # False: one JSON completion (ignores "stream")
+    #: The connection is closed with no answer once the request is read: what
+    #: a server's keep-alive timeout does to a request that arrives as it closes.
+    hang_up: bool = False
 
 
 def _tokens(text: str) -> list[str]:
@@ -113,6 +116,10 @@ class FakeOpenAI:
                 if problem:
                     return self._plain(400, {"error": {"message": problem}})
                 reply = fake.replies.popleft() if fake.replies else fake.default
+                if reply.hang_up:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 fake._sleep(reply.first_token_delay_s)
                 if reply.status != 200:
                     return self._plain(reply.status, {"error": {"message": "internal error"}})

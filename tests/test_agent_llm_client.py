@@ -164,3 +164,34 @@ def test_a_kept_alive_connection_carries_the_next_reply_and_an_abandoned_one_is_
     # may find it busy still and open a second one; never more.
     assert len(set(fake.peers[:4])) <= 2
     assert fake.peers[3] not in fake.peers[4:]   # the abandoned reply's connection: gone
+
+
+def test_a_request_dropped_unanswered_is_sent_once_more_on_a_new_connection(fake):
+    """A server closes an idle kept-alive connection at the end of its own
+    keep-alive timeout; a request that meets that close gets no answer. It
+    is sent once more, on a new connection: the caller hears the reply, not
+    an apology."""
+    fake.keep_alive = True
+    fake.replies.extend([Reply(text="First."), Reply(hang_up=True), Reply(text="Second.")])
+    client = _client(fake)
+
+    async def go():
+        try:
+            first = "".join([d.text async for d in client.stream(MSGS)])
+            await asyncio.sleep(0.2)   # the first reply's connection back in the pool
+            second = "".join([d.text async for d in client.stream(MSGS)])
+        finally:
+            await client.aclose()
+        return first, second
+
+    assert asyncio.run(go()) == ("First.", "Second.")
+    assert len(fake.requests) == 3
+    assert fake.peers[1] == fake.peers[0]      # the dropped request went on the kept-alive one
+    assert fake.peers[2] != fake.peers[1]      # the resend on a new connection
+
+
+def test_a_request_dropped_twice_is_a_connection_error_not_a_loop(fake):
+    fake.replies.extend([Reply(hang_up=True), Reply(hang_up=True), Reply(text="never asked")])
+    with pytest.raises(LlmConnectionError, match="cannot reach"):
+        _collect(_client(fake))
+    assert len(fake.requests) == 2
