@@ -126,9 +126,15 @@ class BargeCaller(Caller):
                 self.barge_at = self.reply_wall + self.rng.uniform(0.3, 1.2)
 
 
-def measure(callers: list[BargeCaller], since_ms: int, floor: dict[str, int]
-            ) -> tuple[list[int], list[int], int, list[int]]:
-    lat, beyond, missed, reply = [], [], 0, []
+#: A barge-in that began this close to the end of the run may still have had
+#: its interrupt on the way when the fake gateway stopped reading: not a miss.
+CUT_OFF_MS = 1000
+
+
+def measure(callers: list[BargeCaller], since_ms: int, until_ms: int, floor: dict[str, int]
+            ) -> tuple[list[int], list[int], int, int, list[int]]:
+    """(latencies, beyond the VAD floor, missed, cut off by the run's end, reply times)."""
+    lat, beyond, missed, cut_off, reply = [], [], 0, 0, []
     for cl in callers:
         onsets = sorted(cl.onsets)
         for i, (t_on, kind, text) in enumerate(onsets):
@@ -139,10 +145,12 @@ def measure(callers: list[BargeCaller], since_ms: int, floor: dict[str, int]
             if hits:
                 lat.append(hits[0] - t_on)
                 beyond.append(hits[0] - t_on - floor[text])
+            elif t_on > until_ms - CUT_OFF_MS:
+                cut_off += 1
             else:
                 missed += 1
         reply += [r - e for e, r in cl.reply_ms if e >= since_ms]
-    return lat, beyond, missed, reply
+    return lat, beyond, missed, cut_off, reply
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         gw.stop()
         system.close()
-    lat, beyond, missed, reply = measure(callers, marks["since"], floor)
+    lat, beyond, missed, cut_off, reply = measure(callers, marks["since"], marks["until"], floor)
     workers = [n for n in usage if n.startswith("worker")]
     cpu = sum(usage[n][0] - marks["usage0"][n][0] for n in workers)
     loop_cpu = sum(usage[n][2] - marks["usage0"][n][2] for n in workers)
@@ -187,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
           f"first token after {args.model_delay:g} s, fake gateway on Redis; {args.seconds:.0f} s window "
           f"(+{args.warmup:.0f} s warm-up); load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     if lat:
-        print(f"  barge-in onset -> interrupt command: n={len(lat)} missed={missed}  p50 {pct(lat, 50):.0f}  "
+        print(f"  barge-in onset -> interrupt command: n={len(lat)} missed={missed} (+{cut_off} begun in the "
+              f"run's last {CUT_OFF_MS} ms, unanswered when it stopped)  p50 {pct(lat, 50):.0f}  "
               f"p95 {pct(lat, 95):.0f}  p99 {pct(lat, 99):.0f}  max {max(lat):.0f} ms")
         print(f"    the turn detector alone on the same audio (onset {args.onset_ms} ms, lead-in "
               f"{args.lead_in_ms} ms) fires after "

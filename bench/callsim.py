@@ -307,7 +307,8 @@ class Gateway:
 
     def run_measured(self, warmup: float, seconds: float) -> dict:
         """``run`` for ``warmup + seconds``, measuring the last ``seconds``:
-        ``since`` (the window's start, wall ms), ``usage0``/``usage`` (the
+        ``since`` and ``until`` (the window's start and end, wall ms),
+        ``usage0``/``usage`` (the
         processes' ``System.usage`` at its start and end) and ``lag`` (the
         workers' stream lag over the window)."""
         marks: dict = {}
@@ -319,6 +320,7 @@ class Gateway:
                 self.system.lag(reset=True)
 
         self.run(warmup + seconds, on_tick)
+        marks["until"] = int(time.time() * 1000)
         return dict(marks, lag=self.system.lag(), usage=self.system.usage())
 
     def run(self, seconds: float, on_tick=None) -> None:

@@ -135,13 +135,19 @@ def test_a_job_timed_out_before_dialing_is_not_placed_and_may_be_retried(
 
 def test_two_in_process_dialers_share_the_queue_and_ring_each_call_once(r, piopiy, workers, settings):
     n = 60
+    # Both dialers listening before the calls are queued: one dialer places the
+    # 60 in about 0.3 s, which is less than a dialer may take to start while the
+    # rest of the suite loads the box (seen: the second came up as the first
+    # placed the last call, and no call was left to share).
+    workers(2, PV_DIAL_RATE_PER_S="200")
+    wait_for(lambda: len(Worker.all(queue=Queue(QUEUE, connection=r))) == 2, timeout=30,
+             what="both dialers registered on the queue")
     ids = [enqueue_call(r, to=to, settings=settings, idempotency_key=f"k-{to}").call_id
            for to in numbers(n, base=700)]
     # the same requests again (a client re-sending): nothing new queued
     again = [enqueue_call(r, to=to, settings=settings, idempotency_key=f"k-{to}")
              for to in numbers(n, base=700)]
     assert [a.call_id for a in again] == ids and not any(a.created for a in again)
-    workers(2, PV_DIAL_RATE_PER_S="200")
     for cid in ids:
         wait_for(state_is(r, cid, "placed", "failed"), timeout=30, what=f"{cid} placed")
     sent = [str(req["body"]["to"]) for req in piopiy.requests]
