@@ -27,7 +27,10 @@
   is several times what espeak or a network engine takes for a sentence.
   Pacing stops at ``pace_until`` (the model's own deadline), so a long reply
   still ends within the work's total deadline; a barge-in cancels the work,
-  and with it the wait.
+  and with it the wait. The price: when a worker dies mid-reply, the
+  sentences not yet synthesised die with it (a work's text is not
+  checkpointed), so the reply ends with the last sentence sent
+  (``replies``: a lost work that had spoken is not asked again).
 """
 
 from __future__ import annotations
