@@ -23,8 +23,9 @@
   on. Real playout starts later than that (Redis, the gateway, any prompt
   queued before it), so the estimate runs early and the real lead is never
   shorter than ``lead_s``: pacing cannot open a gap in the reply. The lead
-  has to cover one sentence's synthesis plus the trip to the platform; 1.5 s
-  is several times what espeak or a network engine takes for a sentence.
+  has to cover one sentence's synthesis plus the trip to the platform: 1.5 s
+  covers espeak (tens of ms a sentence) many times over; an engine that can
+  take longer for a sentence (a network one under load) needs more.
   Pacing stops at ``pace_until`` (the model's own deadline), so a long reply
   still ends within the work's total deadline; a barge-in cancels the work,
   and with it the wait. The price: when a worker dies mid-reply, the
