@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from fake_openai import FakeOpenAI, Reply
-from piopiy_voice.speech.config import SpeechConfig
+from piopiy_voice.speech.config import SpeechConfig, SpeechConfigError
 from piopiy_voice.speech.llm import ChatClient, LlmConfig
 from piopiy_voice.workers.agent.config import AgentConfig
 from piopiy_voice.workers.agent.default import SAY_PACED_S, DefaultAgent
@@ -191,5 +191,5 @@ def test_agents_pace_by_the_configured_lead(fake, lead):
 def test_the_lead_setting_is_checked():
     assert SpeechConfig.from_env({}).tts_lead_s == 1.5
     assert SpeechConfig.from_env({"PV_TTS_LEAD_S": "0"}).tts_lead_s == 0.0
-    with pytest.raises(Exception, match="PV_TTS_LEAD_S"):
+    with pytest.raises(SpeechConfigError, match="PV_TTS_LEAD_S"):
         SpeechConfig.from_env({"PV_TTS_LEAD_S": "-1"})
